@@ -1,0 +1,157 @@
+"""The public plugin API: data sources and reward functions.
+
+A plugin is an object exported through an entry point:
+
+    [project.entry-points."engine.data_sources"]
+    my_source = "my_package.module:SOURCE"        # a DataSource
+
+    [project.entry-points."engine.rewards"]
+    my_reward = "my_package.module:REWARD"        # a RewardFunction
+
+Each carries a pydantic model of its parameters, which the compiler validates against the recipe's
+`params` before anything runs, and the function that does the work. The built-in plugins in plugins/
+register through the same entry points and use only this module. Loading a plugin must not import
+torch: keep heavy imports inside `read`/`score`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from .errors import PluginError
+
+RecordKind = Literal["text", "conversation", "preference", "prompt"]
+DATA_SOURCES_GROUP = "engine.data_sources"
+REWARDS_GROUP = "engine.rewards"
+
+
+# ---- records a data source yields -------------------------------------------------------------
+@dataclass(frozen=True)
+class Text:
+    """A pretraining document."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """An SFT example: the loss falls on the assistant messages only."""
+
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class Preference:
+    """A ranked pair: `chosen` was preferred to `rejected` as a reply to `prompt`."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """An RL prompt, with a reference answer where the reward can check one."""
+
+    prompt: str
+    reference: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+Record = Text | Conversation | Preference | Prompt
+RECORD_TYPES: dict[str, type] = {
+    "text": Text,
+    "conversation": Conversation,
+    "preference": Preference,
+    "prompt": Prompt,
+}
+
+
+# ---- plugin kinds ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSource:
+    """A streaming reader of records.
+
+    `read(params, kind)` yields records of `kind` (one of `kinds`) lazily, so that a source larger than
+    memory streams through cleaning and tokenization.
+    """
+
+    params: type[BaseModel]
+    kinds: frozenset[RecordKind]
+    read: Callable[[Any, RecordKind], Iterator[Record]]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class RewardSample:
+    """What a reward function scores: a prompt, the sampled response and the prompt's metadata."""
+
+    prompt: str
+    response: str
+    reference: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    """`score(params, batch)` returns one float per sample."""
+
+    params: type[BaseModel]
+    score: Callable[[Any, Sequence[RewardSample]], list[float]]
+    description: str = ""
+
+
+# ---- registry ------------------------------------------------------------------------------
+def _load_group(group: str, expected: type) -> dict[str, Any]:
+    """Load every entry point of a group; a broken, mistyped or colliding plugin is a loud error."""
+    found: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: (e.name, e.value)):
+        where = f"{ep.value}" + (f" (from {ep.dist.name})" if ep.dist is not None else "")
+        if ep.name in found:
+            if origin[ep.name] == where:  # the same distribution seen twice on sys.path
+                continue
+            raise PluginError(
+                f"plugin name collision in {group}: {ep.name!r} is registered by {origin[ep.name]} and "
+                f"by {where}; uninstall one of them or rename its entry point"
+            )
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {ep.name!r} in {group} failed to load from {where}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(obj, expected):
+            raise PluginError(
+                f"plugin {ep.name!r} in {group} ({where}) is a {type(obj).__name__}, "
+                f"not an engine.plugin.{expected.__name__}"
+            )
+        if not (isinstance(obj.params, type) and issubclass(obj.params, BaseModel)):
+            raise PluginError(f"plugin {ep.name!r} in {group} ({where}): params must be a pydantic model")
+        found[ep.name] = obj
+        origin[ep.name] = where
+    return found
+
+
+@cache
+def data_sources() -> Mapping[str, DataSource]:
+    """Every installed data-source plugin by name."""
+    return _load_group(DATA_SOURCES_GROUP, DataSource)
+
+
+@cache
+def rewards() -> Mapping[str, RewardFunction]:
+    """Every installed reward-function plugin by name."""
+    return _load_group(REWARDS_GROUP, RewardFunction)

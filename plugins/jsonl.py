@@ -1,0 +1,76 @@
+"""JSON Lines files with a configurable field mapping, for every record kind."""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.plugin import (
+    Conversation,
+    DataSource,
+    Message,
+    Preference,
+    Prompt,
+    Record,
+    RecordKind,
+    Text,
+)
+
+
+class JsonlParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    glob: str = Field(description="JSONL files to read, e.g. data/*.jsonl")
+    text_field: str = Field(default="text", description="field holding a document (records: text)")
+    messages_field: str = Field(
+        default="messages", description="field holding [{role, content}, ...] (records: conversation)"
+    )
+    prompt_field: str = Field(default="prompt", description="field holding the prompt")
+    chosen_field: str = Field(default="chosen", description="field holding the preferred response")
+    rejected_field: str = Field(default="rejected", description="field holding the worse response")
+    reference_field: str | None = Field(
+        default="reference", description="field holding a reference answer (records: prompt)"
+    )
+
+
+def _record(row: dict[str, Any], params: JsonlParams, kind: RecordKind) -> Record:
+    if kind == "text":
+        return Text(str(row[params.text_field]))
+    if kind == "conversation":
+        messages = tuple(Message(m["role"], str(m["content"])) for m in row[params.messages_field])
+        return Conversation(messages)
+    if kind == "preference":
+        return Preference(
+            str(row[params.prompt_field]), str(row[params.chosen_field]), str(row[params.rejected_field])
+        )
+    reference = row.get(params.reference_field) if params.reference_field else None
+    meta = {k: v for k, v in row.items() if k not in (params.prompt_field, params.reference_field)}
+    return Prompt(str(row[params.prompt_field]), None if reference is None else str(reference), meta)
+
+
+def read(params: JsonlParams, kind: RecordKind) -> Iterator[Record]:
+    paths = sorted(glob.glob(params.glob, recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"jsonl: no file matches glob {params.glob!r}")
+    for path in paths:
+        with Path(path).open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield _record(json.loads(line), params, kind)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"jsonl: {path}:{lineno}: cannot read a {kind} record: {exc}") from exc
+
+
+SOURCE = DataSource(
+    params=JsonlParams,
+    kinds=frozenset({"text", "conversation", "preference", "prompt"}),
+    read=read,
+    description="JSON Lines files with a field mapping",
+)

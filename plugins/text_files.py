@@ -1,0 +1,40 @@
+"""Local text files matched by a glob: one document per file, or one per non-empty line."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.plugin import DataSource, Record, RecordKind, Text
+
+
+class TextFilesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    glob: str = Field(description="files to read, e.g. corpus/**/*.txt (recursive ** allowed)")
+    unit: Literal["file", "line"] = Field(default="file", description="a document is a file or a line")
+    encoding: str = Field(default="utf-8", description="text encoding of the files")
+
+
+def read(params: TextFilesParams, kind: RecordKind) -> Iterator[Record]:
+    paths = sorted(glob.glob(params.glob, recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"text_files: no file matches glob {params.glob!r}")
+    for path in paths:
+        content = Path(path).read_text(encoding=params.encoding, errors="replace")
+        if params.unit == "file":
+            yield Text(content)
+        else:
+            yield from (Text(line) for line in content.splitlines() if line.strip())
+
+
+SOURCE = DataSource(
+    params=TextFilesParams,
+    kinds=frozenset({"text"}),
+    read=read,
+    description="local text files (glob); one document per file or per line",
+)

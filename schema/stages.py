@@ -1,0 +1,150 @@
+"""The stage kinds of the training process, a discriminated union on `kind`.
+
+Stages refer to earlier stages by name (`init_from: sft`, `data: data`); the compiler checks that each
+reference exists, comes earlier in the recipe and has the right kind.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from .base import TIME_LIMIT_PATTERN, Spec
+from .data import CleaningSpec, DedupSpec, SourceSpec, SplitSpec
+from .training import Checkpointing, Parallelism, Precision, Resources, Training
+
+
+class DataStage(Spec):
+    """Stage 1: read sources, clean, deduplicate, tokenize, write shards."""
+
+    kind: Literal["data"] = Field(description="data collection")
+    sources: list[SourceSpec] = Field(min_length=1, description="the sources to read")
+    cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="document filters")
+    dedup: DedupSpec = Field(default_factory=DedupSpec, description="deduplication and decontamination")
+    splits: SplitSpec = Field(default_factory=SplitSpec, description="train/valid/test fractions")
+    shard_samples: int = Field(default=10000, gt=0, description="samples per webdataset shard")
+    workers: int = Field(default=1, gt=0, description="processes that read, clean and tokenize")
+    time_limit: str | None = Field(
+        default=None,
+        pattern=TIME_LIMIT_PATTERN,
+        description="wall-clock limit (Slurm format); default: the cluster profile's",
+    )
+
+
+class _TrainingStage(Spec):
+    """Fields every training stage has. Not a stage kind itself."""
+
+    parallelism: Parallelism = Field(default_factory=Parallelism, description="parallel layout")
+    precision: Precision = Field(default_factory=Precision, description="numeric format")
+    training: Training = Field(description="optimisation settings")
+    checkpointing: Checkpointing = Field(default_factory=Checkpointing, description="checkpoint policy")
+    resources: Resources = Field(default_factory=Resources, description="what the job asks for")
+
+
+class PretrainStage(_TrainingStage):
+    """Stage 2: next-token prediction on the data stage's text sources."""
+
+    kind: Literal["pretrain"] = Field(description="pretraining")
+    data: str = Field(description="name of the data stage whose text sources are trained on")
+    init_from: str | None = Field(
+        default=None, description="continue from this pretrain stage's checkpoint; none: random init"
+    )
+    mixture: dict[str, float] | None = Field(
+        default=None, description="override the sources' mixture weights, by source name"
+    )
+
+
+class SftStage(_TrainingStage):
+    """Stage 3: supervised fine-tuning on conversations; loss on assistant tokens only."""
+
+    kind: Literal["sft"] = Field(description="supervised fine-tuning")
+    init_from: str = Field(description="pretrain or sft stage to start from")
+    data: str = Field(description="name of the data stage whose conversation sources are trained on")
+    packing: bool = Field(default=True, description="pack conversations into full sequences")
+
+
+class RewardModelStage(_TrainingStage):
+    """Stage 4a: a scalar head on the backbone, trained on ranked pairs (Bradley–Terry)."""
+
+    kind: Literal["reward_model"] = Field(description="reward model")
+    init_from: str = Field(description="sft or pretrain stage whose backbone the reward model starts from")
+    data: str = Field(description="name of the data stage whose preference sources are trained on")
+    margin: float = Field(default=0.0, ge=0, description="margin in the loss −log σ(r_c − r_r − margin)")
+
+
+class RewardSpec(Spec):
+    """A reward function from the `engine.rewards` entry points, weighted into the total reward."""
+
+    plugin: str = Field(description="reward plugin name (`engine plugins` lists them)")
+    weight: float = Field(default=1.0, description="weight of this reward in the sum")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the plugin's parameters, validated by the plugin's own model"
+    )
+
+
+class RolloutSpec(Spec):
+    """How responses are sampled from the policy each iteration."""
+
+    prompts_per_iteration: int = Field(default=64, gt=0, description="prompts sampled per PPO iteration")
+    responses_per_prompt: int = Field(default=1, gt=0, description="responses sampled per prompt")
+    max_prompt_tokens: int = Field(default=32, gt=0, description="prompts longer than this are dropped")
+    max_new_tokens: int = Field(default=32, gt=0, description="most tokens generated per response")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
+    top_k: int = Field(default=0, ge=0, description="sample among the k most likely tokens; 0: off")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass; 1: off")
+    batch_size: int = Field(default=16, gt=0, description="sequences generated together per replica")
+
+
+class PpoSpec(Spec):
+    """PPO hyper-parameters (Schulman et al. 2017; Ouyang et al. 2022)."""
+
+    kl_coef: float = Field(default=0.05, ge=0, description="initial coefficient of the per-token KL penalty")
+    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="KL estimator (Schulman's k1/k3)")
+    kl_target: float | None = Field(
+        default=None, gt=0, description="adaptive KL controller target (Ziegler et al. 2019); none: fixed"
+    )
+    kl_horizon: int = Field(default=10000, gt=0, description="adaptive KL controller horizon")
+    gamma: float = Field(default=1.0, ge=0, le=1, description="GAE discount γ")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE λ")
+    clip_eps: float = Field(default=0.2, gt=0, description="policy ratio clip ε")
+    value_clip: float | None = Field(default=0.2, gt=0, description="value clip; none: unclipped")
+    epochs: int = Field(default=4, gt=0, description="passes over each iteration's rollouts")
+    entropy_coef: float = Field(default=0.0, ge=0, description="entropy bonus coefficient")
+    whiten_advantages: bool = Field(default=True, description="normalise advantages per batch")
+    kl_stop: float | None = Field(
+        default=None, gt=0, description="stop an iteration's epochs early when the policy KL exceeds this"
+    )
+    critic_lr: float | None = Field(default=None, gt=0, description="critic learning rate; none: training.lr")
+
+
+class PpoStage(_TrainingStage):
+    """Stage 4b: RLHF with PPO against the reward model and/or reward functions."""
+
+    kind: Literal["ppo"] = Field(description="PPO")
+    policy: str = Field(description="sft or pretrain stage the actor (and the frozen reference) start from")
+    reward_model: str | None = Field(
+        default=None, description="reward_model stage scoring responses; none: reward functions only"
+    )
+    reward_model_weight: float = Field(default=1.0, description="weight of the reward model's score")
+    critic_from: str | None = Field(
+        default=None, description="reward_model stage the critic starts from; default: reward_model"
+    )
+    prompts: str = Field(description="name of the data stage whose prompt sources are sampled")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions added to the score")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="sampling settings")
+    ppo: PpoSpec = Field(default_factory=PpoSpec, description="PPO hyper-parameters")
+    eval_prompts: int = Field(default=64, gt=0, description="held-out prompts scored before and after")
+
+
+Stage = Annotated[
+    DataStage | PretrainStage | SftStage | RewardModelStage | PpoStage, Field(discriminator="kind")
+]
+TrainingStage = PretrainStage | SftStage | RewardModelStage | PpoStage
+STAGE_KINDS: dict[str, type[Spec]] = {
+    "data": DataStage,
+    "pretrain": PretrainStage,
+    "sft": SftStage,
+    "reward_model": RewardModelStage,
+    "ppo": PpoStage,
+}
