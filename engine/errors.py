@@ -22,7 +22,8 @@ class Problem:
     fix: str = ""
 
     def render(self) -> str:
-        text = f"{self.path}: {self.message}" if self.path else self.message
+        sep = "" if self.message.startswith("=") else ": "
+        text = f"{self.path}{sep}{self.message}" if self.path else self.message
         return f"{text}; {self.fix}" if self.fix else text
 
 

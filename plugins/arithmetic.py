@@ -32,6 +32,9 @@ class ArithmeticParams(BaseModel):
 
     max_operand: int = Field(default=30, ge=1, le=10**6, description="operands are drawn from 0..max")
     num_samples: int = Field(default=5000, gt=0, description="records generated")
+    per_document: int = Field(
+        default=16, gt=0, le=1000, description="equations per document, one per line (records: text)"
+    )
     seed: int = Field(default=0, ge=0, description="generator seed")
 
 
@@ -49,10 +52,12 @@ def _wrong(rng: random.Random, answer: str) -> str:
 def read(params: ArithmeticParams, kind: RecordKind) -> Iterator[Record]:
     rng = random.Random(params.seed * 4 + _KIND_OFFSET[kind])
     for _ in range(params.num_samples):
-        prompt, answer = _problem(rng, params.max_operand)
         if kind == "text":
-            yield Text(prompt + answer)
-        elif kind == "conversation":
+            lines = ("".join(_problem(rng, params.max_operand)) for _ in range(params.per_document))
+            yield Text("\n".join(lines))
+            continue
+        prompt, answer = _problem(rng, params.max_operand)
+        if kind == "conversation":
             yield Conversation((Message("user", prompt), Message("assistant", answer)))
         elif kind == "preference":
             yield Preference(prompt, chosen=answer, rejected=_wrong(rng, answer))

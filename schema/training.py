@@ -20,6 +20,14 @@ class Parallelism(Spec):
     )
     cp: int = Field(default=1, gt=0, description="context parallel size; sequence split across GPUs")
     sequence_parallel: bool = Field(default=False, description="shard activations along sequence; needs tp>1")
+    account_for_embedding_in_pipeline_split: bool = Field(
+        default=False,
+        description="count the embedding as a layer when splitting layers over pipeline stages "
+        "(uneven splits such as 126 layers at pp×vpp=64)",
+    )
+    account_for_loss_in_pipeline_split: bool = Field(
+        default=False, description="count the output layer and loss as a layer in the pipeline split"
+    )
     distributed_optimizer: bool | None = Field(
         default=None,
         description="shard optimizer state across data-parallel ranks (ZeRO-1); default: on for GPUs, "

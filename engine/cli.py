@@ -1,0 +1,177 @@
+"""The `engine` command line: validate, plan, run, schema, plugins.
+
+User errors print one message listing every problem and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EXIT_USER_ERROR, EngineError, RecipeError
+
+app = typer.Typer(
+    name="engine",
+    help="A declarative, recipe-compiled training engine for chat LLMs on Megatron-Core.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Wide enough for the plan table when piped to a file or a CI log, where rich would assume 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="overrides: key=value (dotted paths, e.g. stages.sft.training.lr=1e-5) or ~key"),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="plan jobs whose memory estimate exceeds the GPU")]
+
+
+def _fail(exc: EngineError) -> typer.Exit:
+    err.print(f"error: {exc.render()}", markup=False, style="red")
+    return typer.Exit(EXIT_USER_ERROR)
+
+
+def _compile(recipe: Path, overrides: list[str] | None, force: bool):  # type: ignore[no-untyped-def]
+    from .compile import compile_recipe
+    from .load import load_recipe
+
+    r = load_recipe(recipe, overrides or ())
+    return r, compile_recipe(r, force=force, source=str(recipe))
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Check a recipe: types, cross-field rules, plugins, references and memory estimates."""
+    try:
+        r, plan = _compile(recipe, overrides, force=False)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    from .compile.estimate import human_count
+
+    params = plan.jobs[-1].estimate.params.total if any(j.estimate for j in plan.jobs) else 0  # type: ignore[union-attr]
+    out.print(
+        f"{recipe}: valid — recipe {r.name!r}, {len(plan.jobs)} stages ({', '.join(r.stages)}), "
+        f"{human_count(params)} parameters, cluster {plan.cluster.name}",
+        markup=False,
+    )
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Compile a recipe and show its jobs with layouts and estimates."""
+    try:
+        _, p = _compile(recipe, overrides, force)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    if json_out:
+        sys.stdout.write(p.to_json())
+        return
+    out.print(plan_table(p))
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="compile and show the commands; launch nothing")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Compile a recipe and run its jobs (locally, or on Slurm per the cluster profile)."""
+    from .launch import render_local, unrunnable
+
+    try:
+        _, p = _compile(recipe, overrides, force)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    out.print(plan_table(p))
+    if dry_run:
+        for job in p.jobs:
+            env = " ".join(f"{k}={v}" for k, v in job.env.items())
+            out.print(f"[bold]{job.name}[/]: ", end="")
+            out.print(" ".join(filter(None, [env, *render_local(job)])), markup=False)
+        out.print("dry run: nothing was launched")
+        return
+    problems = unrunnable(p)
+    if problems:
+        raise _fail(RecipeError(problems, source=str(recipe)))
+
+
+@app.command()
+def schema(
+    out_path: Annotated[Path | None, typer.Option("--out", help="where to write (default: schema/recipe.schema.json)")] = None,
+    check: Annotated[bool, typer.Option("--check", help="exit 1 if the file on disk is stale")] = False,
+) -> None:
+    """Write the recipe's JSON Schema for editor autocompletion."""
+    from .schema.jsonschema import SCHEMA_PATH, render
+
+    target = out_path or SCHEMA_PATH
+    text = render()
+    if check:
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            err.print(f"{target} is stale: run `engine schema`", markup=False)
+            raise typer.Exit(1)
+        out.print(f"{target} is up to date", markup=False)
+        return
+    target.write_text(text, encoding="utf-8")
+    out.print(f"wrote {target}", markup=False)
+
+
+@app.command()
+def plugins() -> None:
+    """List the installed data-source and reward plugins."""
+    from . import plugin
+
+    try:
+        groups = (("data source", plugin.data_sources()), ("reward", plugin.rewards()))
+    except EngineError as exc:
+        raise _fail(exc) from None
+    table = Table("kind", "name", "records / params", "description", box=None)
+    for kind, found in groups:
+        for name, p in sorted(found.items()):
+            detail = ", ".join(sorted(getattr(p, "kinds", ()))) or ", ".join(p.params.model_fields)
+            table.add_row(kind, name, detail, p.description)
+    out.print(table)
+
+
+def plan_table(p):  # type: ignore[no-untyped-def]
+    from .compile.estimate import human_bytes, human_count, human_time
+
+    title = f"{p.recipe} · cluster {p.cluster.name}" + (f" ({p.cluster.gpu})" if p.cluster.gpu else " (cpu)")
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "kind", "nodes×gpus", "tp/pp/cp/dp/vpp", "precision", "mem/gpu", "tokens/s", "steps", "wall"):
+        table.add_column(col, justify="right" if col in ("mem/gpu", "tokens/s", "steps", "wall") else "left")
+    for j in p.jobs:
+        if j.layout is None or j.estimate is None or j.precision is None:
+            table.add_row(j.name, j.kind, "1×cpu", "-", "-", "-", "-", "-", "-")
+            continue
+        lay, est = j.layout, j.estimate
+        device = f"{j.resources.nodes}×{j.resources.gpus_per_node}" if j.resources.device == "cuda" else f"{j.resources.nodes}×{j.resources.processes_per_node} cpu"
+        prec = j.precision.dtype + (f" ({j.precision.fp8_recipe})" if j.precision.fp8_recipe else "")
+        table.add_row(
+            j.name, j.kind, device, f"{lay.tp}/{lay.pp}/{lay.cp}/{lay.dp}/{lay.vpp}", prec,
+            human_bytes(est.memory.total), human_count(est.tokens_per_s), str(est.steps), human_time(est.wall_time_s),
+        )
+    n = next((j.estimate.params.total for j in p.jobs if j.estimate), 0)
+    table.caption = f"{human_count(n)} parameters · vocab {p.model.vocab_size} (padded {p.model.padded_vocab_size}) · run dir {p.run_dir}"
+    return table
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

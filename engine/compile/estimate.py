@@ -1,0 +1,271 @@
+"""Per-GPU memory, FLOPs and time estimates of a job, before anything runs.
+
+Model states (bytes per parameter, on the pipeline stage holding the most):
+  * fp32 (CPU): 4 weights + 4 grads + 8 Adam moments = 16.
+  * bf16/fp8 with Megatron's distributed optimizer: 2 bf16 weights + 4 fp32 grads, and the fp32
+    master weights and two moments (12) sharded over the data-parallel ranks: 6 + 12/dp (18
+    unsharded). Context-parallel ranks hold the same weights, so Megatron shards over dp×cp.
+  * bf16/fp8 with plain Adam: 2 + 2 + 12 = 16 (ZeRO paper's mixed-precision count).
+  * FP8 adds the FP8 copy of each weight that Transformer Engine caches across microbatches
+    (1 byte/param; with fp8_param_gather the bf16 copy is dropped instead: 2 → 1).
+
+Activations follow Korthikanti et al. 2022 (arXiv 2205.05198), Table 2, bytes per layer for one
+microbatch with 16-bit activations (s = sequence / cp, b = micro batch, h = hidden, a = heads,
+t = tp):
+    no parallelism                    sbh(34 + 5as/h)
+    tensor parallel                   sbh(10 + 24/t + 5as/(ht))
+    tensor + sequence parallel        sbh/t · (34 + 5as/h)
+    tensor parallel + selective       sbh(10 + 24/t)
+    tensor + sequence + selective     34·sbh/t
+    full recompute                    2sbh (÷t with sequence parallel), plus one layer rebuilt in backward
+On GPUs Transformer Engine's fused (flash) attention never stores the a·s² attention matrix: it
+recomputes it in backward, which is what selective recompute does, so GPU jobs use the selective
+rows even with recompute=none. fp32 activations (CPU) count twice. The first pipeline stage holds the most microbatches in flight:
+min(pp, microbatches) with 1F1B, pp·(1 + (pp−1)/(pp·vpp)) with the interleaved schedule (§4.2.3).
+It also keeps the embedding dropout mask, sbh·inflight/t; the last stage keeps the logits and fp32
+cross-entropy inputs, 4sb(h + V)/t. The formulas are the paper's, derived for a 4h GeLU MLP and
+multi-head attention; SwiGLU and GQA change the constants a little, in opposite directions.
+
+FLOPs per token are counted as Megatron does: every GEMM once forward and twice backward (×3, ×2 per
+multiply-add), SwiGLU's three MLP matrices, causal attention's score and value products halved, and
+the logits' 6hV. Time = FLOPs / (GPUs × peak × assumed MFU from the cluster profile).
+
+PPO keeps four models resident (actor and critic with optimizer states, reference and reward model
+weights only); its peak is the states plus the larger of the training activations and the rollout's
+KV cache, since rollout and training take turns on the same GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..schema import ClusterProfile, PpoStage, TrainingStage
+from .resolve import Frozen, Layout, ResolvedModel, ResolvedPrecision
+
+GIB = 1024**3
+CUDA_OVERHEAD_BYTES = 2 * GIB  # CUDA context, cuBLAS workspaces, NCCL buffers
+
+
+class ParamCounts(Frozen):
+    embedding: int
+    per_layer: int
+    output_layer: int
+    final_norm: int
+    total: int
+
+
+class Memory(Frozen):
+    """Bytes per GPU on the busiest pipeline stage."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    kv_cache: int
+    frozen_models: int
+    overhead: int
+    total: int
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+
+class Estimate(Frozen):
+    params: ParamCounts
+    params_per_gpu: int
+    memory: Memory
+    steps: int
+    tokens_per_step: int
+    flops_per_token: float
+    flops_per_step: float
+    step_time_s: float
+    tokens_per_s: float
+    wall_time_s: float
+
+
+def count_params(m: ResolvedModel) -> ParamCounts:
+    h, q = m.hidden_size, m.num_attention_heads * m.kv_channels
+    kv = m.num_query_groups * m.kv_channels
+    gated = m.activation == "swiglu"
+    norm = h * (2 if m.normalization == "layernorm" else 1)
+    attn = h * (q + 2 * kv) + q * h
+    mlp = (3 if gated else 2) * h * m.ffn_hidden_size
+    if m.add_bias_linear:
+        attn += q + 2 * kv + h
+        mlp += m.ffn_hidden_size * (2 if gated else 1) + h
+    per_layer = attn + mlp + 2 * norm
+    embedding = m.padded_vocab_size * h + (m.seq_length * h if m.position_embedding == "learned_absolute" else 0)
+    output = 0 if m.tie_embeddings else m.padded_vocab_size * h
+    total = embedding + m.num_layers * per_layer + norm + output
+    return ParamCounts(embedding=embedding, per_layer=per_layer, output_layer=output, final_norm=norm, total=total)
+
+
+def flops_per_token(m: ResolvedModel, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward), Megatron's way of counting."""
+    h, q = m.hidden_size, m.num_attention_heads * m.kv_channels
+    kv = m.num_query_groups * m.kv_channels
+    gemms = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * (3 if m.activation == "swiglu" else 2) * h * m.ffn_hidden_size
+    attention = 2 * seq_length * q  # QKᵀ and AV, 2·s·q each, halved for the causal mask
+    return 3.0 * (m.num_layers * (gemms + attention) + 2 * h * m.padded_vocab_size)
+
+
+def _stage_params(m: ResolvedModel, counts: ParamCounts, lay: Layout) -> tuple[int, int]:
+    """Parameters per GPU on the first and on the last pipeline stage."""
+    first_layers, last_layers = lay.stage_layers(m.num_layers)
+    per_layer = (counts.per_layer - 2 * counts.final_norm) // lay.tp + 2 * counts.final_norm
+    first = first_layers * per_layer + counts.embedding // lay.tp
+    # With tied embeddings and pp > 1 the last stage holds its own copy of the embedding.
+    out = counts.output_layer or (counts.embedding if lay.pp > 1 else 0)
+    last = last_layers * per_layer + counts.final_norm + out // lay.tp
+    if lay.pp == 1:
+        first = last = first + counts.final_norm + counts.output_layer // lay.tp
+    return first, last
+
+
+def _state_bytes(prec: ResolvedPrecision, lay: Layout) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes per parameter."""
+    shards = lay.dp * lay.cp if lay.distributed_optimizer else 1
+    if prec.dtype == "fp32":
+        return 4.0, 4.0, 8.0 / shards
+    weights = 2.0
+    if prec.dtype == "fp8":
+        weights = 1.0 if prec.fp8_param_gather else 3.0
+    if lay.distributed_optimizer:
+        return weights, 4.0, 12.0 / shards
+    return weights, 2.0, 12.0
+
+
+def layer_activation_bytes(m: ResolvedModel, lay: Layout, seq: int, mbs: int, recompute: str, act_bytes: int) -> float:
+    """Korthikanti et al. Table 2, for one layer and one microbatch."""
+    s, b, h, a, t = seq / lay.cp, mbs, m.hidden_size, m.num_attention_heads, lay.tp
+    sbh = s * b * h
+    sp = lay.sequence_parallel
+    if recompute == "full":
+        value = 2 * sbh / (t if sp else 1)
+    elif sp:
+        value = 34 * sbh / t if recompute == "selective" else sbh / t * (34 + 5 * a * s / h)
+    elif recompute == "selective":
+        value = sbh * (10 + 24 / t)
+    else:
+        value = sbh * (10 + 24 / t + 5 * a * s / (h * t))
+    return value * act_bytes / 2
+
+
+def _in_flight(lay: Layout, microbatches: int) -> float:
+    if lay.pp == 1:
+        return 1.0
+    if lay.vpp > 1:
+        return lay.pp * (1 + (lay.pp - 1) / (lay.pp * lay.vpp))
+    return float(min(lay.pp, microbatches))
+
+
+def activation_bytes(
+    m: ResolvedModel, lay: Layout, *, seq: int, mbs: int, microbatches: int, recompute: str, act_bytes: int
+) -> tuple[float, float]:
+    """Activation bytes on the first and on the last pipeline stage."""
+    first_layers, last_layers = lay.stage_layers(m.num_layers)
+    per_layer = layer_activation_bytes(m, lay, seq, mbs, recompute, act_bytes)
+    if recompute == "full":  # backward rebuilds one layer's full activations at a time
+        per_layer_full = layer_activation_bytes(m, lay, seq, mbs, "none", act_bytes)
+    else:
+        per_layer_full = 0.0
+    inflight = _in_flight(lay, microbatches)
+    s, b, h, t = seq / lay.cp, mbs, m.hidden_size, lay.tp
+    embedding = s * b * h * inflight / (t if lay.sequence_parallel else 1)
+    logits = 4 * s * b * (h + m.padded_vocab_size) / t
+    first = first_layers * per_layer * inflight + per_layer_full + embedding
+    last = last_layers * per_layer + per_layer_full + logits
+    if lay.pp == 1:
+        first = last = first + logits
+    return first, last
+
+
+def estimate_job(
+    *, stage: TrainingStage, model: ResolvedModel, layout: Layout, precision: ResolvedPrecision,
+    cluster: ClusterProfile, steps: int,
+) -> Estimate:
+    counts = count_params(model)
+    t = stage.training
+    ppo = isinstance(stage, PpoStage)
+    seq = min(model.seq_length, stage.rollout.max_prompt_tokens + stage.rollout.max_new_tokens) if ppo else model.seq_length
+    microbatches = max(1, t.global_batch_size // (t.micro_batch_size * layout.dp))
+    act_bytes = 4 if precision.dtype == "fp32" else 2
+    first_p, last_p = _stage_params(model, counts, layout)
+    w, g, o = _state_bytes(precision, layout)
+    recompute = "selective" if cluster.device == "cuda" and t.recompute == "none" else t.recompute
+    first_a, last_a = activation_bytes(
+        model, layout, seq=seq, mbs=t.micro_batch_size, microbatches=microbatches, recompute=recompute, act_bytes=act_bytes
+    )
+    # The busiest stage: compare totals, keep that stage's breakdown.
+    params, acts = max(((first_p, first_a), (last_p, last_a)), key=lambda pa: pa[0] * (w + g + o) + pa[1])
+    trained = 2 if ppo else 1  # PPO trains actor and critic
+    kv_cache = frozen = 0.0
+    if ppo:
+        ro = stage.rollout
+        kv_heads = max(1, model.num_query_groups // layout.tp)
+        kv_cache = 2 * max(layout.stage_layers(model.num_layers)) * kv_heads * model.kv_channels * seq * ro.batch_size * act_bytes
+        frozen = params * act_bytes * (1 + (1 if stage.reward_model else 0))  # reference + reward model
+    overhead = CUDA_OVERHEAD_BYTES if cluster.device == "cuda" else 0
+    memory = Memory(
+        weights=int(params * w * trained),
+        gradients=int(params * g * trained),
+        optimizer=int(params * o * trained),
+        activations=int(acts),
+        kv_cache=int(kv_cache),
+        frozen_models=int(frozen),
+        overhead=overhead,
+        total=int(params * (w + g + o) * trained + max(acts, kv_cache) + frozen + overhead),
+    )
+    tokens_per_step = t.global_batch_size * seq
+    fpt = flops_per_token(model, seq)
+    flops_step = tokens_per_step * fpt
+    if ppo:
+        # Per iteration: actor and critic train `epochs` times over the rollouts; sampling, reference,
+        # reward and old log-prob/value passes are forward-only (a third of a training pass each).
+        rollout_tokens = stage.rollout.prompts_per_iteration * stage.rollout.responses_per_prompt * seq
+        flops_step = rollout_tokens * fpt * (2 * stage.ppo.epochs + 5 / 3)
+        tokens_per_step = rollout_tokens
+    peak = cluster.peak_tflops_bf16 * 1e12
+    step_time = flops_step / (layout.world_size * peak * cluster.assumed_mfu)
+    return Estimate(
+        params=counts,
+        params_per_gpu=int(params),
+        memory=memory,
+        steps=steps,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=fpt,
+        flops_per_step=flops_step,
+        step_time_s=step_time,
+        tokens_per_s=tokens_per_step / step_time,
+        wall_time_s=steps * step_time,
+    )
+
+
+def fits(memory: Memory, cluster: ClusterProfile) -> bool:
+    return cluster.hbm_gib is None or memory.total <= cluster.hbm_gib * GIB
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_time(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{minutes:.0f}m"
+    hours = minutes / 60
+    return f"{hours:.1f}h" if hours < 48 else f"{hours / 24:.1f}d"
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}" if not math.isnan(n) else "nan"

@@ -1,0 +1,206 @@
+"""The plan: a frozen, JSON-serialisable DAG of jobs, the compiler's output and the launchers' input.
+
+The same recipe gives a byte-identical plan.json: no timestamps, no absolute paths that the recipe
+did not write, keys sorted. Each job carries everything a launcher and a worker need: resources,
+parallel layout, precision, input and output artifacts, environment, the worker's argv and the
+estimates, plus a cache key that changes whenever the job or anything upstream of it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from .. import __version__
+from ..errors import Problem, RecipeError
+from ..schema import ClusterProfile, DataStage, Recipe, TrainingStage, TrainTokenizer
+from .estimate import GIB, Estimate, estimate_job, fits, human_bytes
+from .resolve import (
+    Frozen,
+    Layout,
+    ResolvedModel,
+    ResolvedPrecision,
+    resolve_cluster,
+    resolve_layout,
+    resolve_model,
+    resolve_precision,
+    resolve_steps,
+    resolve_vocab,
+)
+from .validate import validate
+
+PLAN_FORMAT = 1
+
+
+class Artifact(Frozen):
+    stage: str
+    kind: Literal["dataset", "tokenizer", "checkpoint"]
+    path: str
+
+
+class JobResources(Frozen):
+    device: Literal["cpu", "cuda"]
+    nodes: int
+    gpus_per_node: int
+    processes_per_node: int
+    time_limit: str
+
+
+class Job(Frozen):
+    name: str
+    kind: str
+    depends_on: tuple[str, ...]
+    resources: JobResources
+    layout: Layout | None
+    precision: ResolvedPrecision | None
+    inputs: tuple[Artifact, ...]
+    outputs: tuple[Artifact, ...]
+    env: dict[str, str]
+    argv: tuple[str, ...]
+    estimate: Estimate | None
+    config: dict[str, Any]
+    cache_key: str
+
+
+class Plan(Frozen):
+    format: int
+    engine_version: str
+    recipe: str
+    description: str
+    recipe_hash: str
+    run_dir: str
+    cluster: ClusterProfile
+    tokenizer: dict[str, Any]
+    model: ResolvedModel
+    jobs: tuple[Job, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    def job(self, name: str) -> Job:
+        return next(j for j in self.jobs if j.name == name)
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return _digest(recipe.model_dump(mode="json"))
+
+
+def compile_recipe(recipe: Recipe, *, force: bool = False, source: str = "") -> Plan:
+    """Validate, resolve and estimate a recipe into a Plan; every problem is raised as one RecipeError."""
+    cluster, problems = resolve_cluster(recipe.cluster)
+    vocab, vocab_problems = resolve_vocab(recipe)
+    model, model_problems = resolve_model(recipe.model, vocab)
+    problems += vocab_problems + model_problems
+    problems += validate(recipe, cluster, model)
+    if problems or cluster is None or model is None:
+        raise RecipeError(problems, source=source)
+    run_dir = recipe.run_dir or f"runs/{recipe.name}"
+    jobs: list[Job] = []
+    for name, stage in recipe.stages.items():
+        jobs.append(_job(name, stage, recipe, cluster, model, run_dir, {j.name: j for j in jobs}))
+    if not force:
+        problems = [_memory_problem(j, cluster) for j in jobs if j.estimate and not fits(j.estimate.memory, cluster)]
+        if problems:
+            raise RecipeError(problems, source=source)
+    return Plan(
+        format=PLAN_FORMAT,
+        engine_version=__version__,
+        recipe=recipe.name,
+        description=recipe.description,
+        recipe_hash=recipe_hash(recipe),
+        run_dir=run_dir,
+        cluster=cluster,
+        tokenizer={**recipe.tokenizer.model_dump(mode="json"), "vocab_size": model.vocab_size},
+        model=model,
+        jobs=tuple(jobs),
+    )
+
+
+def _references(stage: DataStage | TrainingStage) -> list[str]:
+    fields = ("data", "init_from", "policy", "reward_model", "critic_from", "prompts")
+    return [v for f in fields if isinstance(v := getattr(stage, f, None), str)]
+
+
+def _job(
+    name: str, stage: DataStage | TrainingStage, recipe: Recipe, cluster: ClusterProfile, model: ResolvedModel,
+    run_dir: str, earlier: dict[str, Job],
+) -> Job:
+    refs = _references(stage)
+    tokenizer_stage = next((n for n, s in recipe.stages.items() if isinstance(s, DataStage)), None)
+    trains_tokenizer = isinstance(recipe.tokenizer, TrainTokenizer)
+    if not isinstance(stage, DataStage) and trains_tokenizer and tokenizer_stage and tokenizer_stage not in refs:
+        refs.append(tokenizer_stage)
+    depends = tuple(dict.fromkeys(refs))
+    inputs = tuple(a for r in depends for a in earlier[r].outputs)
+    config = stage.model_dump(mode="json")
+    argv = ("python", "-m", "engine.worker", f"{run_dir}/plan.json", "--job", name)
+    key_material: dict[str, Any] = {"format": PLAN_FORMAT, "kind": stage.kind, "config": config,
+                                    "parents": [earlier[d].cache_key for d in depends]}
+    if isinstance(stage, DataStage):
+        outputs = [Artifact(stage=name, kind="dataset", path=f"{run_dir}/{name}/data")]
+        if trains_tokenizer and name == tokenizer_stage:
+            outputs.append(Artifact(stage=name, kind="tokenizer", path=f"{run_dir}/{name}/tokenizer"))
+            key_material["tokenizer"] = recipe.tokenizer.model_dump(mode="json")
+        resources = JobResources(
+            device="cpu", nodes=1, gpus_per_node=0, processes_per_node=1,
+            time_limit=stage.time_limit or cluster.default_time_limit,
+        )
+        return Job(
+            name=name, kind=stage.kind, depends_on=depends, resources=resources, layout=None, precision=None,
+            inputs=inputs, outputs=tuple(outputs), env=dict(sorted(cluster.env.items())), argv=argv,
+            estimate=None, config=config, cache_key=_digest(key_material),
+        )
+    layout = resolve_layout(stage, cluster)
+    precision = resolve_precision(stage, cluster)
+    steps = resolve_steps(stage, model)
+    estimate = estimate_job(stage=stage, model=model, layout=layout, precision=precision, cluster=cluster, steps=steps)
+    key_material |= {"model": model.model_dump(mode="json"), "tokenizer": recipe.tokenizer.model_dump(mode="json")}
+    gpn = layout.world_size // stage.resources.nodes
+    resources = JobResources(
+        device=cluster.device, nodes=stage.resources.nodes, gpus_per_node=gpn if cluster.device == "cuda" else 0,
+        processes_per_node=gpn, time_limit=stage.resources.time_limit or cluster.default_time_limit,
+    )
+    return Job(
+        name=name, kind=stage.kind, depends_on=depends, resources=resources, layout=layout, precision=precision,
+        inputs=inputs, outputs=(Artifact(stage=name, kind="checkpoint", path=f"{run_dir}/{name}/checkpoints"),),
+        env=_env(layout, cluster), argv=argv, estimate=estimate, config=config, cache_key=_digest(key_material),
+    )
+
+
+def _env(layout: Layout, cluster: ClusterProfile) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if cluster.device == "cuda":
+        # One hardware queue keeps TP/SP communication kernels ordered ahead of the GEMMs they overlap.
+        if layout.tp > 1 or layout.sequence_parallel:
+            env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        env["TORCH_NCCL_AVOID_RECORD_STREAMS"] = "1"
+        env["NCCL_NVLS_ENABLE"] = "0"
+    env.update(cluster.env)
+    return dict(sorted(env.items()))
+
+
+def _memory_problem(job: Job, cluster: ClusterProfile) -> Problem:
+    m = job.estimate.memory if job.estimate else None
+    if m is None:
+        return Problem(f"stages.{job.name}", "has no estimate", "")
+    parts = ", ".join(
+        f"{k} {human_bytes(v)}"
+        for k, v in (("weights", m.weights), ("grads", m.gradients), ("optimizer", m.optimizer),
+                     ("activations", m.activations), ("kv cache", m.kv_cache), ("frozen models", m.frozen_models),
+                     ("overhead", m.overhead))
+        if v
+    )
+    hbm = cluster.hbm_gib or 0
+    return Problem(
+        f"stages.{job.name}",
+        f"estimated {m.total / GIB:.1f} GiB per GPU exceeds the {hbm:g} GiB of a {cluster.gpu} ({parts})",
+        "raise tp/pp, turn on recompute or the distributed optimizer, lower micro_batch_size; or pass --force",
+    )
+
+
+__all__ = ["Artifact", "Job", "JobResources", "Plan", "compile_recipe", "recipe_hash"]

@@ -1,0 +1,251 @@
+"""Loading a recipe: YAML file + `key=value` overrides → OmegaConf merge → interpolation → Recipe.
+
+Overrides use dotted paths (`stages.sft.training.lr=1e-5`, `stages.data.sources[0].weight=2`); a
+leading `~` deletes a key (`~stages.ppo`). Values parse as YAML scalars.
+
+Interpolation is confined to the recipe itself: `${model.seq_length}` and friends work, but no
+resolver that reaches outside the document (OmegaConf's `oc.env`, `oc.decode`, anything registered by
+another library) is allowed. The one way out is `${env:NAME}` / `${env:NAME,default}`, and only for
+names the recipe lists under `allow_env` — a recipe says explicitly which environment it depends on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ValidationError
+
+from .errors import Problem, RecipeError, did_you_mean
+from .schema import Recipe
+
+_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
+_ENV_ARG = re.compile(r"\$\{\s*env\s*:\s*([^,}\s]*)")
+_allowed_env: ContextVar[frozenset[str]] = ContextVar("engine_allowed_env", default=frozenset())
+_UNSET = object()
+
+
+def _env_resolver(name: str, default: Any = _UNSET) -> Any:
+    if name not in _allowed_env.get():
+        raise KeyError(f"environment variable {name!r} is not listed under allow_env")
+    value = os.environ.get(name)
+    if value is None:
+        if default is _UNSET:
+            raise KeyError(f"environment variable {name!r} is not set and has no default")
+        return default
+    return value
+
+
+# `${env:...}` is the recipe's own syntax; it replaces any resolver of that name in this process.
+OmegaConf.register_resolver("env", _env_resolver, replace=True, annotation_validation="off")
+
+
+@contextmanager
+def _env_allowed(names: frozenset[str]) -> Iterator[None]:
+    token = _allowed_env.set(names)
+    try:
+        yield
+    finally:
+        _allowed_env.reset(token)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, merge, interpolate and validate a recipe; every problem is raised as one RecipeError."""
+    source = str(path)
+    cfg = _read_yaml(Path(path), source)
+    problems = _apply_overrides(cfg, overrides)
+    if problems:
+        raise RecipeError(problems, source=source)
+    data = _interpolate(cfg, source)
+    return parse_recipe(data, source=source)
+
+
+def parse_recipe(data: Any, *, source: str = "") -> Recipe:
+    """Validate plain data (already interpolated) into a Recipe, converting pydantic's errors."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(problems_from_validation(exc, Recipe, data), source=source) from None
+
+
+def _read_yaml(path: Path, source: str) -> DictConfig:
+    if not path.is_file():
+        raise RecipeError([Problem("", f"recipe file {source!r} not found", "check the path")])
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise RecipeError([Problem("", f"cannot parse YAML: {exc}", "fix the syntax")], source=source) from None
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError([Problem("", "a recipe must be a mapping of keys to values", "")], source=source)
+    return cfg
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[Problem]:
+    problems: list[Problem] = []
+    for item in overrides:
+        delete = item.startswith("~")
+        key, eq, raw = item.removeprefix("~").partition("=")
+        key = key.strip()
+        if not key or (not eq and not delete) or (eq and delete):
+            problems.append(
+                Problem(item, "an override is `key=value` (or `~key` to delete)", "e.g. stages.sft.training.lr=1e-5")
+            )
+            continue
+        try:
+            if delete:
+                _delete(cfg, key)
+            else:
+                value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)["v"]  # type: ignore[index]
+                OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+        except (OmegaConfBaseException, KeyError, IndexError, ValueError, TypeError) as exc:
+            problems.append(Problem(key, f"cannot apply override {item!r}: {exc}", "check the dotted path"))
+    return problems
+
+
+def _delete(cfg: DictConfig, key: str) -> None:
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        raise KeyError(f"{key} does not exist")
+    del parent[leaf]
+
+
+def _interpolate(cfg: DictConfig, source: str) -> Any:
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    allow = raw.get("allow_env", []) if isinstance(raw, dict) else []
+    allowed = frozenset(x for x in allow if isinstance(x, str)) if isinstance(allow, list) else frozenset()
+    problems = list(_check_interpolations(raw, "", allowed))
+    if problems:
+        raise RecipeError(problems, source=source)
+    try:
+        with _env_allowed(allowed):
+            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        where = getattr(exc, "full_key", "") or ""
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        fix = "set a value" if "Missing mandatory value" in msg else "interpolations may only name recipe keys"
+        raise RecipeError([Problem(str(where), msg, fix)], source=source) from None
+
+
+def _check_interpolations(node: Any, path: str, allowed: frozenset[str]) -> Iterator[Problem]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _check_interpolations(v, f"{path}.{k}" if path else str(k), allowed)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _check_interpolations(v, f"{path}[{i}]", allowed)
+    elif isinstance(node, str) and "${" in node:
+        for name in _RESOLVER_CALL.findall(node):
+            if name != "env":
+                yield Problem(
+                    path,
+                    f"interpolation resolver {name!r} is not allowed in recipes (in {node!r})",
+                    "refer to recipe keys like ${model.seq_length}, or read the environment with "
+                    "${env:NAME} after listing NAME under allow_env",
+                )
+        for name in _ENV_ARG.findall(node):
+            if name not in allowed:
+                yield Problem(
+                    path,
+                    f"environment variable {name!r} is read but not listed under allow_env",
+                    f"add `allow_env: [{name}]` to the recipe if it should depend on it",
+                )
+
+
+# ---- pydantic errors → dotted paths with fixes -------------------------------------------------
+def problems_from_validation(exc: ValidationError, root: type[BaseModel], data: Any) -> list[Problem]:
+    """Turn pydantic's errors into Problems whose paths read like the recipe (`stages.sft.training.lr`)."""
+    out: list[Problem] = []
+    for err in exc.errors(include_url=False):
+        path, parent = _walk(root, tuple(err["loc"]))
+        kind = err["type"]
+        value = err.get("input")
+        if kind == "extra_forbidden":
+            leaf = str(err["loc"][-1])
+            choices = list(parent.model_fields) if parent is not None else []
+            out.append(Problem(path, f"unknown key {leaf!r}", did_you_mean(leaf, choices)))
+        elif kind == "missing":
+            out.append(Problem(path, "is required", "add it" + _described(parent, err["loc"])))
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            out.append(Problem(path, err["msg"], "set `kind` to one of data, pretrain, sft, reward_model, ppo"))
+        else:
+            out.append(Problem(path, f"{err['msg']} (got {_short(value)})", "fix the value"))
+    return out
+
+
+def _described(parent: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    if parent is None:
+        return ""
+    field = parent.model_fields.get(str(loc[-1]))
+    return f": {field.description}" if field is not None and field.description else ""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
+    """Dotted path of a pydantic loc, dropping discriminator tags, and the model holding the last key."""
+    path = ""
+    tp: Any = root
+    parent: type[BaseModel] | None = None
+    for item in loc:
+        tp = _unwrap(tp)
+        if item == "[key]":
+            break
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            parent = tp
+            field = tp.model_fields.get(str(item))
+            tp = field.annotation if field is not None else None
+            path = f"{path}.{item}" if path else str(item)
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+            path = f"{path}.{item}" if path else str(item)
+        elif get_origin(tp) is list:
+            tp = get_args(tp)[0]
+            path = f"{path}[{item}]"
+        elif _union_members(tp):
+            member = next((m for m in _union_members(tp) if _tag_of(m) == item), None)
+            if member is None:
+                path = f"{path}.{item}" if path else str(item)
+            tp = member
+        else:
+            path = f"{path}.{item}" if path else str(item)
+            tp = None
+    return path, parent
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated[...] and Optional[...] down to the interesting type."""
+    while True:
+        args = get_args(tp)
+        if getattr(tp, "__metadata__", None) is not None:  # Annotated
+            tp = args[0]
+        elif args and type(None) in args and len(args) == 2:
+            tp = next(a for a in args if a is not type(None))
+        else:
+            return tp
+
+
+def _union_members(tp: Any) -> list[type[BaseModel]]:
+    args = get_args(tp)
+    if get_origin(tp) is dict or get_origin(tp) is list:
+        return []
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _tag_of(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("kind")
+    if field is None:
+        return None
+    args = get_args(field.annotation)
+    return args[0] if args else None
