@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import EXIT_USER_ERROR, EngineError, RecipeError
+
+if TYPE_CHECKING:
+    from .compile import Plan
+    from .schema import Recipe
 
 app = typer.Typer(
     name="engine",
@@ -39,7 +43,7 @@ def _fail(exc: EngineError) -> typer.Exit:
     return typer.Exit(EXIT_USER_ERROR)
 
 
-def _compile(recipe: Path, overrides: list[str] | None, force: bool):  # type: ignore[no-untyped-def]
+def _compile(recipe: Path, overrides: list[str] | None, force: bool) -> tuple[Recipe, Plan]:
     from .compile import compile_recipe
     from .load import load_recipe
 
@@ -56,7 +60,7 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
         raise _fail(exc) from None
     from .compile.estimate import human_count
 
-    params = plan.jobs[-1].estimate.params.total if any(j.estimate for j in plan.jobs) else 0  # type: ignore[union-attr]
+    params = next((j.estimate.params.total for j in plan.jobs if j.estimate), 0)
     out.print(
         f"{recipe}: valid — recipe {r.name!r}, {len(plan.jobs)} stages ({', '.join(r.stages)}), "
         f"{human_count(params)} parameters, cluster {plan.cluster.name}",
@@ -111,7 +115,9 @@ def run(
 
 @app.command()
 def schema(
-    out_path: Annotated[Path | None, typer.Option("--out", help="where to write (default: schema/recipe.schema.json)")] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="where to write (default: schema/recipe.schema.json)")
+    ] = None,
     check: Annotated[bool, typer.Option("--check", help="exit 1 if the file on disk is stale")] = False,
 ) -> None:
     """Write the recipe's JSON Schema for editor autocompletion."""
@@ -135,18 +141,18 @@ def plugins() -> None:
     from . import plugin
 
     try:
-        groups = (("data source", plugin.data_sources()), ("reward", plugin.rewards()))
+        sources, rewards = plugin.data_sources(), plugin.rewards()
     except EngineError as exc:
         raise _fail(exc) from None
     table = Table("kind", "name", "records / params", "description", box=None)
-    for kind, found in groups:
-        for name, p in sorted(found.items()):
-            detail = ", ".join(sorted(getattr(p, "kinds", ()))) or ", ".join(p.params.model_fields)
-            table.add_row(kind, name, detail, p.description)
+    for name, source in sorted(sources.items()):
+        table.add_row("data source", name, ", ".join(sorted(source.kinds)), source.description)
+    for name, reward in sorted(rewards.items()):
+        table.add_row("reward", name, ", ".join(reward.params.model_fields), reward.description)
     out.print(table)
 
 
-def plan_table(p):  # type: ignore[no-untyped-def]
+def plan_table(p: Plan) -> Table:
     from .compile.estimate import human_bytes, human_count, human_time
 
     title = f"{p.recipe} · cluster {p.cluster.name}" + (f" ({p.cluster.gpu})" if p.cluster.gpu else " (cpu)")
@@ -158,11 +164,22 @@ def plan_table(p):  # type: ignore[no-untyped-def]
             table.add_row(j.name, j.kind, "1×cpu", "-", "-", "-", "-", "-", "-")
             continue
         lay, est = j.layout, j.estimate
-        device = f"{j.resources.nodes}×{j.resources.gpus_per_node}" if j.resources.device == "cuda" else f"{j.resources.nodes}×{j.resources.processes_per_node} cpu"
+        device = (
+            f"{j.resources.nodes}×{j.resources.gpus_per_node}"
+            if j.resources.device == "cuda"
+            else f"{j.resources.nodes}×{j.resources.processes_per_node} cpu"
+        )
         prec = j.precision.dtype + (f" ({j.precision.fp8_recipe})" if j.precision.fp8_recipe else "")
         table.add_row(
-            j.name, j.kind, device, f"{lay.tp}/{lay.pp}/{lay.cp}/{lay.dp}/{lay.vpp}", prec,
-            human_bytes(est.memory.total), human_count(est.tokens_per_s), str(est.steps), human_time(est.wall_time_s),
+            j.name,
+            j.kind,
+            device,
+            f"{lay.tp}/{lay.pp}/{lay.cp}/{lay.dp}/{lay.vpp}",
+            prec,
+            human_bytes(est.memory.total),
+            human_count(est.tokens_per_s),
+            str(est.steps),
+            human_time(est.wall_time_s),
         )
     n = next((j.estimate.params.total for j in p.jobs if j.estimate), 0)
     table.caption = f"{human_count(n)} parameters · vocab {p.model.vocab_size} (padded {p.model.padded_vocab_size}) · run dir {p.run_dir}"

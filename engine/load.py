@@ -103,7 +103,8 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[Problem]
             if delete:
                 _delete(cfg, key)
             else:
-                value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)["v"]  # type: ignore[index]
+                parsed: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)
+                value = parsed["v"]
                 OmegaConf.update(cfg, key, value, merge=True, force_add=True)
         except (OmegaConfBaseException, KeyError, IndexError, ValueError, TypeError) as exc:
             problems.append(Problem(key, f"cannot apply override {item!r}: {exc}", "check the dotted path"))

@@ -138,7 +138,8 @@ def _load_group(group: str, expected: type) -> dict[str, Any]:
                 f"plugin {ep.name!r} in {group} ({where}) is a {type(obj).__name__}, "
                 f"not an engine.plugin.{expected.__name__}"
             )
-        if not (isinstance(obj.params, type) and issubclass(obj.params, BaseModel)):
+        params = getattr(obj, "params", None)
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
             raise PluginError(f"plugin {ep.name!r} in {group} ({where}): params must be a pydantic model")
         found[ep.name] = obj
         origin[ep.name] = where

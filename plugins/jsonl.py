@@ -45,9 +45,7 @@ def _record(row: dict[str, Any], params: JsonlParams, kind: RecordKind) -> Recor
         messages = tuple(Message(m["role"], str(m["content"])) for m in row[params.messages_field])
         return Conversation(messages)
     if kind == "preference":
-        return Preference(
-            str(row[params.prompt_field]), str(row[params.chosen_field]), str(row[params.rejected_field])
-        )
+        return Preference(str(row[params.prompt_field]), str(row[params.chosen_field]), str(row[params.rejected_field]))
     reference = row.get(params.reference_field) if params.reference_field else None
     meta = {k: v for k, v in row.items() if k not in (params.prompt_field, params.reference_field)}
     return Prompt(str(row[params.prompt_field]), None if reference is None else str(reference), meta)

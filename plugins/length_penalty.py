@@ -20,6 +20,4 @@ def score(params: LengthPenaltyParams, batch: Sequence[RewardSample]) -> list[fl
     return [-params.per_char * max(0, len(s.response) - params.max_chars) for s in batch]
 
 
-REWARD = RewardFunction(
-    params=LengthPenaltyParams, score=score, description="−per_char × characters beyond max_chars"
-)
+REWARD = RewardFunction(params=LengthPenaltyParams, score=score, description="−per_char × characters beyond max_chars")

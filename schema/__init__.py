@@ -62,6 +62,6 @@ __all__ = [
     "Stage",
     "TokenizerSpec",
     "TrainTokenizer",
-    "TrainingStage",
     "Training",
+    "TrainingStage",
 ]

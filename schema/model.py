@@ -19,20 +19,44 @@ PositionEmbedding = Literal["rope", "learned_absolute"]
 # Published architectures. Values are those of the released configs.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        num_layers=6, hidden_size=128, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=352, seq_length=64, rotary_base=10000.0, tie_embeddings=False,
+        num_layers=6,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=352,
+        seq_length=64,
+        rotary_base=10000.0,
+        tie_embeddings=False,
     ),
     "llama3-8b": dict(
-        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
-        ffn_hidden_size=14336, seq_length=8192, rotary_base=500000.0, tie_embeddings=False,
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=8,
+        ffn_hidden_size=14336,
+        seq_length=8192,
+        rotary_base=500000.0,
+        tie_embeddings=False,
     ),
     "llama3-70b": dict(
-        num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
-        ffn_hidden_size=28672, seq_length=8192, rotary_base=500000.0, tie_embeddings=False,
+        num_layers=80,
+        hidden_size=8192,
+        num_attention_heads=64,
+        num_query_groups=8,
+        ffn_hidden_size=28672,
+        seq_length=8192,
+        rotary_base=500000.0,
+        tie_embeddings=False,
     ),
     "llama3.1-405b": dict(
-        num_layers=126, hidden_size=16384, num_attention_heads=128, num_query_groups=8,
-        ffn_hidden_size=53248, seq_length=8192, rotary_base=500000.0, tie_embeddings=False,
+        num_layers=126,
+        hidden_size=16384,
+        num_attention_heads=128,
+        num_query_groups=8,
+        ffn_hidden_size=53248,
+        seq_length=8192,
+        rotary_base=500000.0,
+        tie_embeddings=False,
     ),
 }
 
@@ -62,9 +86,7 @@ class ModelSpec(Spec):
     )
     rotary_base: float | None = Field(default=None, gt=0, description="RoPE theta (default 10000)")
     normalization: Normalization | None = Field(default=None, description="rmsnorm (default) or layernorm")
-    activation: Activation | None = Field(
-        default=None, description="MLP activation: swiglu (gated, default) or gelu"
-    )
+    activation: Activation | None = Field(default=None, description="MLP activation: swiglu (gated, default) or gelu")
     tie_embeddings: bool | None = Field(
         default=None, description="share input embedding and output projection (default false)"
     )

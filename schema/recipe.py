@@ -20,8 +20,7 @@ class Recipe(Spec):
     )
     cluster: str = Field(
         default="local",
-        description="`local` (this machine's CPU), a profile name under slurm/clusters/, "
-        "or a path to a profile YAML",
+        description="`local` (this machine's CPU), a profile name under slurm/clusters/, or a path to a profile YAML",
     )
     allow_env: list[str] = Field(
         default_factory=list,
@@ -29,6 +28,4 @@ class Recipe(Spec):
     )
     tokenizer: TokenizerSpec = Field(description="the tokenizer: trained on the data, or a local file")
     model: ModelSpec = Field(description="the model architecture")
-    stages: dict[Name, Stage] = Field(
-        min_length=1, description="the stages in the order they run, keyed by stage name"
-    )
+    stages: dict[Name, Stage] = Field(min_length=1, description="the stages in the order they run, keyed by stage name")

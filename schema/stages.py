@@ -137,9 +137,7 @@ class PpoStage(_TrainingStage):
     eval_prompts: int = Field(default=64, gt=0, description="held-out prompts scored before and after")
 
 
-Stage = Annotated[
-    DataStage | PretrainStage | SftStage | RewardModelStage | PpoStage, Field(discriminator="kind")
-]
+Stage = Annotated[DataStage | PretrainStage | SftStage | RewardModelStage | PpoStage, Field(discriminator="kind")]
 TrainingStage = PretrainStage | SftStage | RewardModelStage | PpoStage
 STAGE_KINDS: dict[str, type[Spec]] = {
     "data": DataStage,

@@ -86,9 +86,7 @@ class Training(Spec):
 class Checkpointing(Spec):
     """Megatron-Core distributed checkpoints: how often, and how many to keep."""
 
-    interval: int | None = Field(
-        default=None, gt=0, description="steps between checkpoints; none: only at the end"
-    )
+    interval: int | None = Field(default=None, gt=0, description="steps between checkpoints; none: only at the end")
     keep_last: int = Field(default=2, gt=0, description="keep this many newest complete checkpoints")
     async_save: bool = Field(default=False, description="write checkpoints in the background (GPU only)")
 

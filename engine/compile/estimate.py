@@ -166,10 +166,8 @@ def activation_bytes(
     """Activation bytes on the first and on the last pipeline stage."""
     first_layers, last_layers = lay.stage_layers(m.num_layers)
     per_layer = layer_activation_bytes(m, lay, seq, mbs, recompute, act_bytes)
-    if recompute == "full":  # backward rebuilds one layer's full activations at a time
-        per_layer_full = layer_activation_bytes(m, lay, seq, mbs, "none", act_bytes)
-    else:
-        per_layer_full = 0.0
+    # With full recompute, backward rebuilds one layer's complete activations at a time.
+    per_layer_full = layer_activation_bytes(m, lay, seq, mbs, "none", act_bytes) if recompute == "full" else 0.0
     inflight = _in_flight(lay, microbatches)
     s, b, h, t = seq / lay.cp, mbs, m.hidden_size, lay.tp
     embedding = s * b * h * inflight / (t if lay.sequence_parallel else 1)
@@ -182,30 +180,49 @@ def activation_bytes(
 
 
 def estimate_job(
-    *, stage: TrainingStage, model: ResolvedModel, layout: Layout, precision: ResolvedPrecision,
-    cluster: ClusterProfile, steps: int,
+    *,
+    stage: TrainingStage,
+    model: ResolvedModel,
+    layout: Layout,
+    precision: ResolvedPrecision,
+    cluster: ClusterProfile,
+    steps: int,
 ) -> Estimate:
     counts = count_params(model)
     t = stage.training
-    ppo = isinstance(stage, PpoStage)
-    seq = min(model.seq_length, stage.rollout.max_prompt_tokens + stage.rollout.max_new_tokens) if ppo else model.seq_length
+    ppo = stage if isinstance(stage, PpoStage) else None
+    seq = min(model.seq_length, ppo.rollout.max_prompt_tokens + ppo.rollout.max_new_tokens) if ppo else model.seq_length
     microbatches = max(1, t.global_batch_size // (t.micro_batch_size * layout.dp))
     act_bytes = 4 if precision.dtype == "fp32" else 2
     first_p, last_p = _stage_params(model, counts, layout)
     w, g, o = _state_bytes(precision, layout)
     recompute = "selective" if cluster.device == "cuda" and t.recompute == "none" else t.recompute
     first_a, last_a = activation_bytes(
-        model, layout, seq=seq, mbs=t.micro_batch_size, microbatches=microbatches, recompute=recompute, act_bytes=act_bytes
+        model,
+        layout,
+        seq=seq,
+        mbs=t.micro_batch_size,
+        microbatches=microbatches,
+        recompute=recompute,
+        act_bytes=act_bytes,
     )
     # The busiest stage: compare totals, keep that stage's breakdown.
     params, acts = max(((first_p, first_a), (last_p, last_a)), key=lambda pa: pa[0] * (w + g + o) + pa[1])
     trained = 2 if ppo else 1  # PPO trains actor and critic
     kv_cache = frozen = 0.0
     if ppo:
-        ro = stage.rollout
+        ro = ppo.rollout
         kv_heads = max(1, model.num_query_groups // layout.tp)
-        kv_cache = 2 * max(layout.stage_layers(model.num_layers)) * kv_heads * model.kv_channels * seq * ro.batch_size * act_bytes
-        frozen = params * act_bytes * (1 + (1 if stage.reward_model else 0))  # reference + reward model
+        kv_cache = (
+            2
+            * max(layout.stage_layers(model.num_layers))
+            * kv_heads
+            * model.kv_channels
+            * seq
+            * ro.batch_size
+            * act_bytes
+        )
+        frozen = params * act_bytes * (1 + (1 if ppo.reward_model else 0))  # reference + reward model
     overhead = CUDA_OVERHEAD_BYTES if cluster.device == "cuda" else 0
     memory = Memory(
         weights=int(params * w * trained),
@@ -223,8 +240,8 @@ def estimate_job(
     if ppo:
         # Per iteration: actor and critic train `epochs` times over the rollouts; sampling, reference,
         # reward and old log-prob/value passes are forward-only (a third of a training pass each).
-        rollout_tokens = stage.rollout.prompts_per_iteration * stage.rollout.responses_per_prompt * seq
-        flops_step = rollout_tokens * fpt * (2 * stage.ppo.epochs + 5 / 3)
+        rollout_tokens = ppo.rollout.prompts_per_iteration * ppo.rollout.responses_per_prompt * seq
+        flops_step = rollout_tokens * fpt * (2 * ppo.ppo.epochs + 5 / 3)
         tokens_per_step = rollout_tokens
     peak = cluster.peak_tflops_bf16 * 1e12
     step_time = flops_step / (layout.world_size * peak * cluster.assumed_mfu)

@@ -28,7 +28,7 @@ from .resolve import (
     resolve_steps,
     resolve_vocab,
 )
-from .validate import validate
+from .validate import REFERENCES, validate
 
 PLAN_FORMAT = 1
 
@@ -122,13 +122,17 @@ def compile_recipe(recipe: Recipe, *, force: bool = False, source: str = "") -> 
 
 
 def _references(stage: DataStage | TrainingStage) -> list[str]:
-    fields = ("data", "init_from", "policy", "reward_model", "critic_from", "prompts")
-    return [v for f in fields if isinstance(v := getattr(stage, f, None), str)]
+    return [v for f in REFERENCES[stage.kind] if isinstance(v := getattr(stage, f), str)]
 
 
 def _job(
-    name: str, stage: DataStage | TrainingStage, recipe: Recipe, cluster: ClusterProfile, model: ResolvedModel,
-    run_dir: str, earlier: dict[str, Job],
+    name: str,
+    stage: DataStage | TrainingStage,
+    recipe: Recipe,
+    cluster: ClusterProfile,
+    model: ResolvedModel,
+    run_dir: str,
+    earlier: dict[str, Job],
 ) -> Job:
     refs = _references(stage)
     tokenizer_stage = next((n for n, s in recipe.stages.items() if isinstance(s, DataStage)), None)
@@ -139,21 +143,38 @@ def _job(
     inputs = tuple(a for r in depends for a in earlier[r].outputs)
     config = stage.model_dump(mode="json")
     argv = ("python", "-m", "engine.worker", f"{run_dir}/plan.json", "--job", name)
-    key_material: dict[str, Any] = {"format": PLAN_FORMAT, "kind": stage.kind, "config": config,
-                                    "parents": [earlier[d].cache_key for d in depends]}
+    key_material: dict[str, Any] = {
+        "format": PLAN_FORMAT,
+        "kind": stage.kind,
+        "config": config,
+        "parents": [earlier[d].cache_key for d in depends],
+    }
     if isinstance(stage, DataStage):
         outputs = [Artifact(stage=name, kind="dataset", path=f"{run_dir}/{name}/data")]
         if trains_tokenizer and name == tokenizer_stage:
             outputs.append(Artifact(stage=name, kind="tokenizer", path=f"{run_dir}/{name}/tokenizer"))
             key_material["tokenizer"] = recipe.tokenizer.model_dump(mode="json")
         resources = JobResources(
-            device="cpu", nodes=1, gpus_per_node=0, processes_per_node=1,
+            device="cpu",
+            nodes=1,
+            gpus_per_node=0,
+            processes_per_node=1,
             time_limit=stage.time_limit or cluster.default_time_limit,
         )
         return Job(
-            name=name, kind=stage.kind, depends_on=depends, resources=resources, layout=None, precision=None,
-            inputs=inputs, outputs=tuple(outputs), env=dict(sorted(cluster.env.items())), argv=argv,
-            estimate=None, config=config, cache_key=_digest(key_material),
+            name=name,
+            kind=stage.kind,
+            depends_on=depends,
+            resources=resources,
+            layout=None,
+            precision=None,
+            inputs=inputs,
+            outputs=tuple(outputs),
+            env=dict(sorted(cluster.env.items())),
+            argv=argv,
+            estimate=None,
+            config=config,
+            cache_key=_digest(key_material),
         )
     layout = resolve_layout(stage, cluster)
     precision = resolve_precision(stage, cluster)
@@ -162,13 +183,26 @@ def _job(
     key_material |= {"model": model.model_dump(mode="json"), "tokenizer": recipe.tokenizer.model_dump(mode="json")}
     gpn = layout.world_size // stage.resources.nodes
     resources = JobResources(
-        device=cluster.device, nodes=stage.resources.nodes, gpus_per_node=gpn if cluster.device == "cuda" else 0,
-        processes_per_node=gpn, time_limit=stage.resources.time_limit or cluster.default_time_limit,
+        device=cluster.device,
+        nodes=stage.resources.nodes,
+        gpus_per_node=gpn if cluster.device == "cuda" else 0,
+        processes_per_node=gpn,
+        time_limit=stage.resources.time_limit or cluster.default_time_limit,
     )
     return Job(
-        name=name, kind=stage.kind, depends_on=depends, resources=resources, layout=layout, precision=precision,
-        inputs=inputs, outputs=(Artifact(stage=name, kind="checkpoint", path=f"{run_dir}/{name}/checkpoints"),),
-        env=_env(layout, cluster), argv=argv, estimate=estimate, config=config, cache_key=_digest(key_material),
+        name=name,
+        kind=stage.kind,
+        depends_on=depends,
+        resources=resources,
+        layout=layout,
+        precision=precision,
+        inputs=inputs,
+        outputs=(Artifact(stage=name, kind="checkpoint", path=f"{run_dir}/{name}/checkpoints"),),
+        env=_env(layout, cluster),
+        argv=argv,
+        estimate=estimate,
+        config=config,
+        cache_key=_digest(key_material),
     )
 
 
@@ -190,9 +224,15 @@ def _memory_problem(job: Job, cluster: ClusterProfile) -> Problem:
         return Problem(f"stages.{job.name}", "has no estimate", "")
     parts = ", ".join(
         f"{k} {human_bytes(v)}"
-        for k, v in (("weights", m.weights), ("grads", m.gradients), ("optimizer", m.optimizer),
-                     ("activations", m.activations), ("kv cache", m.kv_cache), ("frozen models", m.frozen_models),
-                     ("overhead", m.overhead))
+        for k, v in (
+            ("weights", m.weights),
+            ("grads", m.gradients),
+            ("optimizer", m.optimizer),
+            ("activations", m.activations),
+            ("kv cache", m.kv_cache),
+            ("frozen models", m.frozen_models),
+            ("overhead", m.overhead),
+        )
         if v
     )
     hbm = cluster.hbm_gib or 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -108,7 +109,11 @@ def resolve_vocab(recipe: Recipe) -> tuple[int | None, list[Problem]]:
     path = Path(tok.path)
     if not path.is_file():
         return None, [
-            Problem("tokenizer.path", f"{tok.path!r} not found", "give an existing tokenizer.json or set tokenizer.vocab_size")
+            Problem(
+                "tokenizer.path",
+                f"{tok.path!r} not found",
+                "give an existing tokenizer.json or set tokenizer.vocab_size",
+            )
         ]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -116,42 +121,48 @@ def resolve_vocab(recipe: Recipe) -> tuple[int | None, list[Problem]]:
         ids = [*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))]
         return max(ids) + 1, []
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return None, [Problem("tokenizer.path", f"cannot read the vocabulary of {tok.path!r}: {exc}", "give an HF tokenizer.json")]
+        return None, [
+            Problem("tokenizer.path", f"cannot read the vocabulary of {tok.path!r}: {exc}", "give an HF tokenizer.json")
+        ]
 
 
 def resolve_model(spec: ModelSpec, vocab_size: int | None) -> tuple[ResolvedModel | None, list[Problem]]:
     """Preset values under explicit ones, then Llama defaults and derived sizes."""
     problems: list[Problem] = []
-    base: dict[str, object] = {}
+    base: dict[str, Any] = {}
     if spec.preset is not None:
         if spec.preset not in PRESETS:
             from ..errors import did_you_mean
 
-            return None, [Problem("model.preset", f"unknown preset {spec.preset!r}", did_you_mean(spec.preset, PRESETS))]
+            return None, [
+                Problem("model.preset", f"unknown preset {spec.preset!r}", did_you_mean(spec.preset, PRESETS))
+            ]
         base = dict(PRESETS[spec.preset])
     given = {k: v for k, v in spec.model_dump().items() if v is not None and k != "preset"}
-    merged = {**base, **given}
+    merged: dict[str, Any] = {**base, **given}
     for name in SIZE_FIELDS:
         if name not in merged:
             problems.append(
-                Problem(f"model.{name}", "is required when no preset sets it", f"set it, or a preset: {sorted(PRESETS)}")
+                Problem(
+                    f"model.{name}", "is required when no preset sets it", f"set it, or a preset: {sorted(PRESETS)}"
+                )
             )
     if problems or vocab_size is None:
         return None, problems
-    h, heads = int(merged["hidden_size"]), int(merged["num_attention_heads"])  # type: ignore[call-overload]
+    h, heads = int(merged["hidden_size"]), int(merged["num_attention_heads"])
     activation = str(merged.get("activation", "swiglu"))
     ffn = merged.get("ffn_hidden_size") or (4 * h if activation == "gelu" else 256 * math.ceil(8 * h / 3 / 256))
     divisor = spec.make_vocab_size_divisible_by
     model = ResolvedModel(
-        num_layers=int(merged["num_layers"]),  # type: ignore[call-overload]
+        num_layers=int(merged["num_layers"]),
         hidden_size=h,
         num_attention_heads=heads,
-        num_query_groups=int(merged.get("num_query_groups") or heads),  # type: ignore[call-overload]
+        num_query_groups=int(merged.get("num_query_groups") or heads),
         kv_channels=max(1, h // heads),
-        ffn_hidden_size=int(ffn),  # type: ignore[call-overload]
-        seq_length=int(merged["seq_length"]),  # type: ignore[call-overload]
+        ffn_hidden_size=int(ffn),
+        seq_length=int(merged["seq_length"]),
         position_embedding=str(merged.get("position_embedding", "rope")),
-        rotary_base=float(merged.get("rotary_base", 10000.0)),  # type: ignore[arg-type]
+        rotary_base=float(merged.get("rotary_base", 10000.0)),
         normalization=str(merged.get("normalization", "rmsnorm")),
         activation=activation,
         tie_embeddings=bool(merged.get("tie_embeddings", False)),

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -22,8 +23,6 @@ from ..schema import (
     PpoStage,
     PretrainStage,
     Recipe,
-    RewardModelStage,
-    SftStage,
     TrainingStage,
     TrainTokenizer,
 )
@@ -65,41 +64,46 @@ def _tokenizer(recipe: Recipe) -> Iterator[Problem]:
                 f"use at least {MIN_BPE_VOCAB}",
             )
         if not any(isinstance(s, DataStage) for s in recipe.stages.values()):
-            yield Problem("tokenizer.kind", "=train needs a data stage to train on", "add a data stage or use kind: file")
+            yield Problem(
+                "tokenizer.kind", "=train needs a data stage to train on", "add a data stage or use kind: file"
+            )
 
 
 # ---- references between stages ---------------------------------------------------------------
+# What each stage kind's references may point at: field → allowed kinds of the referenced stage.
+REFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
+    "data": {},
+    "pretrain": {"data": ("data",), "init_from": ("pretrain",)},
+    "sft": {"data": ("data",), "init_from": ("pretrain", "sft")},
+    "reward_model": {"data": ("data",), "init_from": ("sft", "pretrain", "reward_model")},
+    "ppo": {
+        "prompts": ("data",),
+        "policy": ("sft", "pretrain", "ppo"),
+        "reward_model": ("reward_model",),
+        "critic_from": ("reward_model",),
+    },
+}
+
+
 def _references(recipe: Recipe) -> Iterator[Problem]:
     names = list(recipe.stages)
     for index, (name, stage) in enumerate(recipe.stages.items()):
         earlier = {n: recipe.stages[n].kind for n in names[:index]}
-        where = f"stages.{name}"
-
-        def ref(field: str, value: str | None, kinds: Sequence[str], ctx: str = where) -> Iterator[Problem]:
+        for field, kinds in REFERENCES[stage.kind].items():
+            value = getattr(stage, field)
             if value is not None:
-                yield from _reference(f"{ctx}.{field}", value, kinds, earlier, names)
-
-        if isinstance(stage, PretrainStage):
-            yield from ref("data", stage.data, ["data"])
-            yield from ref("init_from", stage.init_from, ["pretrain"])
-        elif isinstance(stage, SftStage):
-            yield from ref("data", stage.data, ["data"])
-            yield from ref("init_from", stage.init_from, ["pretrain", "sft"])
-        elif isinstance(stage, RewardModelStage):
-            yield from ref("data", stage.data, ["data"])
-            yield from ref("init_from", stage.init_from, ["sft", "pretrain", "reward_model"])
-        elif isinstance(stage, PpoStage):
-            yield from ref("prompts", stage.prompts, ["data"])
-            yield from ref("policy", stage.policy, ["sft", "pretrain", "ppo"])
-            yield from ref("reward_model", stage.reward_model, ["reward_model"])
-            yield from ref("critic_from", stage.critic_from, ["reward_model"])
+                yield from _reference(f"stages.{name}.{field}", value, kinds, earlier, names)
         if not isinstance(stage, DataStage):
-            yield from _records_available(recipe, where, stage)
+            yield from _records_available(recipe, f"stages.{name}", stage)
 
 
-def _reference(path: str, value: str, kinds: Sequence[str], earlier: dict[str, str], names: list[str]) -> Iterator[Problem]:
+def _reference(
+    path: str, value: str, kinds: Sequence[str], earlier: Mapping[str, str], names: list[str]
+) -> Iterator[Problem]:
     fitting = [n for n, k in earlier.items() if k in kinds]
-    hint = ("earlier stages that fit: " + ", ".join(fitting)) if fitting else f"add a {' or '.join(kinds)} stage before it"
+    hint = (
+        ("earlier stages that fit: " + ", ".join(fitting)) if fitting else f"add a {' or '.join(kinds)} stage before it"
+    )
     if value not in names:
         yield Problem(path, f"={value!r} names no stage", did_you_mean(value, fitting) if fitting else hint)
     elif value not in earlier:
@@ -124,7 +128,9 @@ def _records_available(recipe: Recipe, where: str, stage: TrainingStage) -> Iter
     if isinstance(stage, PretrainStage) and stage.mixture:
         for key in stage.mixture:
             if key not in have:
-                yield Problem(f"{where}.mixture.{key}", "names no text source of the data stage", did_you_mean(key, have))
+                yield Problem(
+                    f"{where}.mixture.{key}", "names no text source of the data stage", did_you_mean(key, have)
+                )
         for key, w in stage.mixture.items():
             if w < 0:
                 yield Problem(f"{where}.mixture.{key}", f"={w} is negative", "use a weight ≥ 0")
@@ -145,7 +151,11 @@ def _data_stage(where: str, stage: DataStage) -> Iterator[Problem]:
         found = sources.get(src.plugin)
         if found is None:
             if sources:
-                yield Problem(f"{path}.plugin", f"={src.plugin!r} is not an installed data source", did_you_mean(src.plugin, sources))
+                yield Problem(
+                    f"{path}.plugin",
+                    f"={src.plugin!r} is not an installed data source",
+                    did_you_mean(src.plugin, sources),
+                )
             continue
         if src.records not in found.kinds:
             yield Problem(
@@ -167,14 +177,24 @@ def _data_stage(where: str, stage: DataStage) -> Iterator[Problem]:
         try:
             re.compile(pattern)
         except re.error as exc:
-            yield Problem(f"{where}.cleaning.blocklist[{i}]", f"={pattern!r} is not a regular expression: {exc}", "fix it")
+            yield Problem(
+                f"{where}.cleaning.blocklist[{i}]", f"={pattern!r} is not a regular expression: {exc}", "fix it"
+            )
     if stage.cleaning.max_chars is not None and stage.cleaning.max_chars < stage.cleaning.min_chars:
-        yield Problem(f"{where}.cleaning.max_chars", f"={stage.cleaning.max_chars} < min_chars={stage.cleaning.min_chars}", "raise it")
+        yield Problem(
+            f"{where}.cleaning.max_chars",
+            f"={stage.cleaning.max_chars} < min_chars={stage.cleaning.min_chars}",
+            "raise it",
+        )
 
 
-def plugin_table(where: str, loader: object) -> dict[str, plugin.DataSource] | dict[str, plugin.RewardFunction] | Problem:
+T = TypeVar("T")
+
+
+def plugin_table(where: str, loader: Callable[[], Mapping[str, T]]) -> dict[str, T] | Problem:
+    """The installed plugins of one group, or the problem that kept them from loading."""
     try:
-        return dict(loader())  # type: ignore[operator]
+        return dict(loader())
     except PluginError as exc:
         return Problem(where, str(exc), "fix or uninstall the plugin")
 
@@ -193,18 +213,28 @@ def plugin_params(path: str, model: type, params: dict[str, object]) -> Iterator
 def _training(where: str, stage: TrainingStage) -> Iterator[Problem]:
     t = stage.training
     if (t.steps is None) == (t.tokens is None):
-        yield Problem(f"{where}.training", "set exactly one of steps and tokens", f"got steps={t.steps}, tokens={t.tokens}")
+        yield Problem(
+            f"{where}.training", "set exactly one of steps and tokens", f"got steps={t.steps}, tokens={t.tokens}"
+        )
     if isinstance(stage, PpoStage) and t.tokens is not None:
         yield Problem(f"{where}.training.tokens", "PPO counts iterations, not tokens", "set training.steps instead")
     if t.min_lr > t.lr:
         yield Problem(f"{where}.training.min_lr", f"={t.min_lr} exceeds lr={t.lr}", f"use min_lr ≤ {t.lr}")
     if t.steps is not None and t.warmup_steps >= t.steps and t.warmup_steps > 0:
-        yield Problem(f"{where}.training.warmup_steps", f"={t.warmup_steps} is not below steps={t.steps}", "shorten the warmup")
+        yield Problem(
+            f"{where}.training.warmup_steps", f"={t.warmup_steps} is not below steps={t.steps}", "shorten the warmup"
+        )
     p = stage.precision
     if p.fp8_recipe is not None and p.dtype != "fp8":
-        yield Problem(f"{where}.precision.fp8_recipe", f"={p.fp8_recipe} but dtype={p.dtype}", "set precision.dtype=fp8 or remove it")
+        yield Problem(
+            f"{where}.precision.fp8_recipe",
+            f"={p.fp8_recipe} but dtype={p.dtype}",
+            "set precision.dtype=fp8 or remove it",
+        )
     if p.fp8_param_gather and p.dtype != "fp8":
-        yield Problem(f"{where}.precision.fp8_param_gather", f"needs dtype=fp8 (got {p.dtype})", "set precision.dtype=fp8")
+        yield Problem(
+            f"{where}.precision.fp8_param_gather", f"needs dtype=fp8 (got {p.dtype})", "set precision.dtype=fp8"
+        )
 
 
 def _hardware(where: str, stage: TrainingStage, cluster: ClusterProfile) -> Iterator[Problem]:
@@ -214,25 +244,53 @@ def _hardware(where: str, stage: TrainingStage, cluster: ClusterProfile) -> Iter
         if prec.dtype not in ("auto", "fp32"):
             yield Problem(f"{where}.precision.dtype", f"={prec.dtype}: {why}, in fp32 only", "set it to fp32 (or auto)")
         if par.distributed_optimizer:
-            yield Problem(f"{where}.parallelism.distributed_optimizer", f"=true: {why}, where Megatron-Core's distributed optimizer cannot run", "set it to false")
+            yield Problem(
+                f"{where}.parallelism.distributed_optimizer",
+                f"=true: {why}, where Megatron-Core's distributed optimizer cannot run",
+                "set it to false",
+            )
         if par.sequence_parallel:
-            yield Problem(f"{where}.parallelism.sequence_parallel", f"=true: {why}, where sequence parallelism cannot run", "set it to false")
+            yield Problem(
+                f"{where}.parallelism.sequence_parallel",
+                f"=true: {why}, where sequence parallelism cannot run",
+                "set it to false",
+            )
         if par.cp > 1:
-            yield Problem(f"{where}.parallelism.cp", f"={par.cp}: context parallelism needs Transformer Engine attention on GPUs", "set cp=1")
+            yield Problem(
+                f"{where}.parallelism.cp",
+                f"={par.cp}: context parallelism needs Transformer Engine attention on GPUs",
+                "set cp=1",
+            )
     else:
         gpn = gpus_per_node(stage, cluster)
         if gpn > cluster.gpus_per_node:
-            yield Problem(f"{where}.resources.gpus_per_node", f"={gpn} exceeds the {cluster.gpus_per_node} GPUs of a {cluster.name} node", f"use ≤ {cluster.gpus_per_node}")
+            yield Problem(
+                f"{where}.resources.gpus_per_node",
+                f"={gpn} exceeds the {cluster.gpus_per_node} GPUs of a {cluster.name} node",
+                f"use ≤ {cluster.gpus_per_node}",
+            )
         if par.tp > gpn:
-            yield Problem(f"{where}.parallelism.tp", f"={par.tp} spans more than one node ({gpn} GPUs per node)", f"use tp ≤ {gpn}; tensor parallelism needs NVLink")
+            yield Problem(
+                f"{where}.parallelism.tp",
+                f"={par.tp} spans more than one node ({gpn} GPUs per node)",
+                f"use tp ≤ {gpn}; tensor parallelism needs NVLink",
+            )
         if prec.dtype == "fp8":
             recipe = prec.fp8_recipe or "delayed"
             supported = cluster.fp8_recipes()
             if recipe not in supported:
                 have = f"supports {', '.join(sorted(supported))}" if supported else "has no FP8"
-                yield Problem(f"{where}.precision", f"fp8 recipe {recipe!r} is not supported by {cluster.gpu} (cluster {cluster.name!r} {have})", "use bf16, or a supported recipe on H100/H200 (mxfp8: B200)")
+                yield Problem(
+                    f"{where}.precision",
+                    f"fp8 recipe {recipe!r} is not supported by {cluster.gpu} (cluster {cluster.name!r} {have})",
+                    "use bf16, or a supported recipe on H100/H200 (mxfp8: B200)",
+                )
     if cluster.max_nodes is not None and res.nodes > cluster.max_nodes:
-        yield Problem(f"{where}.resources.nodes", f"={res.nodes} exceeds cluster {cluster.name!r}'s max_nodes={cluster.max_nodes}", f"use ≤ {cluster.max_nodes}")
+        yield Problem(
+            f"{where}.resources.nodes",
+            f"={res.nodes} exceeds cluster {cluster.name!r}'s max_nodes={cluster.max_nodes}",
+            f"use ≤ {cluster.max_nodes}",
+        )
 
 
 def _divisors(n: int, limit: int | None = None) -> list[int]:
@@ -243,51 +301,93 @@ def _layout(where: str, stage: TrainingStage, m: ResolvedModel, cluster: Cluster
     par, t = stage.parallelism, stage.training
     pw = f"{where}.parallelism"
     if m.hidden_size % m.num_attention_heads:
-        yield Problem("model.hidden_size", f"={m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}", "make heads divide hidden")
+        yield Problem(
+            "model.hidden_size",
+            f"={m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}",
+            "make heads divide hidden",
+        )
     if m.num_attention_heads % m.num_query_groups:
-        yield Problem("model.num_query_groups", f"={m.num_query_groups} does not divide num_attention_heads={m.num_attention_heads}", f"try {_divisors(m.num_attention_heads)}")
+        yield Problem(
+            "model.num_query_groups",
+            f"={m.num_query_groups} does not divide num_attention_heads={m.num_attention_heads}",
+            f"try {_divisors(m.num_attention_heads)}",
+        )
     if m.num_attention_heads % par.tp or m.num_query_groups % par.tp:
         ok = _divisors(math.gcd(m.num_attention_heads, m.num_query_groups), 64)
-        yield Problem(f"{pw}.tp", f"={par.tp} must divide model.num_attention_heads={m.num_attention_heads} and model.num_query_groups={m.num_query_groups}", "try " + ", ".join(map(str, ok)))
+        yield Problem(
+            f"{pw}.tp",
+            f"={par.tp} must divide model.num_attention_heads={m.num_attention_heads} and model.num_query_groups={m.num_query_groups}",
+            "try " + ", ".join(map(str, ok)),
+        )
     if m.padded_vocab_size % par.tp:
-        yield Problem(f"{pw}.tp", f"={par.tp} does not divide the padded vocabulary {m.padded_vocab_size}", f"set model.make_vocab_size_divisible_by to a multiple of {par.tp}")
+        yield Problem(
+            f"{pw}.tp",
+            f"={par.tp} does not divide the padded vocabulary {m.padded_vocab_size}",
+            f"set model.make_vocab_size_divisible_by to a multiple of {par.tp}",
+        )
     vpp = par.vpp or 1
     if par.vpp is not None and par.vpp > 1 and par.pp == 1:
         yield Problem(f"{pw}.vpp", f"={par.vpp} needs pipeline parallelism (pp=1)", "set pp>1 or remove vpp")
     extra = int(par.account_for_embedding_in_pipeline_split) + int(par.account_for_loss_in_pipeline_split)
     split = m.num_layers + extra
     if split % (par.pp * vpp):
-        ok = ", ".join(map(str, _divisors(split, 128)))
+        ok_split = ", ".join(map(str, _divisors(split, 128)))
         counted = f"model.num_layers={m.num_layers}" + (f" (+{extra} for embedding/loss = {split})" if extra else "")
         uneven = [n for n in (1, 2) if (m.num_layers + n) % (par.pp * vpp) == 0 and extra < n]
-        hint = f"pp×vpp ∈ {ok}" + ("; or count embedding and loss as layers with account_for_*_in_pipeline_split" if uneven else "")
+        hint = f"pp×vpp ∈ {ok_split}" + (
+            "; or count embedding and loss as layers with account_for_*_in_pipeline_split" if uneven else ""
+        )
         yield Problem(f"{pw}.pp", f"pp×vpp = {par.pp}×{vpp} must divide {counted}", hint)
     if par.cp > 1 and m.seq_length % (2 * par.cp):
-        yield Problem(f"{pw}.cp", f"={par.cp}: model.seq_length={m.seq_length} must be divisible by 2×cp={2 * par.cp}", "change cp or seq_length")
+        yield Problem(
+            f"{pw}.cp",
+            f"={par.cp}: model.seq_length={m.seq_length} must be divisible by 2×cp={2 * par.cp}",
+            "change cp or seq_length",
+        )
     if par.sequence_parallel and par.tp == 1:
         yield Problem(f"{pw}.sequence_parallel", "=true needs tp>1", "set tp>1 or sequence_parallel=false")
     if stage.precision.dtype == "fp8" and (m.hidden_size % 16 or m.ffn_hidden_size % 16):
-        yield Problem(f"{where}.precision.dtype", f"=fp8 needs hidden_size and ffn_hidden_size divisible by 16 (got {m.hidden_size}, {m.ffn_hidden_size})", "change the sizes or use bf16")
+        yield Problem(
+            f"{where}.precision.dtype",
+            f"=fp8 needs hidden_size and ffn_hidden_size divisible by 16 (got {m.hidden_size}, {m.ffn_hidden_size})",
+            "change the sizes or use bf16",
+        )
     if cluster is None:
         return
     gpn = gpus_per_node(stage, cluster)
     world = stage.resources.nodes * gpn
     mp = par.tp * par.pp * par.cp
     if world % mp:
-        yield Problem(f"{where}.resources", f"nodes×gpus_per_node = {stage.resources.nodes}×{gpn} = {world} is not divisible by tp×pp×cp = {mp}", f"use a multiple of {mp} GPUs, or change tp/pp/cp")
+        yield Problem(
+            f"{where}.resources",
+            f"nodes×gpus_per_node = {stage.resources.nodes}×{gpn} = {world} is not divisible by tp×pp×cp = {mp}",
+            f"use a multiple of {mp} GPUs, or change tp/pp/cp",
+        )
         return
     dp = world // mp
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         lo = max(per_step, t.global_batch_size // per_step * per_step)
-        yield Problem(f"{where}.training.global_batch_size", f"={t.global_batch_size} is not divisible by micro_batch_size×dp = {t.micro_batch_size}×{dp}", f"try {lo} or {lo + per_step}")
+        yield Problem(
+            f"{where}.training.global_batch_size",
+            f"={t.global_batch_size} is not divisible by micro_batch_size×dp = {t.micro_batch_size}×{dp}",
+            f"try {lo} or {lo + per_step}",
+        )
     elif vpp > 1 and (t.global_batch_size // per_step) % par.pp:
-        yield Problem(f"{where}.training.global_batch_size", f"gives {t.global_batch_size // per_step} microbatches; the interleaved schedule needs a multiple of pp={par.pp}", f"use a multiple of {per_step * par.pp}")
+        yield Problem(
+            f"{where}.training.global_batch_size",
+            f"gives {t.global_batch_size // per_step} microbatches; the interleaved schedule needs a multiple of pp={par.pp}",
+            f"use a multiple of {per_step * par.pp}",
+        )
 
 
 def _ppo(where: str, stage: PpoStage, m: ResolvedModel | None) -> Iterator[Problem]:
     if stage.reward_model is None and not stage.rewards:
-        yield Problem(f"{where}.rewards", "no reward source: neither reward_model nor rewards is set", "name a reward_model stage or add a reward plugin")
+        yield Problem(
+            f"{where}.rewards",
+            "no reward source: neither reward_model nor rewards is set",
+            "name a reward_model stage or add a reward plugin",
+        )
     funcs = plugin_table(f"{where}.rewards", plugin.rewards)
     if isinstance(funcs, Problem):
         yield funcs
@@ -296,12 +396,24 @@ def _ppo(where: str, stage: PpoStage, m: ResolvedModel | None) -> Iterator[Probl
         found = funcs.get(r.plugin)
         if found is None:
             if funcs:
-                yield Problem(f"{where}.rewards[{i}].plugin", f"={r.plugin!r} is not an installed reward function", did_you_mean(r.plugin, funcs))
+                yield Problem(
+                    f"{where}.rewards[{i}].plugin",
+                    f"={r.plugin!r} is not an installed reward function",
+                    did_you_mean(r.plugin, funcs),
+                )
             continue
         yield from plugin_params(f"{where}.rewards[{i}].params", found.params, r.params)
     ro = stage.rollout
     if m is not None and ro.max_prompt_tokens + ro.max_new_tokens > m.seq_length:
-        yield Problem(f"{where}.rollout", f"max_prompt_tokens + max_new_tokens = {ro.max_prompt_tokens}+{ro.max_new_tokens} exceeds model.seq_length={m.seq_length}", "shorten them")
+        yield Problem(
+            f"{where}.rollout",
+            f"max_prompt_tokens + max_new_tokens = {ro.max_prompt_tokens}+{ro.max_new_tokens} exceeds model.seq_length={m.seq_length}",
+            "shorten them",
+        )
     samples = ro.prompts_per_iteration * ro.responses_per_prompt
     if samples % stage.training.global_batch_size:
-        yield Problem(f"{where}.training.global_batch_size", f"={stage.training.global_batch_size} does not divide the {samples} rollouts per iteration (prompts_per_iteration×responses_per_prompt)", "make the minibatch divide the rollouts")
+        yield Problem(
+            f"{where}.training.global_batch_size",
+            f"={stage.training.global_batch_size} does not divide the {samples} rollouts per iteration (prompts_per_iteration×responses_per_prompt)",
+            "make the minibatch divide the rollouts",
+        )
