@@ -1,0 +1,139 @@
+"""Estimates: parameter counts, FLOPs, Korthikanti activations, optimizer bytes, memory refusal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.compile.estimate import (
+    _in_flight,
+    count_params,
+    flops_per_token,
+    layer_activation_bytes,
+)
+from engine.compile.resolve import Layout
+
+from .conftest import REPO, compile_with, problems_of
+
+H100 = REPO / "recipes" / "h100"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "published"),
+    [("llama3_8b", 8_030_261_248), ("llama3_70b", 70_553_706_496), ("llama31_405b", 405_853_388_800)],
+)
+def test_parameter_counts_match_the_released_models(recipe: str, published: int) -> None:
+    plan = compile_with(recipe=H100 / f"{recipe}.yaml")
+    assert count_params(plan.model).total == published
+
+
+def test_flops_per_token_match_megatrons_closed_form() -> None:
+    m = compile_with(recipe=H100 / "llama3_8b.yaml").model
+    h, L, s, V = m.hidden_size, m.num_layers, m.seq_length, m.padded_vocab_size
+    ratio_groups = m.num_query_groups / m.num_attention_heads
+    # Megatron-LM's num_floating_point_operations per token, with the causal-attention halving.
+    closed = 12 * L * h * h * ((1 + ratio_groups + s / h / 2) + m.ffn_hidden_size / h * 1.5 + V / (2 * L * h))
+    assert flops_per_token(m, s) == pytest.approx(closed, rel=1e-12)
+    # About 6 × parameters plus attention, as the rule of thumb says.
+    assert 6 * count_params(m).total < flops_per_token(m, s) < 7.5 * count_params(m).total
+
+
+def _layout(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, sp: bool = False, dp: int = 1) -> Layout:
+    return Layout(
+        world_size=tp * pp * cp * dp, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp,
+        distributed_optimizer=True, embedding_in_pipeline_split=False, loss_in_pipeline_split=False,
+    )  # fmt: skip
+
+
+def test_activation_rows_of_korthikanti_table_2() -> None:
+    m = compile_with(recipe=H100 / "llama3_70b.yaml").model
+    s, b, h, a = 8192, 1, m.hidden_size, m.num_attention_heads
+    sbh = s * b * h
+
+    def act(recompute: str, **kw: int | bool) -> float:
+        return layer_activation_bytes(m, _layout(**kw), s, b, recompute, 2)  # type: ignore[arg-type]
+
+    assert act("none") == pytest.approx(sbh * (34 + 5 * a * s / h))
+    assert act("none", tp=8) == pytest.approx(sbh * (10 + 24 / 8 + 5 * a * s / (h * 8)))
+    assert act("none", tp=8, sp=True) == pytest.approx(sbh / 8 * (34 + 5 * a * s / h))
+    assert act("selective", tp=8) == pytest.approx(sbh * (10 + 24 / 8))
+    assert act("selective", tp=8, sp=True) == pytest.approx(34 * sbh / 8)
+    assert act("full") == pytest.approx(2 * sbh)
+    assert act("full", tp=8, sp=True) == pytest.approx(2 * sbh / 8)
+    # Context parallelism splits the sequence.
+    assert act("selective", tp=8, sp=True, cp=2) == pytest.approx(34 * sbh / 8 / 2)
+    # fp32 activations count twice.
+    assert layer_activation_bytes(m, _layout(), s, b, "full", 4) == pytest.approx(4 * sbh)
+
+
+def test_microbatches_in_flight() -> None:
+    assert _in_flight(_layout(), 8) == 1
+    assert _in_flight(_layout(pp=4), 8) == 4
+    assert _in_flight(_layout(pp=4), 2) == 2
+    assert _in_flight(_layout(pp=4, vpp=2), 8) == pytest.approx(4 * (1 + 3 / 8))
+
+
+def _state_bytes_per_param(*overrides: str) -> float:
+    plan = compile_with(*overrides, recipe=H100 / "llama3_8b.yaml", force=True)
+    est = plan.job("sft").estimate
+    assert est is not None
+    mem = est.memory
+    return (mem.weights + mem.gradients + mem.optimizer) / est.params_per_gpu
+
+
+def test_optimizer_state_bytes_per_parameter() -> None:
+    # sft in the 8B recipe: 8 GPUs at tp=2 → dp=4.
+    assert _state_bytes_per_param() == pytest.approx(6 + 12 / 4, rel=1e-6)
+    assert _state_bytes_per_param("stages.sft.parallelism.distributed_optimizer=false") == pytest.approx(16, rel=1e-6)
+    assert _state_bytes_per_param("stages.sft.parallelism.tp=8") == pytest.approx(6 + 12 / 1, rel=1e-6)
+    assert _state_bytes_per_param("stages.sft.precision.dtype=fp32") == pytest.approx(4 + 4 + 8 / 4, rel=1e-6)
+
+
+def test_params_per_gpu_shrink_with_tp_and_pp() -> None:
+    base = compile_with(recipe=H100 / "llama3_70b.yaml").job("sft").estimate
+    wider = compile_with(
+        "stages.sft.parallelism.pp=8", "stages.sft.resources.nodes=8", recipe=H100 / "llama3_70b.yaml", force=True
+    )
+    assert base is not None and wider.job("sft").estimate is not None
+    total = base.params.total
+    assert math.isclose(base.params_per_gpu, total / 32, rel_tol=0.15)  # tp8 × pp4
+    assert wider.job("sft").estimate.params_per_gpu < base.params_per_gpu  # type: ignore[union-attr]
+
+
+def test_recompute_lowers_activation_memory() -> None:
+    acts = []
+    for mode in ("none", "selective", "full"):
+        est = compile_with(f"stages.pretrain.training.recompute={mode}").job("pretrain").estimate
+        assert est is not None
+        acts.append(est.memory.activations)
+    assert acts[0] > acts[1] > acts[2]
+
+
+def test_ppo_counts_four_models_and_the_kv_cache() -> None:
+    est = compile_with(recipe=H100 / "llama3_8b.yaml").job("ppo").estimate
+    sft = compile_with(recipe=H100 / "llama3_8b.yaml").job("sft").estimate
+    assert est is not None and sft is not None
+    assert est.memory.kv_cache > 0 and est.memory.frozen_models > 0
+    # Actor and critic both keep optimizer state.
+    assert est.memory.optimizer == pytest.approx(2 * est.params_per_gpu * 12 / 4, rel=1e-6)
+
+
+def test_a_job_over_gpu_memory_is_refused_unless_forced() -> None:
+    err = problems_of("stages.pretrain.training.micro_batch_size=16", recipe=H100 / "llama3_8b.yaml")
+    [problem] = err.problems
+    assert problem.path == "stages.pretrain"
+    assert "GiB per GPU exceeds the 79.1 GiB of a H100" in problem.message
+    assert "--force" in problem.fix
+    plan = compile_with("stages.pretrain.training.micro_batch_size=16", recipe=H100 / "llama3_8b.yaml", force=True)
+    assert plan.job("pretrain").estimate is not None
+
+
+def test_time_estimate_follows_the_profile() -> None:
+    plan = compile_with(recipe=H100 / "llama3_8b.yaml")
+    est = plan.job("pretrain").estimate
+    assert est is not None
+    achieved = est.flops_per_step / est.step_time_s / 8
+    assert achieved == pytest.approx(989e12 * 0.40, rel=1e-9)
+    assert est.tokens_per_s == pytest.approx(128 * 8192 / est.step_time_s)
+    assert est.steps == math.ceil(1e12 / (128 * 8192))
