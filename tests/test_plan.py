@@ -32,7 +32,10 @@ def test_plan_matches_golden_file(path: Path) -> None:
 
 def test_plan_is_byte_identical_across_processes() -> None:
     code = "from tests.conftest import compile_with, TINY; import sys; sys.stdout.write(compile_with().to_json())"
-    outs = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    outs = {
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
     assert len(outs) == 1
     assert outs.pop() == compile_with(recipe=TINY).to_json()
 

@@ -208,7 +208,9 @@ def test_ppo_minibatch_divides_rollouts() -> None:
 def test_training_length_is_steps_or_tokens() -> None:
     _only(problems_of("stages.sft.training.tokens=1000").paths(), "stages.sft.training")
     _only(problems_of("~stages.sft.training.steps").paths(), "stages.sft.training")
-    _only(problems_of("stages.ppo.training.tokens=10", "~stages.ppo.training.steps").paths(), "stages.ppo.training.tokens")
+    _only(
+        problems_of("stages.ppo.training.tokens=10", "~stages.ppo.training.steps").paths(), "stages.ppo.training.tokens"
+    )
 
 
 def test_schedule_values() -> None:
