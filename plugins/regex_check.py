@@ -10,6 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from engine.plugin import RewardFunction, RewardSample
 
 
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:  # pydantic reports ValueError as a validation error, not re.error
+        raise ValueError(f"not a regular expression: {exc}") from None
+
+
 class RegexParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -21,7 +28,7 @@ class RegexParams(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, value: str) -> str:
-        re.compile(value)
+        _compile(value)
         return value
 
 

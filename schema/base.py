@@ -26,4 +26,6 @@ PositiveInt = Annotated[int, Field(gt=0)]
 class Spec(BaseModel):
     """Base of every recipe model: immutable, and an unknown key is an error, never ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, use_enum_values=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, use_enum_values=True, allow_inf_nan=False
+    )

@@ -83,7 +83,7 @@ class TrainTokenizer(Spec):
     """Train a byte-level BPE with HF tokenizers on the cleaned corpus of the first data stage."""
 
     kind: Literal["train"] = Field(description="train a new tokenizer")
-    vocab_size: int = Field(gt=0, description="vocabulary size, special tokens included")
+    vocab_size: int = Field(gt=0, le=10_000_000, description="vocabulary size, special tokens included")
     min_frequency: int = Field(default=2, gt=0, description="minimum pair frequency for a merge")
 
 
@@ -95,6 +95,7 @@ class FileTokenizer(Spec):
     vocab_size: int | None = Field(
         default=None,
         gt=0,
+        le=10_000_000,
         description="vocabulary size; read from the file when unset, checked against it when set",
     )
 

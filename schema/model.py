@@ -69,18 +69,19 @@ class ModelSpec(Spec):
     preset: str | None = Field(
         default=None, description=f"a published architecture to start from: one of {sorted(PRESETS)}"
     )
-    num_layers: int | None = Field(default=None, gt=0, description="transformer layers")
-    hidden_size: int | None = Field(default=None, gt=0, description="model width h")
-    num_attention_heads: int | None = Field(default=None, gt=0, description="query heads a")
+    num_layers: int | None = Field(default=None, gt=0, le=1_000, description="transformer layers")
+    hidden_size: int | None = Field(default=None, gt=0, le=1_000_000, description="model width h")
+    num_attention_heads: int | None = Field(default=None, gt=0, le=10_000, description="query heads a")
     num_query_groups: int | None = Field(
-        default=None, gt=0, description="key/value heads for grouped-query attention (default: = heads)"
+        default=None, gt=0, le=10_000, description="key/value heads for grouped-query attention (default: = heads)"
     )
     ffn_hidden_size: int | None = Field(
         default=None,
         gt=0,
+        le=10_000_000,
         description="MLP inner size (default: 4h for gelu; 8h/3 rounded up to 256 for swiglu)",
     )
-    seq_length: int | None = Field(default=None, gt=0, description="training sequence length in tokens")
+    seq_length: int | None = Field(default=None, gt=0, le=10_000_000, description="training sequence length in tokens")
     position_embedding: PositionEmbedding | None = Field(
         default=None, description="rotary (rope, default) or learned absolute position embeddings"
     )
@@ -96,5 +97,6 @@ class ModelSpec(Spec):
     make_vocab_size_divisible_by: int = Field(
         default=128,
         gt=0,
+        le=65536,
         description="pad the tokenizer's vocabulary to a multiple of this (must also be divisible by tp)",
     )

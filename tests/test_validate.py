@@ -266,3 +266,14 @@ def test_all_problems_of_a_recipe_come_in_one_error() -> None:
     )
     assert len(err.problems) >= 4
     assert "stages.ppo.rewards[0].plugin" in err.paths()
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    err = problems_of("stages.ppo.rewards[0].weight=.nan", "stages.data.sources[0].params.seed=.inf")
+    _only(err.paths(), "stages.ppo.rewards[0].weight")
+    _only(err.paths(), "stages.data.sources[0].params.seed")
+
+
+def test_model_problems_are_reported_once() -> None:
+    err = problems_of("model.hidden_size=130")
+    assert err.paths().count("model.hidden_size") == 1

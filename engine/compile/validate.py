@@ -39,6 +39,8 @@ def validate(recipe: Recipe, cluster: ClusterProfile | None, model: ResolvedMode
     """All problems of a recipe. Rules needing the cluster or the model run only when those resolved."""
     problems = list(_tokenizer(recipe))
     problems += _references(recipe)
+    if model is not None:
+        problems += _model(model)
     for name, stage in recipe.stages.items():
         where = f"stages.{name}"
         if isinstance(stage, DataStage):
@@ -202,11 +204,26 @@ def plugin_table(where: str, loader: Callable[[], Mapping[str, T]]) -> dict[str,
 def plugin_params(path: str, model: type, params: dict[str, object]) -> Iterator[Problem]:
     from ..load import problems_from_validation
 
+    yield from _non_finite(path, params)
     try:
         model.model_validate(params)  # type: ignore[attr-defined]
     except ValidationError as exc:
         for p in problems_from_validation(exc, model, params):
             yield Problem(f"{path}.{p.path}" if p.path else path, p.message, p.fix)
+    except Exception as exc:  # a third-party validator that raises something other than ValueError
+        yield Problem(path, f"the plugin's parameter check failed: {type(exc).__name__}: {exc}", "fix the parameters")
+
+
+def _non_finite(path: str, value: object) -> Iterator[Problem]:
+    """NaN and infinity have no place in plan.json (strict JSON readers reject them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield Problem(path, f"={value} is not a finite number", "use a finite value")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _non_finite(f"{path}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _non_finite(f"{path}[{i}]", v)
 
 
 # ---- training stages -------------------------------------------------------------------------
@@ -293,13 +310,12 @@ def _hardware(where: str, stage: TrainingStage, cluster: ClusterProfile) -> Iter
         )
 
 
-def _divisors(n: int, limit: int | None = None) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
+def _divisors(n: int, limit: int = 128) -> list[int]:
+    """Divisors of n up to limit: the values worth suggesting."""
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def _layout(where: str, stage: TrainingStage, m: ResolvedModel, cluster: ClusterProfile | None) -> Iterator[Problem]:
-    par, t = stage.parallelism, stage.training
-    pw = f"{where}.parallelism"
+def _model(m: ResolvedModel) -> Iterator[Problem]:
     if m.hidden_size % m.num_attention_heads:
         yield Problem(
             "model.hidden_size",
@@ -310,8 +326,13 @@ def _layout(where: str, stage: TrainingStage, m: ResolvedModel, cluster: Cluster
         yield Problem(
             "model.num_query_groups",
             f"={m.num_query_groups} does not divide num_attention_heads={m.num_attention_heads}",
-            f"try {_divisors(m.num_attention_heads)}",
+            "try " + ", ".join(map(str, _divisors(m.num_attention_heads))),
         )
+
+
+def _layout(where: str, stage: TrainingStage, m: ResolvedModel, cluster: ClusterProfile | None) -> Iterator[Problem]:
+    par, t = stage.parallelism, stage.training
+    pw = f"{where}.parallelism"
     if m.num_attention_heads % par.tp or m.num_query_groups % par.tp:
         ok = _divisors(math.gcd(m.num_attention_heads, m.num_query_groups), 64)
         yield Problem(
