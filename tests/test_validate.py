@@ -269,9 +269,9 @@ def test_all_problems_of_a_recipe_come_in_one_error() -> None:
 
 
 def test_non_finite_numbers_are_refused() -> None:
-    err = problems_of("stages.ppo.rewards[0].weight=.nan", "stages.data.sources[0].params.seed=.inf")
-    _only(err.paths(), "stages.ppo.rewards[0].weight")
-    _only(err.paths(), "stages.data.sources[0].params.seed")
+    _only(problems_of("stages.ppo.rewards[0].weight=.nan").paths(), "stages.ppo.rewards[0].weight")
+    # Plugin params are free-form until the plugin's model checks them: caught by the compiler.
+    _only(problems_of("stages.data.sources[0].params.seed=.inf").paths(), "stages.data.sources[0].params.seed")
 
 
 def test_model_problems_are_reported_once() -> None:
