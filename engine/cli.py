@@ -92,9 +92,13 @@ def run(
     overrides: OverridesArg = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="compile and show the commands; launch nothing")] = False,
     force: ForceOpt = False,
+    stages: Annotated[
+        str | None, typer.Option("--stages", help="comma-separated stage names to run (default: all)")
+    ] = None,
 ) -> None:
     """Compile a recipe and run its jobs (locally, or on Slurm per the cluster profile)."""
-    from .launch import render_local, unrunnable
+    from .launch import render_local, select
+    from .launch.local import run_local
 
     try:
         _, p = _compile(recipe, overrides, force)
@@ -108,9 +112,22 @@ def run(
             out.print(" ".join(filter(None, [env, *render_local(job)])), markup=False)
         out.print("dry run: nothing was launched")
         return
-    problems = unrunnable(p)
+    jobs, problems = select(p, stages.split(",") if stages else None)
     if problems:
         raise _fail(RecipeError(problems, source=str(recipe)))
+    try:
+        run_local(p, jobs, recipe_text=_resolved_yaml(recipe, overrides))
+    except EngineError as exc:
+        raise _fail(exc) from None
+
+
+def _resolved_yaml(recipe: Path, overrides: list[str] | None) -> str:
+    import yaml
+
+    from .load import load_recipe
+
+    data = load_recipe(recipe, overrides or ()).model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 @app.command()

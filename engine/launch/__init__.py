@@ -10,19 +10,26 @@ from ..compile import Job, Plan
 from ..errors import Problem
 
 # Stage kinds whose worker exists. `engine run` refuses a plan with any other kind before it starts.
-RUNNABLE_KINDS: frozenset[str] = frozenset()
+RUNNABLE_KINDS: frozenset[str] = frozenset({"pretrain"})
 
 
-def unrunnable(plan: Plan) -> list[Problem]:
-    return [
+def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]]:
+    """The jobs to run (all, or those named) and the problems that keep the run from starting."""
+    names = [j.name for j in plan.jobs]
+    unknown = [n for n in only or [] if n not in names]
+    if unknown:
+        return [], [Problem("--stages", f"names no stage: {', '.join(unknown)}", f"stages: {', '.join(names)}")]
+    jobs = [j for j in plan.jobs if only is None or j.name in only]
+    problems = [
         Problem(
             f"stages.{job.name}",
             f"kind {job.kind!r} has no worker in engine {plan.engine_version} yet, so the run cannot start",
-            "`engine plan` and `engine run --dry-run` show what it will do",
+            "run the other stages with --stages; `engine run --dry-run` shows what it will do",
         )
-        for job in plan.jobs
+        for job in jobs
         if job.kind not in RUNNABLE_KINDS
     ]
+    return jobs, problems
 
 
 def render_local(job: Job) -> list[str]:

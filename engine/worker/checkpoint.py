@@ -1,0 +1,164 @@
+"""Atomic, resumable, reshardable checkpoints with Megatron-Core's dist_checkpointing.
+
+A save writes into `.tmp-step_N/`, adds meta.json once every rank has finished, and only then renames
+the folder to `step_N/` and updates `latest`. A kill at any moment — during the save included —
+therefore leaves every `step_*` folder complete, and the newest one is what a restarted job resumes
+from. Older checkpoints are pruned to `keep_last` only after a newer one is in place.
+
+What is saved: the model (per virtual pipeline chunk), the optimizer, the learning-rate schedule, the
+step and consumed samples, and every rank's RNG states. dist_checkpointing stores tensors by their
+global keys, so a checkpoint written at one TP/PP layout loads at another; RNG states belong to a
+layout and are restored only when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..artifacts import fsync_dir, read_json, write_json_atomic
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A folder only gets its final name once complete."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = read_json(path / META)
+    return meta
+
+
+def _layout_key(layout: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(layout[k] for k in ("tp", "pp", "vpp", "cp", "dp"))
+
+
+def _unwrap(chunk: Any) -> Any:
+    return getattr(chunk, "module", chunk)  # DDP wraps the GPTModel
+
+
+def model_state(chunks: list[Any]) -> dict[str, Any]:
+    if len(chunks) == 1:
+        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state: dict[str, Any] = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state: dict[str, Any] | None) -> Any:
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size(with_context_parallel=True))  # fmt: skip
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank(with_context_parallel=True))  # fmt: skip
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def full_state(built: Any, *, step: int, consumed: int, with_rng: bool, loading: bool) -> dict[str, Any]:
+    state = model_state(built.chunks)
+    state["optimizer"] = built.optimizer.sharded_state_dict(state, is_loading=loading)
+    state["scheduler"] = built.scheduler.state_dict()
+    state["progress"] = {"step": step, "consumed_samples": consumed}
+    if with_rng:
+        state["rng"] = _rng_sharded(None if loading else _rng_state())
+    return state
+
+
+def save(root: Path, built: Any, *, step: int, consumed: int, meta: dict[str, Any], keep_last: int) -> Path:
+    """Save atomically on all ranks; returns the final folder."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(full_state(built, step=step, consumed=consumed, with_rng=True, loading=False), str(tmp))
+    dist.barrier()
+    if rank == 0:
+        write_json_atomic(tmp / META, {**meta, "step": step, "consumed_samples": consumed})
+        if final.exists():  # a rerun reached the same step again: replace it only now
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_dir(root)
+        (root / ".latest.tmp").write_text(final.name + "\n")
+        (root / ".latest.tmp").replace(root / "latest")
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def remove_partial(root: Path) -> None:
+    """Drop saves that a kill interrupted (rank 0, before anything else touches the folder)."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load(path: Path, built: Any, *, layout: dict[str, Any], model_only: bool) -> tuple[int, int]:
+    """Load a checkpoint into built; returns (step, consumed samples), (0, 0) for model-only loads."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(path)
+    if model_only:
+        state = model_state(built.chunks)
+    else:
+        same_layout = _layout_key(meta["layout"]) == _layout_key(layout)
+        state = full_state(built, step=0, consumed=0, with_rng=same_layout, loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    if len(built.chunks) == 1:
+        _unwrap(built.chunks[0]).load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(built.chunks):
+            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    if model_only:
+        return 0, 0
+    built.optimizer.load_state_dict(loaded["optimizer"])
+    built.scheduler.load_state_dict(loaded["scheduler"])
+    if "rng" in loaded:
+        _set_rng_state(loaded["rng"])
+    progress = loaded["progress"]
+    return int(progress["step"]), int(progress["consumed_samples"])

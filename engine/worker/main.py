@@ -1,0 +1,112 @@
+"""The worker: `python -m engine.worker <plan.json> --job NAME`, on every rank of a job.
+
+Started by torchrun locally or by srun under Slurm. It reads its job from the plan, sets up
+torch.distributed (gloo on CPU, NCCL on GPUs) and Megatron-Core's parallel state with the job's
+TP/PP/VPP/CP, seeds the RNGs, and hands over to the stage's function from one explicit table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from ..artifacts import read_json
+from ..compile import Job, Plan
+from ..errors import EXIT_USER_ERROR, EngineError
+from .env import RankInfo, rank_info
+
+
+@dataclass(frozen=True)
+class Context:
+    plan: Plan
+    job: Job
+    info: RankInfo
+    device: str
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.job.outputs[0].path).parent
+
+    @property
+    def is_logger(self) -> bool:
+        return self.info.rank == 0
+
+
+def _stages() -> dict[str, Callable[[Context], None]]:
+    from .stages import pretrain
+
+    return {"pretrain": pretrain.run}
+
+
+def init_distributed(ctx: Context) -> None:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    info, lay = ctx.info, ctx.job.layout
+    assert lay is not None
+    if ctx.device == "cpu":
+        from . import cpu_compat
+
+        cpu_compat.apply()
+        backend = "gloo"
+    else:
+        torch.cuda.set_device(info.local_rank)
+        backend = "nccl"
+    os.environ.setdefault("MASTER_ADDR", info.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(info.master_port))
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timedelta(minutes=30))
+    if info.world_size != lay.world_size:
+        raise EngineError(f"job {ctx.job.name} expects {lay.world_size} processes, got {info.world_size}")
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=lay.tp,
+        pipeline_model_parallel_size=lay.pp,
+        virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
+        context_parallel_size=lay.cp,
+    )
+    seed = int(ctx.job.config["training"]["seed"])
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if dist.is_initialized():
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.worker")
+    parser.add_argument("plan", type=Path)
+    parser.add_argument("--job", required=True)
+    args = parser.parse_args(argv)
+    info = rank_info(os.environ)
+    # Megatron-Core warns at import that it falls back to PyTorch kernels without TE or apex; on GPU
+    # the missing TE is an error raised at model construction instead.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+    try:
+        plan = Plan.model_validate(read_json(args.plan))
+        job = plan.job(args.job)
+        stage = _stages().get(job.kind)
+        if stage is None:
+            raise EngineError(f"stage kind {job.kind!r} has no worker yet")
+        ctx = Context(plan=plan, job=job, info=info, device=job.resources.device)
+        init_distributed(ctx)
+        stage(ctx)
+    except EngineError as exc:
+        if info.rank == 0:
+            print(f"error: {exc.render()}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    finally:
+        shutdown()
+    return 0

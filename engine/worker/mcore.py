@@ -1,0 +1,238 @@
+"""Megatron-Core model, optimizer and schedule construction from a plan's job.
+
+Both paths build Megatron-Core's GPTModel; there is no second transformer:
+
+* GPU (NCCL): Transformer Engine layer spec, bf16 weights and activations, FP8 GEMMs through
+  TransformerConfig's fp8 fields with the stage's recipe (delayed, tensorwise, mxfp8, blockwise), the
+  distributed optimizer. A missing Transformer Engine is a start-up error, never a silent fallback.
+* CPU (gloo): the local (pure PyTorch) layer spec in fp32, with engine.worker.cpu_compat applied.
+
+On CPU the weights are initialised independently of the parallel layout: every tensor is drawn whole
+from a generator seeded by (seed, its global checkpoint key, its global layer) and each rank keeps its
+shard. The same seed therefore gives the same model at TP1/PP1 and at TP2×PP2 or PP2×VPP2, which
+makes parallel layouts comparable step for step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..compile import Job
+from ..compile.resolve import ResolvedModel
+from ..errors import EngineError
+
+FP8_FORMAT = "hybrid"  # e4m3 forward, e5m2 backward (Micikevicius et al. 2022)
+
+
+@dataclass(frozen=True)
+class Built:
+    """The trainable pieces of a job: model chunks (one per virtual stage), optimizer, scheduler."""
+
+    chunks: list[Any]
+    optimizer: Any
+    scheduler: Any
+    config: Any
+
+
+def config_kwargs(job: Job, model: ResolvedModel, *, device: str) -> dict[str, Any]:
+    """TransformerConfig arguments for a job: architecture, layout, precision and fusions."""
+    lay, prec = job.layout, job.precision
+    if lay is None or prec is None:
+        raise ValueError(f"job {job.name} is not a training job")
+    gpu = device == "cuda"
+    dtype = torch.float32 if prec.dtype == "fp32" else torch.bfloat16
+    recompute = job.config["training"]["recompute"]
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_bias_linear,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=lay.tp,
+        pipeline_model_parallel_size=lay.pp,
+        virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
+        context_parallel_size=lay.cp,
+        sequence_parallel=lay.sequence_parallel,
+        account_for_embedding_in_pipeline_split=lay.embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=lay.loss_in_pipeline_split,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not gpu,
+        # On CPU, Megatron sets the tensor-parallel attributes of parameters only while initialising
+        # them, so initialisation stays on; init_layout_independent then overwrites the values.
+        perform_initialization=True,
+        # gloo's batched isend/irecv silently breaks the interleaved schedule on CPU.
+        batch_p2p_comm=gpu,
+        # Fused kernels exist only on GPUs.
+        bias_activation_fusion=gpu and model.activation == "swiglu",
+        masked_softmax_fusion=gpu,
+        persist_layer_norm=gpu,
+        bias_dropout_fusion=gpu,
+        apply_rope_fusion=gpu,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=gpu,
+    )
+    if recompute != "none":
+        kwargs["recompute_granularity"] = recompute
+        if recompute == "full":
+            kwargs |= dict(recompute_method="uniform", recompute_num_layers=1)
+    if prec.dtype == "fp8":
+        kwargs |= dict(fp8=FP8_FORMAT, fp8_recipe=prec.fp8_recipe, fp8_param=prec.fp8_param_gather)
+        if prec.fp8_recipe == "delayed":
+            kwargs |= dict(fp8_amax_history_len=1024, fp8_amax_compute_algo="max", fp8_margin=0)
+    return kwargs
+
+
+def require_transformer_engine() -> None:
+    """GPU jobs run on Transformer Engine kernels; say so clearly at start-up when it is missing."""
+    try:
+        import transformer_engine
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as exc:
+        raise EngineError(
+            f"this GPU job needs Transformer Engine, which cannot be imported ({exc}); "
+            "install the gpu extra (`pip install -e '.[gpu]'`) or use the NVIDIA PyTorch container"
+        ) from None
+
+
+def layer_spec(model: ResolvedModel, *, device: str) -> Any:
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    norm = "RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm"
+    if device == "cuda":
+        require_transformer_engine()
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization=norm)
+
+
+def build_chunks(job: Job, model: ResolvedModel, config: Any, *, device: str) -> list[Any]:
+    """One GPTModel per virtual pipeline stage held by this rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    assert job.layout is not None
+    spec = layer_spec(model, device=device)
+    vpp = job.layout.vpp
+    chunks = []
+    for vp in range(vpp) if vpp > 1 else [None]:
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=model.padded_vocab_size,
+            max_sequence_length=model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type=model.position_embedding,
+            rotary_base=int(model.rotary_base),
+            vp_stage=vp,
+        )
+        if device == "cuda":
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+
+
+def _init_value(key: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int) -> torch.Tensor:
+    if key.endswith(("layer_norm_weight", "layernorm.weight", "norm.weight")):
+        return torch.ones(shape)
+    if key.endswith(("bias", "layer_norm_bias")):
+        return torch.zeros(shape)
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = std / math.sqrt(2.0 * num_layers)  # Megatron's scaled init of output projections
+    return torch.randn(shape, generator=gen) * std
+
+
+def init_layout_independent(chunks: list[Any], *, seed: int, std: float, num_layers: int) -> None:
+    """Initialise every parameter shard from its whole tensor, drawn by global key and layer."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    covered: set[int] = set()
+    with torch.no_grad():
+        for chunk in chunks:
+            for item in chunk.sharded_state_dict().values():
+                shards = item.build() if isinstance(item, ShardedTensorFactory) else [item]
+                for sh in shards if isinstance(shards, list) else shards.values():
+                    if not isinstance(sh, ShardedTensor):
+                        continue
+                    lead = sh.prepend_axis_num
+                    key = sh.key + "".join(f"@{o}" for o in sh.global_offset[:lead])
+                    full = _init_value(key, tuple(sh.global_shape[lead:]), seed, std, num_layers)
+                    index = tuple(
+                        slice(off, off + size)
+                        for off, size in zip(sh.global_offset[lead:], sh.local_shape, strict=True)
+                    )
+                    sh.data.copy_(full[index].to(sh.data.dtype))
+                    covered.add(sh.data.untyped_storage().data_ptr())
+            missing = [n for n, p in chunk.named_parameters() if p.untyped_storage().data_ptr() not in covered]
+            if missing:
+                raise RuntimeError(f"layout-independent init did not reach: {missing}")
+
+
+def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int) -> Built:
+    """DDP-wrap the chunks; Megatron's optimizer; warmup + decay schedule."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    assert job.layout is not None and job.precision is not None
+    t = job.config["training"]
+    bf16 = job.precision.dtype != "fp32"
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=bf16,
+        use_distributed_optimizer=job.layout.distributed_optimizer,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+    )
+    wrapped = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t["lr"],
+        min_lr=t["min_lr"],
+        weight_decay=t["weight_decay"],
+        adam_beta1=t["adam_beta1"],
+        adam_beta2=t["adam_beta2"],
+        adam_eps=t["adam_eps"],
+        clip_grad=t["grad_clip"] or 0.0,
+        bf16=bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=job.layout.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, wrapped)
+    decay = max(1, steps - t["warmup_steps"]) if t["lr_schedule"] != "constant" else 1
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t["lr"],
+        min_lr=t["min_lr"] if t["lr_schedule"] != "constant" else t["lr"],
+        lr_warmup_steps=t["warmup_steps"],
+        lr_decay_steps=decay + t["warmup_steps"],
+        lr_decay_style=t["lr_schedule"] if t["lr_schedule"] != "constant" else "constant",
+        start_wd=t["weight_decay"],
+        end_wd=t["weight_decay"],
+        wd_incr_steps=max(1, steps),
+        wd_incr_style="constant",
+    )
+    return Built(chunks=wrapped, optimizer=optimizer, scheduler=scheduler, config=config)
