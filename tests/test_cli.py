@@ -62,8 +62,14 @@ def test_memory_refusal_and_force() -> None:
 def test_run_refuses_stages_without_a_worker_before_starting(tmp_path: Path) -> None:
     done = engine("run", TINY, cwd=tmp_path)
     assert done.returncode == 2
-    assert "stages.pretrain: kind 'pretrain' has no worker" in done.stderr
+    assert "stages.data: kind 'data' has no worker" in done.stderr
+    assert "stages.pretrain:" not in done.stderr  # pretraining has its worker
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_rejects_unknown_stage_names(tmp_path: Path) -> None:
+    done = engine("run", TINY, "--stages", "pretrian", cwd=tmp_path)
+    assert done.returncode == 2 and "--stages: names no stage: pretrian" in done.stderr
 
 
 def test_dry_run_shows_commands_and_launches_nothing(tmp_path: Path) -> None:
