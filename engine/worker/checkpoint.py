@@ -13,6 +13,7 @@ layout and are restored only when the layout is unchanged.
 
 from __future__ import annotations
 
+import queue
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..artifacts import fsync_dir, read_json, write_json_atomic
+from .faults import maybe_kill
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -102,10 +104,24 @@ def full_state(built: Any, *, step: int, consumed: int, with_rng: bool, loading:
     return state
 
 
+def _in_process_results_queue() -> None:
+    """Keep synchronous saves inside this process.
+
+    Megatron's file writer collects write results through a queue served by a spawned
+    multiprocessing Manager, a process that outlives a SIGKILLed worker (and holds its stdout open).
+    A synchronous save produces and consumes the results in this process, where a plain queue does.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save(root: Path, built: Any, *, step: int, consumed: int, meta: dict[str, Any], keep_last: int) -> Path:
     """Save atomically on all ranks; returns the final folder."""
     from megatron.core import dist_checkpointing
 
+    _in_process_results_queue()
     rank = dist.get_rank()
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
@@ -116,6 +132,7 @@ def save(root: Path, built: Any, *, step: int, consumed: int, meta: dict[str, An
     dist.barrier()
     dist_checkpointing.save(full_state(built, step=step, consumed=consumed, with_rng=True, loading=False), str(tmp))
     dist.barrier()
+    maybe_kill("in_save", step)
     if rank == 0:
         write_json_atomic(tmp / META, {**meta, "step": step, "consumed_samples": consumed})
         if final.exists():  # a rerun reached the same step again: replace it only now

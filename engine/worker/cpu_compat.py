@@ -4,7 +4,7 @@ Megatron-Core 0.16 trains correctly on CPU with gloo (TP, PP, VPP, distributed c
 resharding) once a handful of hard-coded CUDA call sites are pointed at the CPU:
 
 * `torch.cuda.current_device()` and `device="cuda"` literals in the global memory buffer, the gradient buffers, the FP32
-  optimizer, gradient clipping, the pipeline schedules and their point-to-point buffers, the default causal mask, rotary embeddings
+  optimizer, gradient clipping, the pipeline schedules and their point-to-point buffers, tensor-parallel gathers, the default causal mask, rotary embeddings
   and the checkpoint writers. Each of those modules gets a module-scoped `torch` that forwards everything to
   the real torch but maps CUDA placement to the CPU and makes `torch.cuda.synchronize()` a no-op.
 * gradient clipping asserts `param.grad.type() == 'torch.cuda.FloatTensor'`: the optimizer gets a
@@ -36,6 +36,7 @@ PROXIED_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.optimizer.optimizer": ("device='cuda'",),
     "megatron.core.optimizer.clip_grads": ("device='cuda'", "'torch.cuda.FloatTensor'"),
     "megatron.core.pipeline_parallel.schedules": ('device="cuda"',),
+    "megatron.core.tensor_parallel.mappings": ("torch.cuda.current_device()",),
     "megatron.core.pipeline_parallel.p2p_communication": ("torch.cuda.current_device()",),
     "megatron.core.transformer.utils": ('device="cuda"',),
     "megatron.core.dist_checkpointing.strategies.filesystem_async": ("torch.cuda.synchronize()",),

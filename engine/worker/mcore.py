@@ -236,3 +236,15 @@ def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int) -
         wd_incr_style="constant",
     )
     return Built(chunks=wrapped, optimizer=optimizer, scheduler=scheduler, config=config)
+
+
+def build_job(job: Job, model: ResolvedModel, *, device: str, steps: int) -> Built:
+    """Config, model chunks (initialised), DDP, optimizer and schedule for a training job."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(**config_kwargs(job, model, device=device))
+    chunks = build_chunks(job, model, config, device=device)
+    if device == "cpu":
+        seed = int(job.config["training"]["seed"])
+        init_layout_independent(chunks, seed=seed, std=model.init_method_std, num_layers=model.num_layers)
+    return wrap_and_optimize(job, chunks, config, steps=steps)

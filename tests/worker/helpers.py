@@ -61,8 +61,13 @@ def make_plan(run_dir: Path, *overrides: str) -> tuple[Plan, Path]:
     return plan, path
 
 
-def torchrun(plan_path: Path, job: str, nproc: int, *, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def torchrun(
+    plan_path: Path, job: str, nproc: int, *, timeout: float = 300, fault: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ENGINE_FAULT", None)
+    if fault:
+        env["ENGINE_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "engine.worker", str(plan_path), "--job", job]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -71,3 +76,15 @@ def torchrun(plan_path: Path, job: str, nproc: int, *, timeout: float = 300) -> 
 def metrics(run_dir: Path, stage: str = "pretrain") -> list[dict[str, float]]:
     lines = (run_dir / stage / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def probe(plan_path: Path, nproc: int, out: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "engine.worker.probe", str(plan_path), "--job", "pretrain", "--out", str(out)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def losses(run_dir: Path, stage: str = "pretrain") -> dict[int, float]:
+    """Loss per step; for steps logged twice (a killed run and its resume) the later line wins."""
+    return {int(m["step"]): m["loss"] for m in metrics(run_dir, stage)}

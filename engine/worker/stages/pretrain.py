@@ -23,9 +23,10 @@ from ... import __version__
 from ...errors import EngineError
 from .. import checkpoint
 from ..data import build_datasets, dataset_dir, microbatches, read_manifest
+from ..faults import maybe_kill
 from ..loop import eval_loss, lm_forward_step, train_step
 from ..main import Context
-from ..mcore import build_chunks, config_kwargs, init_layout_independent, wrap_and_optimize
+from ..mcore import build_job
 from ..metrics import Metrics
 
 
@@ -89,7 +90,6 @@ def _start(ctx: Context, built: Any, root: Path, tokenizer: dict[str, Any]) -> t
 
 def run(ctx: Context) -> None:
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     plan, job = ctx.plan, ctx.job
     lay, est = job.layout, job.estimate
@@ -101,13 +101,7 @@ def run(ctx: Context) -> None:
     eval_every = t["eval_interval"] or steps
     save_every = ck["interval"] or steps
 
-    config = TransformerConfig(**config_kwargs(job, plan.model, device=ctx.device))
-    chunks = build_chunks(job, plan.model, config, device=ctx.device)
-    if ctx.device == "cpu":
-        init_layout_independent(
-            chunks, seed=t["seed"], std=plan.model.init_method_std, num_layers=plan.model.num_layers
-        )
-    built = wrap_and_optimize(job, chunks, config, steps=steps)
+    built = build_job(job, plan.model, device=ctx.device, steps=steps)
 
     tokenizer = read_manifest(dataset_dir(plan, job))["tokenizer"]
     train_ds, valid_ds, _ = build_datasets(
@@ -137,6 +131,7 @@ def run(ctx: Context) -> None:
             if step % eval_every == 0 or step == steps:
                 values["val_loss"] = eval_loss(built, valid_batches, num_microbatches=n_eval, **schedule)
             metrics.log(step, values)
+            maybe_kill("after_step", step)
             if step % save_every == 0 or step == steps:
                 checkpoint.save(root, built, step=step, consumed=consumed, meta=meta, keep_last=ck["keep_last"])
     finally:

@@ -1,0 +1,98 @@
+"""Logits of a checkpoint on a fixed batch, at any parallel layout: the check that resharding works.
+
+    python -m torch.distributed.run --nproc-per-node=N -m engine.worker.probe plan.json --job NAME --out f.pt
+
+Loads the job's newest checkpoint at the job's own layout, runs the first validation micro-batch
+through the pipeline (forward only), gathers the vocabulary-parallel logits over tensor-parallel
+ranks, and writes them (with the tokens) from the last pipeline stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts import read_json
+from ..compile import Plan
+from ..errors import EXIT_USER_ERROR, EngineError
+from . import checkpoint
+from .data import build_datasets, microbatches
+from .env import rank_info
+from .main import Context, init_distributed, shutdown
+from .mcore import build_job
+
+
+def _forward(data: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[torch.Tensor, Any]:
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    batch = next(data)
+    logits = model(batch["tokens"], batch["position_ids"], None)
+
+    def collect(output: torch.Tensor, non_loss_data: bool = False) -> Any:
+        return gather_from_tensor_model_parallel_region(output).detach(), batch["tokens"]
+
+    return logits, collect
+
+
+def probe(ctx: Context, out: Path) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    job, lay = ctx.job, ctx.job.layout
+    assert lay is not None
+    built = build_job(job, ctx.plan.model, device=ctx.device, steps=1)
+    latest = checkpoint.latest_checkpoint(Path(job.outputs[0].path))
+    if latest is None:
+        raise EngineError(f"stage {job.name!r} has no checkpoint to probe")
+    checkpoint.load(latest, built, layout=lay.model_dump(), model_only=True)
+    mbs = int(job.config["training"]["micro_batch_size"])
+    _, valid, _ = build_datasets(ctx.plan, job, train_samples=1, valid_samples=mbs * lay.dp, seed=0,
+                                 cache=ctx.stage_dir / "cache")  # fmt: skip
+    make = partial(microbatches, valid, start=0, num=1, mbs=mbs, dp=lay.dp, dp_rank=ps.get_data_parallel_rank())
+    for chunk in built.chunks:
+        chunk.eval()
+    with torch.no_grad():
+        result = get_forward_backward_func()(
+            forward_step_func=_forward,
+            data_iterator=[make() for _ in built.chunks] if len(built.chunks) > 1 else make(),
+            model=built.chunks if len(built.chunks) > 1 else built.chunks[0],
+            num_microbatches=1, seq_length=ctx.plan.model.seq_length, micro_batch_size=mbs,
+            forward_only=True, collect_non_loss_data=True,
+        )  # fmt: skip
+    if result and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        logits, tokens = result[0]
+        torch.save({"logits": logits.float().cpu(), "tokens": tokens.cpu(), "checkpoint": latest.name}, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.worker.probe")
+    parser.add_argument("plan", type=Path)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+    info = rank_info(os.environ)
+    try:
+        plan = Plan.model_validate(read_json(args.plan))
+        job = plan.job(args.job)
+        ctx = Context(plan=plan, job=job, info=info, device=job.resources.device)
+        init_distributed(ctx)
+        probe(ctx, args.out)
+    except EngineError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The pretrain worker on CPU under torchrun/gloo: learning, parallel equivalence, exact resume after
+SIGKILL (also during a checkpoint save), and resharding between layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.worker.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
+
+from .helpers import losses, make_plan, metrics, probe, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+def _run(run_dir: Path, nproc: int, *overrides: str, fault: str | None = None, ok: bool = True) -> None:
+    _, plan_path = make_plan(run_dir, f"stages.pretrain.resources.gpus_per_node={nproc}", *overrides)
+    done = torchrun(plan_path, "pretrain", nproc, fault=fault)
+    if ok:
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        assert done.returncode != 0, "the injected fault did not stop the run"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("ref")
+    _run(run_dir, 1)
+    return losses(run_dir)
+
+
+def test_loss_falls(reference: dict[int, float], tmp_path_factory: pytest.TempPathFactory) -> None:
+    assert sorted(reference) == list(range(1, 11))
+    assert reference[10] < reference[1] - 0.8
+    run = metrics(next(tmp_path_factory.getbasetemp().glob("ref*")))
+    val = [m["val_loss"] for m in run if "val_loss" in m]
+    assert len(val) == 2 and val[1] < val[0]
+
+
+@pytest.mark.parametrize(
+    ("nproc", "layout"),
+    [
+        (2, ["stages.pretrain.parallelism.tp=2"]),
+        (2, ["stages.pretrain.parallelism.pp=2"]),
+        (4, ["stages.pretrain.parallelism.tp=2", "stages.pretrain.parallelism.pp=2"]),
+        (2, ["stages.pretrain.parallelism.pp=2", "stages.pretrain.parallelism.vpp=2"]),
+    ],
+    ids=["tp2", "pp2", "tp2pp2", "pp2vpp2"],
+)
+def test_parallel_layouts_reproduce_tp1_losses(
+    reference: dict[int, float], tmp_path: Path, nproc: int, layout: list[str]
+) -> None:
+    _run(tmp_path, nproc, *layout)
+    got = losses(tmp_path)
+    assert sorted(got) == sorted(reference)
+    for step, loss in reference.items():
+        assert got[step] == pytest.approx(loss, abs=1e-4), f"step {step}"
+
+
+def test_sigkill_then_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
+    twenty = ["stages.pretrain.training.steps=20", "stages.pretrain.checkpointing.interval=10"]
+    _run(tmp_path / "straight", 1, *twenty)
+    _run(tmp_path / "killed", 1, *twenty, fault="after_step:15", ok=False)
+    root = tmp_path / "killed" / "pretrain" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000010"]
+    first_try = losses(tmp_path / "killed")
+    assert max(first_try) == 15
+    _run(tmp_path / "killed", 1, *twenty)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(1, 21):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), f"step {step}"
+    for step in range(11, 16):  # the killed run's steps, computed again after the resume
+        assert first_try[step] == pytest.approx(resumed[step], abs=1e-6)
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    twenty = ["stages.pretrain.training.steps=20", "stages.pretrain.checkpointing.interval=10"]
+    _run(tmp_path, 1, *twenty, fault="in_save:20", ok=False)
+    root = tmp_path / "pretrain" / "checkpoints"
+    assert (root / ".tmp-step_00000020").is_dir()
+    latest = latest_checkpoint(root)
+    assert latest is not None and latest.name == "step_00000010"
+    assert read_meta(latest)["step"] == 10
+    _run(tmp_path, 1, *twenty)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000010", "step_00000020"]
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+    assert (root / "latest").read_text().strip() == "step_00000020"
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
+    _run(tmp_path, 1, "stages.pretrain.checkpointing.interval=2", "stages.pretrain.checkpointing.keep_last=2")
+    root = tmp_path / "pretrain" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000008", "step_00000010"]
+    meta = read_meta(root / "step_00000010")
+    assert meta["layout"]["tp"] == 1 and meta["tokenizer"]["sha256"] == "synthetic"
+    assert meta["architecture"]["num_layers"] == 4 and meta["kind"] == "pretrain"
+
+
+def test_checkpoint_saved_at_tp2_pp2_loads_at_tp1_pp1(tmp_path: Path) -> None:
+    tp2pp2 = ["stages.pretrain.parallelism.tp=2", "stages.pretrain.parallelism.pp=2"]
+    _run(tmp_path, 4, *tp2pp2)
+    _, plan_path = make_plan(tmp_path, "stages.pretrain.resources.gpus_per_node=4", *tp2pp2)
+    assert probe(plan_path, 4, tmp_path / "wide.pt").returncode == 0
+    _, plan_path = make_plan(tmp_path, "stages.pretrain.resources.gpus_per_node=1")
+    done = probe(plan_path, 1, tmp_path / "narrow.pt")
+    assert done.returncode == 0, done.stderr[-3000:]
+    wide, narrow = torch.load(tmp_path / "wide.pt"), torch.load(tmp_path / "narrow.pt")
+    assert torch.equal(wide["tokens"], narrow["tokens"])
+    assert wide["logits"].shape == narrow["logits"].shape
+    assert (wide["logits"] - narrow["logits"]).abs().max() <= 1e-5
+    # Training continues at the new layout from the step it reached.
+    _run(tmp_path, 1, "stages.pretrain.training.steps=12")
+    assert sorted(losses(tmp_path)) == list(range(1, 13))
