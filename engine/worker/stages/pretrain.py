@@ -116,6 +116,7 @@ def run(ctx: Context) -> None:
     n_eval = t["eval_iters"] * nmb
     valid_batches = partial(microbatches, valid_ds, start=0, num=n_eval, mbs=mbs, dp=lay.dp, dp_rank=dp_rank)
     metrics = Metrics(ctx.stage_dir, name=job.name, total_steps=steps, start_step=step, enabled=ctx.is_logger)
+    loop_start = time.perf_counter()
     try:
         while step < steps:
             began = time.perf_counter()
@@ -130,6 +131,7 @@ def run(ctx: Context) -> None:
             }  # fmt: skip
             if step % eval_every == 0 or step == steps:
                 values["val_loss"] = eval_loss(built, valid_batches, num_microbatches=n_eval, **schedule)
+            values["elapsed_s"] = time.perf_counter() - loop_start
             metrics.log(step, values)
             maybe_kill("after_step", step)
             if step % save_every == 0 or step == steps:
