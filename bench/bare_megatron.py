@@ -36,7 +36,8 @@ def main(plan_path: str) -> None:
 
     from engine.worker import cpu_compat
 
-    plan = json.load(open(plan_path))
+    with open(plan_path) as f:
+        plan = json.load(f)
     job = next(j for j in plan["jobs"] if j["kind"] == "pretrain")
     m, lay, t = plan["model"], job["layout"], job["config"]["training"]
     cpu_compat.apply()
@@ -65,8 +66,9 @@ def main(plan_path: str) -> None:
     )
 
     class Ids:
-        vocab_size, eod, pad = m["vocab_size"], 1, 0
-        unique_identifiers = {"class": "BareIds"}
+        def __init__(self) -> None:
+            self.vocab_size, self.eod, self.pad = m["vocab_size"], 1, 0
+            self.unique_identifiers = {"class": "BareIds"}
 
     data = next(a for a in plan["jobs"][0]["outputs"] if a["kind"] == "dataset")["path"]
     src = plan["jobs"][0]["config"]["sources"][0]["name"]
