@@ -116,9 +116,13 @@ def run(
     if problems:
         raise _fail(RecipeError(problems, source=str(recipe)))
     try:
-        run_local(p, jobs, recipe_text=_resolved_yaml(recipe, overrides))
+        done = run_local(p, jobs, recipe_text=_resolved_yaml(recipe, overrides))
     except EngineError as exc:
         raise _fail(exc) from None
+    table = Table("stage", "step", "loss", "val_loss", "artifact", title="finished", title_justify="left")
+    for row in done:
+        table.add_row(*(row.get(k, "-") for k in ("stage", "step", "loss", "val_loss", "artifact")))
+    out.print(table)
 
 
 def _resolved_yaml(recipe: Path, overrides: list[str] | None) -> str:

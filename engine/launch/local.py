@@ -8,6 +8,7 @@ rerun resumes every stage from its newest checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,11 +28,42 @@ def command(job: Job) -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
-def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> None:
+def summary(job: Job) -> dict[str, str]:
+    """The last logged metrics of a finished job and where its artifact is."""
+    folder = Path(job.outputs[0].path)
+    metrics = folder.parent / "metrics.jsonl"
+    last: dict[str, float] = {}
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            last.update(record)
+    shown: dict[str, str] = {k: f"{last[k]:.4g}" for k in ("step", "loss", "val_loss") if k in last}
+    return {"stage": job.name, **shown, "artifact": str(folder)}
+
+
+def missing_inputs(jobs: list[Job]) -> list[str]:
+    """Inputs produced by stages outside this run that are not on disk: checked before launching."""
+    produced = {a.path for j in jobs for a in j.outputs}
+    missing = []
+    for job in jobs:
+        for art in job.inputs:
+            if art.path in produced:
+                continue
+            marker = Path(art.path) / ("manifest.json" if art.kind == "dataset" else "")
+            if not marker.exists():
+                missing.append(f"stage {job.name!r} needs the {art.kind} of stage {art.stage!r} at {marker}")
+    return missing
+
+
+def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str, str]]:
+    missing = missing_inputs(jobs)
+    if missing:
+        raise EngineError("; ".join(missing) + "; run those stages first (nothing was launched)")
     run_dir = Path(plan.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "plan.json", plan.model_dump(mode="json"))
     (run_dir / "recipe.resolved.yaml").write_text(recipe_text, encoding="utf-8")
+    done: list[dict[str, str]] = []
     for job in jobs:
         logs = Path(job.outputs[0].path).parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -48,3 +80,5 @@ def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> None:
             code = proc.wait()
         if code != 0:
             raise EngineError(f"stage {job.name!r} failed with exit code {code}; its log: {logs / 'launch.log'}")
+        done.append(summary(job))
+    return done

@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Megatron-Core warns at import that it falls back to PyTorch kernels without TE or apex; on GPU
     # the missing TE is an error raised at model construction instead.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")  # Megatron's own default
     try:
         plan = Plan.model_validate(read_json(args.plan))
         job = plan.job(args.job)

@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")  # Megatron's own default
     info = rank_info(os.environ)
     try:
         plan = Plan.model_validate(read_json(args.plan))

@@ -114,3 +114,24 @@ def test_checkpoint_saved_at_tp2_pp2_loads_at_tp1_pp1(tmp_path: Path) -> None:
     # Training continues at the new layout from the step it reached.
     _run(tmp_path, 1, "stages.pretrain.training.steps=12")
     assert sorted(losses(tmp_path)) == list(range(1, 13))
+
+
+def test_engine_run_launches_pretraining_and_checks_its_inputs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .helpers import RECIPE, write_dataset
+
+    engine = Path(sys.executable).with_name("engine")
+    args = [str(engine), "run", str(RECIPE), f"run_dir={tmp_path}", "--stages", "pretrain"]
+    missing = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "needs the dataset of stage 'data'" in missing.stderr
+    assert "nothing was launched" in missing.stderr and not (tmp_path / "pretrain").exists()
+    write_dataset(tmp_path / "data" / "data", {"a": 200, "b": 100})
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "finished" in done.stdout and "pretrain/checkpoints" in done.stdout
+    assert (tmp_path / "plan.json").is_file() and (tmp_path / "recipe.resolved.yaml").is_file()
+    assert latest_checkpoint(tmp_path / "pretrain" / "checkpoints") is not None
+    assert (tmp_path / "pretrain" / "logs" / "launch.log").is_file()
+    assert any((tmp_path / "pretrain" / "tensorboard").iterdir())
