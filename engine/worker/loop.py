@@ -4,7 +4,8 @@
 interleaved 1F1B when vpp > 1. Each virtual chunk gets its own iterator over the same micro-batches.
 The schedule divides the returned loss by the number of micro-batches in place, so the reported value
 is a clone taken before that. The step's loss is averaged over micro-batches and data-parallel ranks
-and moved from the last pipeline stage to every rank.
+(context-parallel ranks included: each sees its own part of every sequence) and moved from the last
+pipeline stage to every rank.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def lm_forward_step(device: str) -> Callable[[Iterator[Batch], Any], tuple[torch
     """Next-token prediction: the model returns per-token losses; average them over the loss mask."""
 
     def forward_step(data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, Callable[..., Any]]:
+        from megatron.core import parallel_state as ps
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
         batch = _to(next(data), device)
+        if ps.get_context_parallel_world_size() > 1:
+            # Each context-parallel rank keeps two of 2·cp sequence chunks (load-balanced causal attention).
+            batch = get_batch_on_this_cp_rank(batch)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -58,7 +65,7 @@ def _reduce(losses: list[dict[str, torch.Tensor]]) -> float:
         total[1] += 1
     if torch.cuda.is_available():
         total = total.cuda()
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return float(total[0] / total[1].clamp(min=1))
