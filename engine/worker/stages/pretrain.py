@@ -116,6 +116,8 @@ def run(ctx: Context) -> None:
     n_eval = t["eval_iters"] * nmb
     valid_batches = partial(microbatches, valid_ds, start=0, num=n_eval, mbs=mbs, dp=lay.dp, dp_rank=dp_rank)
     metrics = Metrics(ctx.stage_dir, name=job.name, total_steps=steps, start_step=step, enabled=ctx.is_logger)
+    if ck["async_save"] and ctx.is_logger:
+        print(f"[{job.name}] note: checkpointing.async_save is not implemented yet; saving synchronously", flush=True)
     loop_start = time.perf_counter()
     try:
         while step < steps:
