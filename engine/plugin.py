@@ -17,6 +17,7 @@ torch: keep heavy imports inside `read`/`score`.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -111,6 +112,15 @@ class RewardFunction:
     params: type[BaseModel]
     score: Callable[[Any, Sequence[RewardSample]], list[float]]
     description: str = ""
+
+
+# ---- helpers for plugin parameter models --------------------------------------------------
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """re.compile for a pydantic validator: a bad pattern becomes a ValueError (a validation error)."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
 
 
 # ---- registry ------------------------------------------------------------------------------

@@ -7,14 +7,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.plugin import RewardFunction, RewardSample
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:  # pydantic reports ValueError as a validation error, not re.error
-        raise ValueError(f"not a regular expression: {exc}") from None
+from engine.plugin import RewardFunction, RewardSample, compile_pattern
 
 
 class ExactMatchParams(BaseModel):
@@ -29,7 +22,7 @@ class ExactMatchParams(BaseModel):
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            _compile(value)
+            compile_pattern(value)
         return value
 
 

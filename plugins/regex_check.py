@@ -7,14 +7,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.plugin import RewardFunction, RewardSample
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:  # pydantic reports ValueError as a validation error, not re.error
-        raise ValueError(f"not a regular expression: {exc}") from None
+from engine.plugin import RewardFunction, RewardSample, compile_pattern
 
 
 class RegexParams(BaseModel):
@@ -28,7 +21,7 @@ class RegexParams(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, value: str) -> str:
-        _compile(value)
+        compile_pattern(value)
         return value
 
 

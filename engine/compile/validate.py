@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -150,14 +150,8 @@ def _data_stage(where: str, stage: DataStage) -> Iterator[Problem]:
         if src.name in seen:
             yield Problem(f"{path}.name", f"={src.name!r} is used by another source", "give each source a unique name")
         seen.add(src.name)
-        found = sources.get(src.plugin)
+        found = yield from _installed(f"{path}.plugin", src.plugin, sources, "data source")
         if found is None:
-            if sources:
-                yield Problem(
-                    f"{path}.plugin",
-                    f"={src.plugin!r} is not an installed data source",
-                    did_you_mean(src.plugin, sources),
-                )
             continue
         if src.records not in found.kinds:
             yield Problem(
@@ -199,6 +193,14 @@ def plugin_table(where: str, loader: Callable[[], Mapping[str, T]]) -> dict[str,
         return dict(loader())
     except PluginError as exc:
         return Problem(where, str(exc), "fix or uninstall the plugin")
+
+
+def _installed(path: str, name: str, table: Mapping[str, T], what: str) -> Generator[Problem, None, T | None]:
+    """The named plugin, or a problem with a did-you-mean (none when the table failed to load)."""
+    found = table.get(name)
+    if found is None and table:
+        yield Problem(path, f"={name!r} is not an installed {what}", did_you_mean(name, table))
+    return found
 
 
 def plugin_params(path: str, model: type, params: dict[str, object]) -> Iterator[Problem]:
@@ -414,14 +416,8 @@ def _ppo(where: str, stage: PpoStage, m: ResolvedModel | None) -> Iterator[Probl
         yield funcs
         funcs = {}
     for i, r in enumerate(stage.rewards):
-        found = funcs.get(r.plugin)
+        found = yield from _installed(f"{where}.rewards[{i}].plugin", r.plugin, funcs, "reward function")
         if found is None:
-            if funcs:
-                yield Problem(
-                    f"{where}.rewards[{i}].plugin",
-                    f"={r.plugin!r} is not an installed reward function",
-                    did_you_mean(r.plugin, funcs),
-                )
             continue
         yield from plugin_params(f"{where}.rewards[{i}].params", found.params, r.params)
     ro = stage.rollout
