@@ -13,7 +13,7 @@ import json
 from typing import Any, Literal
 
 from .. import __version__
-from ..errors import Problem, RecipeError
+from ..errors import EngineError, Problem, RecipeError
 from ..schema import ClusterProfile, DataStage, Recipe, TrainingStage, TrainTokenizer
 from .estimate import GIB, Estimate, estimate_job, fits, human_bytes
 from .resolve import (
@@ -79,7 +79,10 @@ class Plan(Frozen):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
     def job(self, name: str) -> Job:
-        return next(j for j in self.jobs if j.name == name)
+        for j in self.jobs:
+            if j.name == name:
+                return j
+        raise EngineError(f"plan {self.recipe!r} has no job {name!r}; jobs: {', '.join(j.name for j in self.jobs)}")
 
 
 def _digest(data: Any) -> str:

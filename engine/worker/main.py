@@ -44,6 +44,13 @@ def _stages() -> dict[str, Callable[[Context], None]]:
     return {"pretrain": pretrain.run}
 
 
+def load_plan(path: Path) -> Plan:
+    try:
+        return Plan.model_validate(read_json(path))
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"cannot read the plan {path}: {exc}") from None
+
+
 def init_distributed(ctx: Context) -> None:
     import torch
     import torch.distributed as dist
@@ -96,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
     warnings.filterwarnings("ignore", message="full scope is deprecated")  # Megatron's own default
     try:
-        plan = Plan.model_validate(read_json(args.plan))
+        plan = load_plan(args.plan)
         job = plan.job(args.job)
         stage = _stages().get(job.kind)
         if stage is None:

@@ -20,13 +20,11 @@ from typing import Any
 
 import torch
 
-from ..artifacts import read_json
-from ..compile import Plan
 from ..errors import EXIT_USER_ERROR, EngineError
 from . import checkpoint
 from .data import build_datasets, microbatches
 from .env import rank_info
-from .main import Context, init_distributed, shutdown
+from .main import Context, init_distributed, load_plan, shutdown
 from .mcore import build_job
 
 
@@ -82,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="full scope is deprecated")  # Megatron's own default
     info = rank_info(os.environ)
     try:
-        plan = Plan.model_validate(read_json(args.plan))
+        plan = load_plan(args.plan)
         job = plan.job(args.job)
         ctx = Context(plan=plan, job=job, info=info, device=job.resources.device)
         init_distributed(ctx)

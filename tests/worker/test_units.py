@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,15 @@ def test_missing_transformer_engine_is_a_clear_start_up_error() -> None:
             require_transformer_engine()
     else:
         require_transformer_engine()
+
+
+def test_worker_reports_a_bad_plan_or_job_without_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(compile_with().to_json())
+    for args, words in (([str(tmp_path / "none.json"), "--job", "pretrain"], "cannot read the plan"),
+                        ([str(plan), "--job", "nope"], "has no job 'nope'")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "engine.worker", *args], capture_output=True, text=True)
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
