@@ -1,0 +1,91 @@
+"""Deduplication across all sources, and decontamination against held-out evaluation prompts.
+
+* Exact: SHA-256 of the normalised text (case-folded, whitespace collapsed); a repeat is dropped.
+* Near: MinHash signatures of word-shingle sets (Broder 1997) indexed by LSH bands (datasketch); a
+  document whose estimated Jaccard similarity with a kept one exceeds the threshold is dropped.
+  Memory grows with the number of kept documents' signatures (num_perm integers each), not with text.
+* Decontamination: a training document that shares any word n-gram (13 by default, as GPT-3's
+  contamination analysis) with an evaluation prompt is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..schema import DedupSpec
+
+
+def canonical(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def shingles(text: str, n: int) -> set[str]:
+    words = canonical(text).split()
+    if len(words) < n:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+@dataclass
+class Deduplicator:
+    spec: DedupSpec
+    report: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._hashes: set[bytes] = set()
+        self._lsh: Any = None
+        self._count = 0
+        if self.spec.near:
+            from datasketch import MinHashLSH
+
+            self._lsh = MinHashLSH(threshold=self.spec.threshold, num_perm=self.spec.num_perm)
+
+    def _minhash(self, text: str) -> Any:
+        from datasketch import MinHash
+
+        mh = MinHash(num_perm=self.spec.num_perm, seed=1)
+        mh.update_batch([s.encode() for s in shingles(text, self.spec.shingle_size)])
+        return mh
+
+    def keep(self, text: str) -> bool:
+        """True for the first of its kind; records it so that later duplicates are dropped."""
+        self.report["seen"] += 1
+        if self.spec.exact:
+            digest = hashlib.sha256(canonical(text).encode()).digest()
+            if digest in self._hashes:
+                self.report["exact_duplicates"] += 1
+                return False
+            self._hashes.add(digest)
+        if self._lsh is not None:
+            mh = self._minhash(text)
+            if self._lsh.query(mh):
+                self.report["near_duplicates"] += 1
+                return False
+            self._lsh.insert(str(self._count), mh)
+        self._count += 1
+        self.report["kept"] += 1
+        return True
+
+
+@dataclass
+class Decontaminator:
+    """Drops training text sharing a word n-gram with any held-out evaluation prompt."""
+
+    n: int
+    report: Counter[str] = field(default_factory=Counter)
+    _grams: set[int] = field(default_factory=set)
+
+    def add_eval(self, prompts: Iterable[str]) -> None:
+        for prompt in prompts:
+            self._grams.update(hash(g) for g in shingles(prompt, self.n) if len(g.split()) == self.n)
+
+    def clean(self, text: str) -> bool:
+        self.report["seen"] += 1
+        if self._grams and any(hash(g) in self._grams for g in shingles(text, self.n)):
+            self.report["contaminated"] += 1
+            return False
+        return True
