@@ -25,6 +25,7 @@ class DataStage(Spec):
     splits: SplitSpec = Field(default_factory=SplitSpec, description="train/valid/test fractions")
     shard_samples: int = Field(default=10000, gt=0, description="samples per webdataset shard")
     workers: int = Field(default=1, gt=0, description="processes that read, clean and tokenize")
+    strict: bool = Field(default=False, description="stop at the first unreadable record instead of counting it")
     time_limit: str | None = Field(
         default=None,
         pattern=TIME_LIMIT_PATTERN,

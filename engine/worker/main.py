@@ -39,9 +39,9 @@ class Context:
 
 
 def _stages() -> dict[str, Callable[[Context], None]]:
-    from .stages import pretrain
+    from .stages import data, pretrain
 
-    return {"pretrain": pretrain.run}
+    return {"data": data.run, "pretrain": pretrain.run}
 
 
 def load_plan(path: Path) -> Plan:
@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stage is None:
             raise EngineError(f"stage kind {job.kind!r} has no worker yet")
         ctx = Context(plan=plan, job=job, info=info, device=job.resources.device)
-        init_distributed(ctx)
+        if job.layout is not None:  # training jobs; a data job is one process without a process group
+            init_distributed(ctx)
         stage(ctx)
     except EngineError as exc:
         if info.rank == 0:

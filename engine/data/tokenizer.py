@@ -1,0 +1,52 @@
+"""The tokenizer artifact: a byte-level BPE trained with HF `tokenizers`, or a local tokenizer.json.
+
+Training starts from the 256 byte symbols (every string is encodable) and adds the chat template's
+special tokens first, so their ids are the same in every tokenizer this engine trains (0…6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..chat import SPECIAL_TOKENS, SpecialIds
+
+
+def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def describe(path: Path, tok: Any) -> dict[str, Any]:
+    """What the manifest and every checkpoint's meta.json record about the tokenizer."""
+    ids = SpecialIds.lookup(tok.token_to_id)
+    return {
+        "path": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "pad": ids.pad,
+        "bos": ids.bos,
+        "eod": ids.eos,
+        "end": ids.end,
+        "roles": ids.roles,
+    }

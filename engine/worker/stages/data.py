@@ -1,0 +1,292 @@
+"""Stage 1: data collection — plugin sources → clean → dedup → tokenizer → indexed data and shards.
+
+Pass 1 streams every source once, in recipe order with prompt sources first (their held-out prompts
+are what training text is decontaminated against). Each record is normalised and cleaned, deduplicated
+across all sources (exact and MinHash-LSH near-duplicates), assigned to train/valid/test by a hash of
+its content (stable across reruns and independent of order), and spooled to JSON lines on disk, so
+memory does not grow with the corpus. A record a source cannot read is counted with its reason and
+skipped (`strict: true` stops instead).
+
+Then the tokenizer is trained on the spooled training text (or loaded), and pass 2 tokenises the spools:
+text into Megatron-Core indexed datasets (`<source>/<split>.bin/.idx`, each document ending with
+<|eos|>), conversations, preference pairs and prompts into webdataset tar shards with the chat
+template's tokens and loss masks. manifest.json records the tokenizer, counts, tokens, shard hashes
+and every filter's report. Everything is written into a temporary folder and renamed into place
+when complete; a rerun whose cache key matches the manifest does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ... import plugin
+from ...artifacts import SPLITS, read_json, write_json_atomic
+from ...chat import SpecialIds, render
+from ...data.clean import Cleaner
+from ...data.dedup import Decontaminator, Deduplicator, canonical
+from ...data.tokenizer import describe, load, train_bpe
+from ...errors import EngineError
+from ...schema import CleaningSpec, DedupSpec, SplitSpec
+from ..main import Context
+
+KIND_ORDER = {"prompt": 0, "text": 1, "conversation": 2, "preference": 3}
+
+
+def split_of(text: str, splits: SplitSpec) -> str:
+    """train/valid/test from a hash of the content: stable, order-independent."""
+    x = int.from_bytes(hashlib.sha256(canonical(text).encode()).digest()[:8], "little") / 2**64
+    if x < splits.valid:
+        return "valid"
+    if x < splits.valid + splits.test:
+        return "test"
+    return "train"
+
+
+def _fields(record: Any) -> list[str]:
+    """The texts of a record that cleaning applies to."""
+    if isinstance(record, plugin.Text):
+        return [record.text]
+    if isinstance(record, plugin.Conversation):
+        return [m.content for m in record.messages]
+    if isinstance(record, plugin.Preference):
+        return [record.prompt, record.chosen, record.rejected]
+    return [record.prompt]
+
+
+def _records(src: dict[str, Any], strict: bool, errors: Counter[str]) -> Iterator[Any]:
+    found = plugin.data_sources()[src["plugin"]]
+    params = found.params.model_validate(src["params"])
+    it = found.read(params, src["records"])
+    while True:
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            if strict:
+                raise EngineError(f"source {src['name']!r}: {exc}") from None
+            errors[f"{src['name']}: {type(exc).__name__}: {exc}"] += 1
+            return  # a reader cannot resume after raising: the rest of this source is skipped
+
+
+def collect(ctx: Context, spool: Path) -> dict[str, Any]:
+    """Pass 1: read, clean, dedup, decontaminate and split every source into spool files."""
+    cfg = ctx.job.config
+    cleaner = Cleaner(CleaningSpec.model_validate(cfg["cleaning"]))
+    dedup_spec = DedupSpec.model_validate(cfg["dedup"])
+    dedup = Deduplicator(dedup_spec)
+    deco = Decontaminator(dedup_spec.decontamination_ngram) if dedup_spec.decontaminate else None
+    splits = SplitSpec.model_validate(cfg["splits"])
+    errors: Counter[str] = Counter()
+    counts: dict[str, Counter[str]] = {}
+    for src in sorted(cfg["sources"], key=lambda s: KIND_ORDER[s["records"]]):
+        name, kind = src["name"], src["records"]
+        counts[name] = Counter()
+        files = {s: (spool / f"{name}.{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
+        try:
+            for record in _records(src, cfg.get("strict", False), errors):
+                counts[name]["read"] += 1
+                cleaned = [cleaner.clean(t) for t in _fields(record)]
+                if any(c is None for c in cleaned):
+                    continue
+                key = "\x00".join(c for c in cleaned if c is not None)
+                if not dedup.keep(key):
+                    continue
+                split = split_of(key, splits)
+                if deco is not None:
+                    if kind == "prompt" and split != "train":
+                        deco.add_eval([record.prompt])
+                    elif kind == "text" and split == "train" and not deco.clean(key):
+                        continue
+                files[split].write(json.dumps({"kind": kind, **asdict(record)}, default=list) + "\n")
+                counts[name][split] += 1
+        finally:
+            for f in files.values():
+                f.close()
+    return {
+        "cleaning": dict(cleaner.report),
+        "dedup": dict(dedup.report),
+        "decontamination": dict(deco.report) if deco else {},
+        "read_errors": dict(errors),
+        "records": {k: dict(v) for k, v in counts.items()},
+    }
+
+
+def _spooled(spool: Path, name: str, split: str) -> Iterator[dict[str, Any]]:
+    with (spool / f"{name}.{split}.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _training_text(ctx: Context, spool: Path) -> Iterator[str]:
+    for src in ctx.job.config["sources"]:
+        for row in _spooled(spool, src["name"], "train"):
+            yield from _texts(row)
+
+
+def _texts(row: dict[str, Any]) -> list[str]:
+    kind = row["kind"]
+    if kind == "text":
+        return [row["text"]]
+    if kind == "conversation":
+        return [m["content"] for m in row["messages"]]
+    if kind == "preference":
+        return [row["prompt"], row["chosen"], row["rejected"]]
+    return [row["prompt"], row.get("reference") or ""]
+
+
+def tokenizer(ctx: Context, spool: Path, out: Path) -> tuple[Any, dict[str, Any]]:
+    spec = ctx.plan.tokenizer
+    if spec["kind"] == "train":
+        tok = train_bpe(_training_text(ctx, spool), vocab_size=spec["vocab_size"], min_frequency=spec["min_frequency"])
+        path = out / "tokenizer.json"
+        tok.save(str(path))
+    else:
+        path = Path(spec["path"])
+        if not path.is_file():
+            raise EngineError(f"tokenizer.path: {path} not found")
+        tok = load(path)
+    info = describe(path, tok)
+    if info["vocab_size"] > ctx.plan.model.padded_vocab_size:
+        raise EngineError(
+            f"the tokenizer has {info['vocab_size']} tokens but the plan was compiled for "
+            f"{ctx.plan.model.vocab_size}; set tokenizer.vocab_size to it"
+        )
+    return tok, info
+
+
+def _batches(rows: Iterator[dict[str, Any]], size: int = 512) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def write_text(tok: Any, eod: int, rows: Iterator[dict[str, Any]], prefix: str) -> dict[str, int]:
+    """One indexed dataset; HF tokenizers encodes each batch on all cores."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    dtype = np.uint16 if tok.get_vocab_size() < 65_000 else np.int32
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    docs = tokens = 0
+    for batch in _batches(rows):
+        for enc in tok.encode_batch([r["text"] for r in batch]):
+            ids = np.array([*enc.ids, eod], dtype=dtype)
+            builder.add_document(ids, [len(ids)])
+            docs, tokens = docs + 1, tokens + len(ids)
+    builder.finalize(prefix + ".idx")
+    return {"documents": docs, "tokens": tokens}
+
+
+def tokenize_row(row: dict[str, Any], encode: Any, ids: SpecialIds) -> dict[str, Any]:
+    """A spooled record as chat-template tokens (and loss masks where the model learns a reply)."""
+    kind = row["kind"]
+    if kind == "conversation":
+        tokens, mask = render([(m["role"], m["content"]) for m in row["messages"]], encode, ids)
+        return {"tokens": tokens, "loss_mask": mask}
+    prompt, _ = render([("user", row["prompt"])], encode, ids, generation_prompt=True)
+    if kind == "prompt":
+        return {"prompt": prompt, "prompt_text": row["prompt"], "reference": row.get("reference")}
+    chosen, rejected = ([*encode(row[k]), ids.end, ids.eos] for k in ("chosen", "rejected"))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def write_shards(
+    rows: Iterator[dict[str, Any]], folder: Path, encode: Any, ids: SpecialIds, per: int
+) -> list[dict[str, Any]]:
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    writer: Any = None
+    for i, row in enumerate(rows):
+        if i % per == 0:
+            if writer is not None:
+                writer.close()
+            path = folder / f"shard-{len(shards):06d}.tar"
+            writer = wds.TarWriter(str(path))
+            shards.append({"path": path.name, "samples": 0, "tokens": 0})
+        sample = tokenize_row(row, encode, ids)
+        writer.write({"__key__": f"{i:09d}", "json": sample})
+        shards[-1]["samples"] += 1
+        shards[-1]["tokens"] += sum(len(v) for v in sample.values() if isinstance(v, list))
+    if writer is not None:
+        writer.close()
+    for shard in shards:
+        shard["sha256"] = hashlib.sha256((folder / shard["path"]).read_bytes()).hexdigest()
+    return shards
+
+
+def run(ctx: Context) -> None:
+    job = ctx.job
+    data_out = Path(next(a.path for a in job.outputs if a.kind == "dataset"))
+    tok_out = next((Path(a.path) for a in job.outputs if a.kind == "tokenizer"), None)
+    manifest_path = data_out / "manifest.json"
+    if manifest_path.is_file() and read_json(manifest_path).get("cache_key") == job.cache_key:
+        print(f"[{job.name}] up to date: {data_out}", flush=True)
+        return
+    build = ctx.stage_dir / ".build"
+    shutil.rmtree(build, ignore_errors=True)
+    (build / "data").mkdir(parents=True)
+    (build / "spool").mkdir()
+    (build / "tokenizer").mkdir()
+    print(f"[{job.name}] reading, cleaning and deduplicating {len(job.config['sources'])} sources", flush=True)
+    report = collect(ctx, build / "spool")
+    tok, info = tokenizer(ctx, build / "spool", build / "tokenizer")
+    ids = SpecialIds.lookup(tok.token_to_id)
+
+    def encode(text: str) -> list[int]:
+        return list(tok.encode(text).ids)
+
+    sources: dict[str, Any] = {}
+    for src in job.config["sources"]:
+        name, kind = src["name"], src["records"]
+        entry: dict[str, Any] = {"records": kind, "weight": src["weight"], "splits": {}}
+        for split in SPLITS:
+            rows = _spooled(build / "spool", name, split)
+            if kind == "text":
+                (build / "data" / name).mkdir(exist_ok=True)
+                entry["splits"][split] = write_text(tok, info["eod"], rows, str(build / "data" / name / split))
+            else:
+                shards = write_shards(rows, build / "data" / name / split, encode, ids, job.config["shard_samples"])
+                entry["splits"][split] = {
+                    "samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+                    "shards": shards,
+                }  # fmt: skip
+        sources[name] = entry
+        print(f"[{job.name}] {name}: " + ", ".join(f"{s} {v.get('documents', v.get('samples'))}"
+                                                  for s, v in entry["splits"].items()), flush=True)  # fmt: skip
+    if tok_out is not None:
+        info["path"] = str(tok_out / "tokenizer.json")
+    write_json_atomic(
+        build / "data" / "manifest.json",
+        {"cache_key": job.cache_key, "tokenizer": info, "sources": sources, "report": report},
+    )
+    _install(build, data_out, tok_out)
+
+
+def _install(build: Path, data_out: Path, tok_out: Path | None) -> None:
+    """Replace the previous outputs only now that the new ones are complete."""
+    shutil.rmtree(build / "spool")
+    for new, final in ((build / "data", data_out), (build / "tokenizer", tok_out)):
+        if final is None:
+            continue
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(build, ignore_errors=True)
