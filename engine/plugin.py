@@ -71,6 +71,14 @@ class Prompt:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Skip:
+    """Yielded instead of a record that cannot be read: the stage counts it (or stops, when strict)."""
+
+    where: str
+    reason: str
+
+
 Record = Text | Conversation | Preference | Prompt
 RECORD_TYPES: dict[str, type] = {
     "text": Text,
@@ -86,12 +94,13 @@ class DataSource:
     """A streaming reader of records.
 
     `read(params, kind)` yields records of `kind` (one of `kinds`) lazily, so that a source larger than
-    memory streams through cleaning and tokenization.
+    memory streams through cleaning and tokenization. A record that cannot be read is yielded as a
+    `Skip(where, reason)` — file and line — so that one bad line does not end the source.
     """
 
     params: type[BaseModel]
     kinds: frozenset[RecordKind]
-    read: Callable[[Any, RecordKind], Iterator[Record]]
+    read: Callable[[Any, RecordKind], Iterator[Record | Skip]]
     description: str = ""
 
 

@@ -18,6 +18,7 @@ from engine.plugin import (
     Prompt,
     Record,
     RecordKind,
+    Skip,
     Text,
 )
 
@@ -51,19 +52,19 @@ def _record(row: dict[str, Any], params: JsonlParams, kind: RecordKind) -> Recor
     return Prompt(str(row[params.prompt_field]), None if reference is None else str(reference), meta)
 
 
-def read(params: JsonlParams, kind: RecordKind) -> Iterator[Record]:
+def read(params: JsonlParams, kind: RecordKind) -> Iterator[Record | Skip]:
     paths = sorted(glob.glob(params.glob, recursive=True))
     if not paths:
         raise FileNotFoundError(f"jsonl: no file matches glob {params.glob!r}")
     for path in paths:
-        with Path(path).open(encoding="utf-8") as f:
+        with Path(path).open(encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     yield _record(json.loads(line), params, kind)
                 except (KeyError, TypeError, ValueError) as exc:
-                    raise ValueError(f"jsonl: {path}:{lineno}: cannot read a {kind} record: {exc}") from exc
+                    yield Skip(f"{path}:{lineno}", f"cannot read a {kind} record: {type(exc).__name__}: {exc}")
 
 
 SOURCE = DataSource(

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.plugin import DataSource, Record, RecordKind, Text
+from engine.plugin import DataSource, Record, RecordKind, Skip, Text
 
 
 class TextFilesParams(BaseModel):
@@ -20,12 +20,19 @@ class TextFilesParams(BaseModel):
     encoding: str = Field(default="utf-8", description="text encoding of the files")
 
 
-def read(params: TextFilesParams, kind: RecordKind) -> Iterator[Record]:
+def read(params: TextFilesParams, kind: RecordKind) -> Iterator[Record | Skip]:
     paths = sorted(glob.glob(params.glob, recursive=True))
     if not paths:
         raise FileNotFoundError(f"text_files: no file matches glob {params.glob!r}")
     for path in paths:
-        content = Path(path).read_text(encoding=params.encoding, errors="replace")
+        try:
+            content = Path(path).read_bytes().decode(params.encoding)
+        except UnicodeDecodeError as exc:
+            yield Skip(path, f"not valid {params.encoding}: {exc}")
+            continue
+        if not content.strip():
+            yield Skip(path, "empty file")
+            continue
         if params.unit == "file":
             yield Text(content)
         else:

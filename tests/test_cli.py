@@ -62,8 +62,8 @@ def test_memory_refusal_and_force() -> None:
 def test_run_refuses_stages_without_a_worker_before_starting(tmp_path: Path) -> None:
     done = engine("run", TINY, cwd=tmp_path)
     assert done.returncode == 2
-    assert "stages.data: kind 'data' has no worker" in done.stderr
-    assert "stages.pretrain:" not in done.stderr  # pretraining has its worker
+    assert "stages.sft: kind 'sft' has no worker" in done.stderr
+    assert "stages.data:" not in done.stderr and "stages.pretrain:" not in done.stderr  # these have workers
     assert not (tmp_path / "runs").exists()
 
 

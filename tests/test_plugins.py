@@ -25,6 +25,7 @@ from engine.plugin import (
     Prompt,
     RewardFunction,
     RewardSample,
+    Skip,
     Text,
 )
 from engine.plugins import arithmetic, exact_match, jsonl, length_penalty, regex_check, text_files
@@ -314,13 +315,20 @@ def test_jsonl_prompts_keep_the_reference_and_other_fields_as_metadata(tmp_path:
 
 
 @pytest.mark.parametrize("bad_row", ['{"other": "x"}', "{not json", '["a", "list"]'])
-def test_jsonl_bad_row_names_file_and_line(tmp_path: Path, bad_row: str) -> None:
-    path = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, "", bad_row])
-    params = jsonl.JsonlParams(glob=str(path))
-    records = jsonl.read(params, "text")
-    assert next(records) == Text("fine")
-    with pytest.raises(ValueError, match=re.escape(f"{path}:3")):
-        next(records)
+def test_jsonl_bad_row_is_skipped_with_file_and_line(tmp_path: Path, bad_row: str) -> None:
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, "", bad_row, {"text": "after"}])
+    records = list(jsonl.read(jsonl.JsonlParams(glob=str(path)), "text"))
+    assert records[0] == Text("fine") and records[2] == Text("after")
+    assert isinstance(records[1], Skip) and records[1].where == f"{path}:3"
+
+
+def test_text_files_skips_invalid_utf8_and_empty_files(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("good text")
+    (tmp_path / "b.txt").write_bytes(b"bad \xff\xfe bytes")
+    (tmp_path / "c.txt").write_text("  \n")
+    records = list(text_files.read(text_files.TextFilesParams(glob=str(tmp_path / "*.txt")), "text"))
+    assert records[0] == Text("good text")
+    assert [(type(r).__name__, Path(r.where).name) for r in records[1:]] == [("Skip", "b.txt"), ("Skip", "c.txt")]  # type: ignore[union-attr]
 
 
 def test_jsonl_without_a_match_raises_file_not_found(tmp_path: Path) -> None:

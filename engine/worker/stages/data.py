@@ -61,19 +61,19 @@ def _fields(record: Any) -> list[str]:
 
 
 def _records(src: dict[str, Any], strict: bool, errors: Counter[str]) -> Iterator[Any]:
+    """The source's records; unreadable ones are counted with file and line, or fatal when strict."""
     found = plugin.data_sources()[src["plugin"]]
     params = found.params.model_validate(src["params"])
-    it = found.read(params, src["records"])
-    while True:
-        try:
-            yield next(it)
-        except StopIteration:
-            return
-        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            if strict:
-                raise EngineError(f"source {src['name']!r}: {exc}") from None
-            errors[f"{src['name']}: {type(exc).__name__}: {exc}"] += 1
-            return  # a reader cannot resume after raising: the rest of this source is skipped
+    try:
+        for record in found.read(params, src["records"]):
+            if isinstance(record, plugin.Skip):
+                if strict:
+                    raise EngineError(f"source {src['name']!r}: {record.where}: {record.reason}")
+                errors[f"{src['name']}: {record.where}: {record.reason}"] += 1
+                continue
+            yield record
+    except OSError as exc:  # the source itself is unreadable (missing files, permissions)
+        raise EngineError(f"source {src['name']!r}: {exc}") from None
 
 
 def collect(ctx: Context, spool: Path) -> dict[str, Any]:
