@@ -1,0 +1,137 @@
+"""Data stage throughput and memory, all measured in one run on a generated corpus.
+
+  (a) plain loop: one document at a time, `tokenizer.encode` + `IndexedDatasetBuilder.add_document`,
+      one process — the reference;
+  (b) the stage's own tokenize-and-index path (batched `encode_batch`, on all cores) on the same
+      corpus and tokenizer;
+  (c) the whole data stage, with cleaning and exact dedup;
+  (d) the whole data stage with near-duplicate dedup too.
+Docs/s are printed as ratios to (a). Peak RSS of (c) is measured in fresh processes on two corpus
+sizes; it should not grow with the corpus (the spools are on disk; the dedup index holds one hash per
+kept document).
+
+    .venv/bin/python bench/data_throughput.py [--mb 10] [--scale 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = [f"w{i}" for i in range(5000)]
+RECIPE = """
+name: databench
+tokenizer: {kind: file, path: TOKENIZER}
+model: {num_layers: 2, hidden_size: 64, num_attention_heads: 4, seq_length: 64}
+stages:
+  data:
+    kind: data
+    dedup: {near: NEAR}
+    sources: [{name: corpus, plugin: jsonl, records: text, params: {glob: CORPUS}}]
+"""
+
+
+def make_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, len(VOCAB) + 1)  # Zipf-like word frequencies
+    weights /= weights.sum()
+    docs, size = 0, 0
+    with path.open("w") as f:
+        while size < megabytes * 1e6:
+            text = " ".join(rng.choice(VOCAB, size=int(rng.integers(100, 300)), p=weights))
+            line = json.dumps({"text": text}) + "\n"
+            f.write(line)
+            docs, size = docs + 1, size + len(line)
+    return docs
+
+
+def texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.open()]
+
+
+def plain_loop(tok: object, docs: list[str], prefix: str) -> float:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    began = time.perf_counter()
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for doc in docs:
+        ids = np.array([*tok.encode(doc).ids, 2], dtype=np.uint16)  # type: ignore[attr-defined]
+        builder.add_document(ids, [len(ids)])
+    builder.finalize(prefix + ".idx")
+    return time.perf_counter() - began
+
+
+STAGE = """
+import json, resource, sys, time, warnings
+warnings.filterwarnings("ignore")
+from engine.compile import compile_recipe
+from engine.load import load_recipe
+from engine.worker.env import rank_info
+from engine.worker.main import Context
+from engine.worker.stages import data
+plan = compile_recipe(load_recipe(sys.argv[1], ["run_dir=" + sys.argv[2]]))
+ctx = Context(plan=plan, job=plan.job("data"), info=rank_info({}), device="cpu")
+began = time.perf_counter()
+data.run(ctx)
+print(json.dumps({"seconds": time.perf_counter() - began, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def whole_stage(tmp: Path, corpus: Path, tokenizer: Path, *, near: bool, tag: str) -> dict[str, float]:
+    recipe = tmp / f"{tag}.yaml"
+    text = RECIPE.replace("TOKENIZER", str(tokenizer)).replace("CORPUS", str(corpus))
+    recipe.write_text(text.replace("NEAR", "true" if near else "false"))
+    done = subprocess.run([sys.executable, "-c", STAGE, str(recipe), str(tmp / tag)], capture_output=True,
+                          text=True, check=True, cwd=REPO)  # fmt: skip
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=10.0, help="corpus size for (a)-(d)")
+    parser.add_argument("--scale", type=float, default=4.0, help="the larger corpus for the RSS check is this × mb")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, str(REPO))
+    from engine.data.tokenizer import train_bpe
+    from engine.worker.stages.data import write_text
+
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        corpus = tmp / "corpus.jsonl"
+        n = make_corpus(corpus, args.mb)
+        docs = texts(corpus)
+        tok = train_bpe(docs[:2000], vocab_size=4096, min_frequency=2)
+        tok.save(str(tmp / "tokenizer.json"))
+        t_a = plain_loop(tok, docs, str(tmp / "plain"))
+        began = time.perf_counter()
+        write_text(tok, 2, iter({"text": d} for d in docs), str(tmp / "stage"))
+        t_b = time.perf_counter() - began
+        c = whole_stage(tmp, corpus, tmp / "tokenizer.json", near=False, tag="c")
+        d = whole_stage(tmp, corpus, tmp / "tokenizer.json", near=True, tag="d")
+        big = tmp / "big.jsonl"
+        n_big = make_corpus(big, args.mb * args.scale, seed=1)
+        c_big = whole_stage(tmp, big, tmp / "tokenizer.json", near=False, tag="c_big")
+
+    rate = n / t_a
+    print(f"corpus: {n} documents, {args.mb:g} MB (generated)")
+    print(f"(a) plain loop                  {rate:9.0f} docs/s   1.00×")
+    for label, seconds in (("(b) stage tokenize + index", t_b), ("(c) stage, clean + exact dedup", c["seconds"]),
+                           ("(d) stage, + near dedup", d["seconds"])):  # fmt: skip
+        print(f"{label:31s} {n / seconds:9.0f} docs/s   {t_a / seconds:.2f}×")
+    print(f"peak RSS of (c): {c['rss_mb']:.0f} MB at {args.mb:g} MB, {c_big['rss_mb']:.0f} MB at "
+          f"{args.mb * args.scale:g} MB ({n_big} documents)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
