@@ -429,11 +429,11 @@ def test_unknown_reward_param_names_its_path_and_the_valid_ones() -> None:
 
 def test_records_a_plugin_does_not_produce_are_a_problem() -> None:
     err = problems_of(
-        "stages.data.sources[1].plugin=text_files",
-        "~stages.data.sources[1].params",
-        "stages.data.sources[1].params.glob=x",
+        "stages.data.sources[2].plugin=text_files",
+        "~stages.data.sources[2].params",
+        "stages.data.sources[2].params.glob=x",
     )
-    assert err.paths() == ["stages.data.sources[1].records"]
+    assert err.paths() == ["stages.data.sources[2].records"]
     assert "'conversation'" in err.problems[0].message and "text" in err.problems[0].fix
 
 

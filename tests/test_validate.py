@@ -184,7 +184,7 @@ def test_references(override: str, path: str, words: str) -> None:
 
 
 def test_referenced_data_stage_must_have_the_right_records() -> None:
-    err = problems_of("stages.data.sources[2].records=text")
+    err = problems_of("stages.data.sources[3].records=text")
     problem = next(p for p in err.problems if p.path == "stages.reward.data")
     assert "records: preference" in problem.message
 
