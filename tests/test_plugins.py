@@ -440,3 +440,14 @@ def test_records_a_plugin_does_not_produce_are_a_problem() -> None:
 def test_bad_reward_regex_is_a_recipe_problem() -> None:
     err = problems_of("stages.ppo.rewards[0].params.extract=(")
     assert err.paths() == ["stages.ppo.rewards[0].params.extract"]
+
+
+def test_python_docs_yields_real_english_prose() -> None:
+    from engine.plugins import python_docs
+
+    chunks = list(python_docs.read(python_docs.PythonDocsParams(chunk_chars=1000), "text"))
+    topics = list(python_docs.read(python_docs.PythonDocsParams(unit="topic"), "text"))
+    assert len(chunks) > len(topics) > 50
+    text = " ".join(c.text for c in topics)  # type: ignore[union-attr]
+    assert len(text) > 300_000 and " the " in text and "statement" in text
+    assert "python_docs" in plugin.data_sources()
