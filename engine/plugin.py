@@ -102,6 +102,22 @@ class DataSource:
     kinds: frozenset[RecordKind]
     read: Callable[[Any, RecordKind], Iterator[Record | Skip]]
     description: str = ""
+    # What the source reads beyond its params (files' sizes and times, a version): a rerun with the
+    # same params and the same fingerprint reuses the previous outputs. None: the params say it all.
+    fingerprint: Callable[[Any], str] | None = None
+
+
+def files_fingerprint(pattern: str) -> str:
+    """Paths, sizes and modification times of the files a glob matches: changes when any file does."""
+    import glob
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(pattern, recursive=True)):
+        st = os.stat(path)
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

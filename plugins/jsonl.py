@@ -20,6 +20,7 @@ from engine.plugin import (
     RecordKind,
     Skip,
     Text,
+    files_fingerprint,
 )
 
 
@@ -71,5 +72,6 @@ SOURCE = DataSource(
     params=JsonlParams,
     kinds=frozenset({"text", "conversation", "preference", "prompt"}),
     read=read,
+    fingerprint=lambda params: files_fingerprint(params.glob),
     description="JSON Lines files with a field mapping",
 )

@@ -7,6 +7,7 @@ grouped into chunks of about `chunk_chars` characters.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Literal
 
@@ -50,5 +51,6 @@ SOURCE = DataSource(
     params=PythonDocsParams,
     kinds=frozenset({"text"}),
     read=read,
+    fingerprint=lambda params: sys.version,
     description="English prose of the Python Language Reference (shipped with CPython, PSF License)",
 )

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.plugin import DataSource, Record, RecordKind, Skip, Text
+from engine.plugin import DataSource, Record, RecordKind, Skip, Text, files_fingerprint
 
 
 class TextFilesParams(BaseModel):
@@ -43,5 +43,6 @@ SOURCE = DataSource(
     params=TextFilesParams,
     kinds=frozenset({"text"}),
     read=read,
+    fingerprint=lambda params: files_fingerprint(params.glob),
     description="local text files (glob); one document per file or per line",
 )

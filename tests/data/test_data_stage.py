@@ -96,6 +96,11 @@ def test_rerun_with_the_same_inputs_does_no_work(tmp_path: Path, capsys: pytest.
     stage.run(ctx)
     assert "up to date" in capsys.readouterr().out
     assert (tmp_path / "run" / "data" / "data" / "manifest.json").stat().st_mtime_ns == stamp
+    # A source file that changes (same recipe) invalidates the outputs too.
+    book = tmp_path / "books" / "00.txt"
+    book.write_text(book.read_text() + " and an epilogue")
+    stage.run(ctx)
+    assert (tmp_path / "run" / "data" / "data" / "manifest.json").stat().st_mtime_ns != stamp
     changed = _setup(tmp_path, "stages.data.sources[2].params.num_samples=100")
     stage.run(changed)
     assert (

@@ -12,7 +12,8 @@ text into Megatron-Core indexed datasets (`<source>/<split>.bin/.idx`, each docu
 <|eos|>), conversations, preference pairs and prompts into webdataset tar shards with the chat
 template's tokens and loss masks. manifest.json records the tokenizer, counts, tokens, shard hashes
 and every filter's report. Everything is written into a temporary folder and renamed into place
-when complete; a rerun whose cache key matches the manifest does no work.
+when complete; a rerun whose cache key and input fingerprints (files' sizes and times) match the
+manifest does no work.
 """
 
 from __future__ import annotations
@@ -229,14 +230,27 @@ def write_shards(
     return shards
 
 
+def input_fingerprint(sources: list[dict[str, Any]]) -> dict[str, str]:
+    """Per source, what its plugin reads beyond the recipe (file sizes and times), for the cache."""
+    out = {}
+    for src in sources:
+        found = plugin.data_sources()[src["plugin"]]
+        if found.fingerprint is not None:
+            out[src["name"]] = found.fingerprint(found.params.model_validate(src["params"]))
+    return out
+
+
 def run(ctx: Context) -> None:
     job = ctx.job
     data_out = Path(next(a.path for a in job.outputs if a.kind == "dataset"))
     tok_out = next((Path(a.path) for a in job.outputs if a.kind == "tokenizer"), None)
     manifest_path = data_out / "manifest.json"
-    if manifest_path.is_file() and read_json(manifest_path).get("cache_key") == job.cache_key:
-        print(f"[{job.name}] up to date: {data_out}", flush=True)
-        return
+    inputs = input_fingerprint(job.config["sources"])
+    if manifest_path.is_file():
+        old = read_json(manifest_path)
+        if old.get("cache_key") == job.cache_key and old.get("inputs") == inputs:
+            print(f"[{job.name}] up to date: {data_out}", flush=True)
+            return
     build = ctx.stage_dir / ".build"
     shutil.rmtree(build, ignore_errors=True)
     (build / "data").mkdir(parents=True)
@@ -272,7 +286,7 @@ def run(ctx: Context) -> None:
         info["path"] = str(tok_out / "tokenizer.json")
     write_json_atomic(
         build / "data" / "manifest.json",
-        {"cache_key": job.cache_key, "tokenizer": info, "sources": sources, "report": report},
+        {"cache_key": job.cache_key, "inputs": inputs, "tokenizer": info, "sources": sources, "report": report},
     )
     _install(build, data_out, tok_out)
 
