@@ -42,15 +42,15 @@ def duplicate_line_fraction(text: str) -> float:
     return 1.0 - len(set(lines)) / len(lines)
 
 
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+def _ngrams(text: str, n: int) -> tuple[list[str], int, list[tuple[str, ...]]]:
+    """Words, their total characters, and word n-grams."""
+    words = text.split()
+    return words, sum(len(w) for w in words), [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def top_ngram_fraction(text: str, n: int = 2) -> float:
     """Characters covered by the most frequent word n-gram, over all word characters."""
-    words = text.split()
-    total = sum(len(w) for w in words)
-    grams = _ngrams(words, n)
+    _, total, grams = _ngrams(text, n)
     if not grams or total == 0:
         return 0.0
     gram, count = Counter(grams).most_common(1)[0]
@@ -61,9 +61,7 @@ def top_ngram_fraction(text: str, n: int = 2) -> float:
 
 def duplicate_ngram_fraction(text: str, n: int = 5) -> float:
     """Characters of words inside word n-grams that occur more than once, over all word characters."""
-    words = text.split()
-    total = sum(len(w) for w in words)
-    grams = _ngrams(words, n)
+    words, total, grams = _ngrams(text, n)
     if not grams or total == 0:
         return 0.0
     counts = Counter(grams)

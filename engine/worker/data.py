@@ -50,7 +50,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return data
 
 
-def blend(plan: Plan, job: Job, root: Path, manifest: dict[str, Any], split: str) -> tuple[list[str], list[float]]:
+def blend(plan: Plan, job: Job, root: Path, split: str) -> tuple[list[str], list[float]]:
     """Prefixes and mixture weights of the text sources feeding a pretrain job."""
     data_stage = plan.job(job.config["data"]).config
     mixture = job.config.get("mixture") or {}
@@ -85,7 +85,7 @@ def build_datasets(
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=plan.model.seq_length,
-        blend_per_split=[blend(plan, job, root, manifest, "train"), blend(plan, job, root, manifest, "valid"), None],
+        blend_per_split=[blend(plan, job, root, "train"), blend(plan, job, root, "valid"), None],
         tokenizer=ids,
         reset_position_ids=False,
         reset_attention_mask=False,
