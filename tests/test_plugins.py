@@ -451,3 +451,51 @@ def test_python_docs_yields_real_english_prose() -> None:
     text = " ".join(c.text for c in topics)  # type: ignore[union-attr]
     assert len(text) > 300_000 and " the " in text and "statement" in text
     assert "python_docs" in plugin.data_sources()
+
+
+def test_parquet_reads_each_kind_in_batches(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.plugins import parquet
+
+    pq.write_table(pa.table({"body": [f"doc {i}" for i in range(10)]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["1+1="], "answer": ["2"]}), tmp_path / "q.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    docs = list(
+        parquet.read(parquet.ParquetParams(glob=str(tmp_path / "a.parquet"), text_field="body", batch_rows=3), "text")
+    )
+    assert docs == [Text(f"doc {i}") for i in range(10)]
+    prompts = parquet.ParquetParams(glob=str(tmp_path / "q.parquet"), reference_field="answer")
+    assert next(iter(parquet.read(prompts, "prompt"))) == Prompt("1+1=", reference="2", metadata={})
+    broken = list(parquet.read(parquet.ParquetParams(glob=str(tmp_path / "broken.parquet")), "text"))
+    assert len(broken) == 1 and isinstance(broken[0], Skip) and broken[0].where.endswith("broken.parquet")
+    assert "parquet" in plugin.data_sources()
+
+
+def _shard(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_reads_shards_and_reports_truncated_ones(tmp_path: Path) -> None:
+    from engine.plugins import webdataset_source as wds
+
+    _shard(tmp_path / "s0.tar", {f"{i:04d}.txt": f"text {i}".encode() for i in range(5)} | {"0009.txt": b"\xff\xfe"})
+    _shard(tmp_path / "s1.tar", {f"{i:04d}.txt": (f"long text {i} " * 200).encode() for i in range(5)})
+    whole = (tmp_path / "s1.tar").read_bytes()
+    (tmp_path / "s1.tar").write_bytes(whole[: len(whole) // 2])  # truncated mid-shard
+    out = list(wds.read(wds.WebdatasetParams(glob=str(tmp_path / "*.tar")), "text"))
+    texts = [r.text for r in out if isinstance(r, Text)]
+    skips = [r for r in out if isinstance(r, Skip)]
+    assert texts[:5] == [f"text {i}" for i in range(5)] and 5 < len(texts) < 10
+    assert len(skips) == 2 and "0009.txt" in skips[0].where and "truncated" in skips[1].reason
+    _shard(tmp_path / "j.tar", {"0000.json": json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()})
+    pairs = list(wds.read(wds.WebdatasetParams(glob=str(tmp_path / "j.tar"), member="json"), "preference"))
+    assert pairs == [Preference("p", "a", "b")]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -77,6 +78,25 @@ def _records(src: dict[str, Any], strict: bool, errors: Counter[str]) -> Iterato
         raise EngineError(f"source {src['name']!r}: {exc}") from None
 
 
+class Progress:
+    """A line every few seconds: documents read, docs/s and MB/s since the stage started."""
+
+    def __init__(self, stage: str, every: float = 5.0) -> None:
+        self.stage, self.every = stage, every
+        self.start = self.last = time.monotonic()
+        self.docs = self.chars = 0
+
+    def advance(self, source: str, chars: int) -> None:
+        self.docs += 1
+        self.chars += chars
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = now - self.start
+            print(f"[{self.stage}] {source}: {self.docs} documents read, {self.docs / rate:.0f} docs/s, "
+                  f"{self.chars / rate / 1e6:.2f} MB/s", flush=True)  # fmt: skip
+
+
 def collect(ctx: Context, spool: Path) -> dict[str, Any]:
     """Pass 1: read, clean, dedup, decontaminate and split every source into spool files."""
     cfg = ctx.job.config
@@ -87,6 +107,7 @@ def collect(ctx: Context, spool: Path) -> dict[str, Any]:
     splits = SplitSpec.model_validate(cfg["splits"])
     errors: Counter[str] = Counter()
     counts: dict[str, Counter[str]] = {}
+    progress = Progress(ctx.job.name)
     for src in sorted(cfg["sources"], key=lambda s: KIND_ORDER[s["records"]]):
         name, kind = src["name"], src["records"]
         counts[name] = Counter()
@@ -94,7 +115,9 @@ def collect(ctx: Context, spool: Path) -> dict[str, Any]:
         try:
             for record in _records(src, cfg.get("strict", False), errors):
                 counts[name]["read"] += 1
-                cleaned = [cleaner.clean(t) for t in _fields(record)]
+                texts = _fields(record)
+                progress.advance(name, sum(len(t) for t in texts))
+                cleaned = [cleaner.clean(t) for t in texts]
                 if any(c is None for c in cleaned):
                     continue
                 key = "\x00".join(c for c in cleaned if c is not None)
