@@ -40,17 +40,26 @@ class JsonlParams(BaseModel):
     )
 
 
+def _field(row: dict[str, Any], name: str) -> str:
+    value = row[name]
+    if value is None or isinstance(value, (dict, list)):
+        raise ValueError(f"field {name!r} is {value!r}, not text")
+    return str(value)
+
+
 def _record(row: dict[str, Any], params: JsonlParams, kind: RecordKind) -> Record:
     if kind == "text":
-        return Text(str(row[params.text_field]))
+        return Text(_field(row, params.text_field))
     if kind == "conversation":
         messages = tuple(Message(m["role"], str(m["content"])) for m in row[params.messages_field])
         return Conversation(messages)
     if kind == "preference":
-        return Preference(str(row[params.prompt_field]), str(row[params.chosen_field]), str(row[params.rejected_field]))
+        return Preference(
+            _field(row, params.prompt_field), _field(row, params.chosen_field), _field(row, params.rejected_field)
+        )
     reference = row.get(params.reference_field) if params.reference_field else None
     meta = {k: v for k, v in row.items() if k not in (params.prompt_field, params.reference_field)}
-    return Prompt(str(row[params.prompt_field]), None if reference is None else str(reference), meta)
+    return Prompt(_field(row, params.prompt_field), None if reference is None else str(reference), meta)
 
 
 def read(params: JsonlParams, kind: RecordKind) -> Iterator[Record | Skip]:

@@ -499,3 +499,22 @@ def test_webdataset_reads_shards_and_reports_truncated_ones(tmp_path: Path) -> N
     _shard(tmp_path / "j.tar", {"0000.json": json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()})
     pairs = list(wds.read(wds.WebdatasetParams(glob=str(tmp_path / "j.tar"), member="json"), "preference"))
     assert pairs == [Preference("p", "a", "b")]
+
+
+def test_hf_disk_reads_a_saved_dataset_and_its_splits(tmp_path: Path) -> None:
+    import datasets
+
+    from engine.plugins import hf_disk
+
+    datasets.Dataset.from_dict({"text": ["one", "two", None]}).save_to_disk(str(tmp_path / "ds"))
+    out = list(hf_disk.read(hf_disk.HfDiskParams(glob=str(tmp_path / "ds")), "text"))
+    assert out[:2] == [Text("one"), Text("two")] and isinstance(out[2], Skip)  # a null field is no text
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]})}
+    )
+    dd.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(OSError, match=r"set params\.split"):
+        list(hf_disk.read(hf_disk.HfDiskParams(glob=str(tmp_path / "dd")), "preference"))
+    pairs = list(hf_disk.read(hf_disk.HfDiskParams(glob=str(tmp_path / "dd"), split="train"), "preference"))
+    assert pairs == [Preference("a", "b", "c")]
+    assert "hf_disk" in plugin.data_sources()
