@@ -35,6 +35,7 @@ model: {num_layers: 2, hidden_size: 64, num_attention_heads: 4, seq_length: 64}
 stages:
   data:
     kind: data
+    workers: 2
     dedup: {near: NEAR}
     sources: [{name: corpus, plugin: jsonl, records: text, params: {glob: CORPUS}}]
 """

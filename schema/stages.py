@@ -24,7 +24,9 @@ class DataStage(Spec):
     dedup: DedupSpec = Field(default_factory=DedupSpec, description="deduplication and decontamination")
     splits: SplitSpec = Field(default_factory=SplitSpec, description="train/valid/test fractions")
     shard_samples: int = Field(default=10000, gt=0, description="samples per webdataset shard")
-    workers: int = Field(default=1, gt=0, description="processes that read, clean and tokenize")
+    workers: int = Field(
+        default=1, gt=0, description="processes that clean documents (tokenization uses every core regardless)"
+    )
     strict: bool = Field(default=False, description="stop at the first unreadable record instead of counting it")
     time_limit: str | None = Field(
         default=None,

@@ -6,6 +6,7 @@ import hashlib
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ stages:
 
 
 def _setup(tmp_path: Path, *overrides: str) -> Context:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     books = tmp_path / "books"
     books.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
@@ -135,3 +137,23 @@ def test_chat_template_masks_only_assistant_replies() -> None:
     assert mask == [0, 0, 0, 0, 0, 0, 0, 1, 1, 0]
     prompt, _ = render([("user", "hi")], encode, ids, generation_prompt=True)
     assert prompt[-1] == 6 and 2 not in prompt
+
+
+def test_worker_processes_give_the_same_outputs(tmp_path: Path) -> None:
+    one = _setup(tmp_path / "one")
+    two = _setup(tmp_path / "two", "stages.data.workers=2")
+    for ctx in (one, two):
+        stage.run(ctx)
+    m1, m2 = (
+        json.loads((p / "run" / "data" / "data" / "manifest.json").read_text())
+        for p in (tmp_path / "one", tmp_path / "two")
+    )
+    assert m1["report"] == m2["report"] and m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
+
+    def strip(m: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: {s: {x: y for x, y in v.items() if x != "shards"} for s, v in src["splits"].items()}
+            for k, src in m["sources"].items()
+        }
+
+    assert strip(m1) == strip(m2)

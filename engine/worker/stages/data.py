@@ -4,8 +4,9 @@ Pass 1 streams every source once, in recipe order with prompt sources first (the
 are what training text is decontaminated against). Each record is normalised and cleaned, deduplicated
 across all sources (exact and MinHash-LSH near-duplicates), assigned to train/valid/test by a hash of
 its content (stable across reruns and independent of order), and spooled to JSON lines on disk, so
-memory does not grow with the corpus. A record a source cannot read is counted with its reason and
-skipped (`strict: true` stops instead).
+memory does not grow with the corpus. With `workers` > 1, normalising and filtering run in that many
+worker processes; deduplication, which needs every earlier document, stays in the main process. A
+record a source cannot read is counted with its reason and skipped (`strict: true` stops instead).
 
 Then the tokenizer is trained on the spooled training text (or loaded), and pass 2 tokenises the spools:
 text into Megatron-Core indexed datasets (`<source>/<split>.bin/.idx`, each document ending with
@@ -19,7 +20,9 @@ manifest does no work.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
 import shutil
 import time
 from collections import Counter
@@ -97,10 +100,54 @@ class Progress:
                   f"{self.chars / rate / 1e6:.2f} MB/s", flush=True)  # fmt: skip
 
 
+_worker_cleaner: Cleaner | None = None
+
+
+def _init_worker(spec: dict[str, Any]) -> None:
+    global _worker_cleaner
+    _worker_cleaner = Cleaner(CleaningSpec.model_validate(spec))
+
+
+def _clean_batch(batch: list[list[str]]) -> tuple[list[list[str | None]], Counter[str]]:
+    """In a worker process: normalise and filter the texts of a batch of records."""
+    assert _worker_cleaner is not None
+    _worker_cleaner.report.clear()
+    cleaned = [[_worker_cleaner.clean(t) for t in texts] for texts in batch]
+    return cleaned, Counter(_worker_cleaner.report)
+
+
+def _cleaned(
+    records: Iterator[Any], cleaner: Cleaner, pool: Any, window: int
+) -> Iterator[tuple[Any, list[str | None]]]:
+    """(record, cleaned texts) in order. With a pool, a bounded window of batches is cleaned in the
+    worker processes at a time, so reading never runs ahead of cleaning by more than the window."""
+    if pool is None:
+        for record in records:
+            yield record, [cleaner.clean(t) for t in _fields(record)]
+        return
+    batches = _batches(records, 256)
+    while chunk := list(itertools.islice(batches, window)):
+        results = pool.map(_clean_batch, [[_fields(r) for r in batch] for batch in chunk])
+        for batch, (cleaned, report) in zip(chunk, results, strict=True):
+            cleaner.report.update(report)
+            yield from zip(batch, cleaned, strict=True)
+
+
 def collect(ctx: Context, spool: Path) -> dict[str, Any]:
     """Pass 1: read, clean, dedup, decontaminate and split every source into spool files."""
     cfg = ctx.job.config
     cleaner = Cleaner(CleaningSpec.model_validate(cfg["cleaning"]))
+    workers = int(cfg["workers"])
+    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (cfg["cleaning"],)) if workers > 1 else None
+    try:
+        return _collect(ctx, spool, cleaner, pool)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _collect(ctx: Context, spool: Path, cleaner: Cleaner, pool: Any) -> dict[str, Any]:
+    cfg = ctx.job.config
     dedup_spec = DedupSpec.model_validate(cfg["dedup"])
     dedup = Deduplicator(dedup_spec)
     deco = Decontaminator(dedup_spec.decontamination_ngram) if dedup_spec.decontaminate else None
@@ -113,11 +160,10 @@ def collect(ctx: Context, spool: Path) -> dict[str, Any]:
         counts[name] = Counter()
         files = {s: (spool / f"{name}.{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
         try:
-            for record in _records(src, cfg.get("strict", False), errors):
+            records = _records(src, cfg.get("strict", False), errors)
+            for record, cleaned in _cleaned(records, cleaner, pool, 2 * int(cfg["workers"])):
                 counts[name]["read"] += 1
-                texts = _fields(record)
-                progress.advance(name, sum(len(t) for t in texts))
-                cleaned = [cleaner.clean(t) for t in texts]
+                progress.advance(name, sum(len(t) for t in _fields(record)))
                 if any(c is None for c in cleaned):
                     continue
                 key = "\x00".join(c for c in cleaned if c is not None)
@@ -186,8 +232,8 @@ def tokenizer(ctx: Context, spool: Path, out: Path) -> tuple[Any, dict[str, Any]
     return tok, info
 
 
-def _batches(rows: Iterator[dict[str, Any]], size: int = 512) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
+def _batches(rows: Iterator[Any], size: int = 512) -> Iterator[list[Any]]:
+    batch: list[Any] = []
     for row in rows:
         batch.append(row)
         if len(batch) == size:
@@ -206,7 +252,8 @@ def write_text(tok: Any, eod: int, rows: Iterator[dict[str, Any]], prefix: str) 
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     docs = tokens = 0
     for batch in _batches(rows):
-        for enc in tok.encode_batch([r["text"] for r in batch]):
+        # encode_batch_fast skips the offsets that encode_batch computes and we never use.
+        for enc in tok.encode_batch_fast([r["text"] for r in batch]):
             ids = np.array([*enc.ids, eod], dtype=dtype)
             builder.add_document(ids, [len(ids)])
             docs, tokens = docs + 1, tokens + len(ids)
