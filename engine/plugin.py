@@ -107,6 +107,16 @@ class DataSource:
     fingerprint: Callable[[Any], str] | None = None
 
 
+def match_files(pattern: str, *, source: str) -> list[str]:
+    """The files a glob matches (`**` recursive), sorted; none is a FileNotFoundError naming the source."""
+    import glob
+
+    paths = sorted(glob.glob(pattern, recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"{source}: no file matches glob {pattern!r}")
+    return paths
+
+
 def files_fingerprint(pattern: str) -> str:
     """Paths, sizes and modification times of the files a glob matches: changes when any file does."""
     import glob

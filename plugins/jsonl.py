@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from engine.plugin import (
     Skip,
     Text,
     files_fingerprint,
+    match_files,
 )
 
 
@@ -63,9 +63,7 @@ def _record(row: dict[str, Any], params: JsonlParams, kind: RecordKind) -> Recor
 
 
 def read(params: JsonlParams, kind: RecordKind) -> Iterator[Record | Skip]:
-    paths = sorted(glob.glob(params.glob, recursive=True))
-    if not paths:
-        raise FileNotFoundError(f"jsonl: no file matches glob {params.glob!r}")
+    paths = match_files(params.glob, source="jsonl")
     for path in paths:
         with Path(path).open(encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator
 
 from pydantic import Field
 
-from engine.plugin import DataSource, Record, RecordKind, Skip, files_fingerprint
+from engine.plugin import DataSource, Record, RecordKind, Skip, files_fingerprint, match_files
 
 from .jsonl import JsonlParams, _record
 
@@ -21,9 +20,7 @@ def read(params: ParquetParams, kind: RecordKind) -> Iterator[Record | Skip]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    paths = sorted(glob.glob(params.glob, recursive=True))
-    if not paths:
-        raise FileNotFoundError(f"parquet: no file matches glob {params.glob!r}")
+    paths = match_files(params.glob, source="parquet")
     for path in paths:
         try:
             file = pq.ParquetFile(path)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.plugin import DataSource, Record, RecordKind, Skip, Text, files_fingerprint
+from engine.plugin import DataSource, Record, RecordKind, Skip, Text, files_fingerprint, match_files
 
 
 class TextFilesParams(BaseModel):
@@ -21,9 +20,7 @@ class TextFilesParams(BaseModel):
 
 
 def read(params: TextFilesParams, kind: RecordKind) -> Iterator[Record | Skip]:
-    paths = sorted(glob.glob(params.glob, recursive=True))
-    if not paths:
-        raise FileNotFoundError(f"text_files: no file matches glob {params.glob!r}")
+    paths = match_files(params.glob, source="text_files")
     for path in paths:
         try:
             content = Path(path).read_bytes().decode(params.encoding)

@@ -6,7 +6,6 @@ is read; its complete samples before the damage are kept.
 
 from __future__ import annotations
 
-import glob
 import json
 import tarfile
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.plugin import DataSource, Record, RecordKind, Skip, Text, files_fingerprint
+from engine.plugin import DataSource, Record, RecordKind, Skip, Text, files_fingerprint, match_files
 
 from .jsonl import JsonlParams, _record
 
@@ -36,9 +35,7 @@ def _samples(path: str, member: str) -> Iterator[tuple[str, bytes]]:
 
 
 def read(params: WebdatasetParams, kind: RecordKind) -> Iterator[Record | Skip]:
-    paths = sorted(glob.glob(params.glob, recursive=True))
-    if not paths:
-        raise FileNotFoundError(f"webdataset: no shard matches glob {params.glob!r}")
+    paths = match_files(params.glob, source="webdataset")
     for path in paths:
         name = "(start)"
         try:
