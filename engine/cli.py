@@ -44,20 +44,21 @@ def _fail(exc: EngineError) -> typer.Exit:
 
 
 def _compile(recipe: Path, overrides: list[str] | None, force: bool) -> tuple[Recipe, Plan]:
+    """Load and compile, or exit with the recipe's problems (code 2)."""
     from .compile import compile_recipe
     from .load import load_recipe
 
-    r = load_recipe(recipe, overrides or ())
-    return r, compile_recipe(r, force=force, source=str(recipe))
+    try:
+        r = load_recipe(recipe, overrides or ())
+        return r, compile_recipe(r, force=force, source=str(recipe))
+    except EngineError as exc:
+        raise _fail(exc) from None
 
 
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe: types, cross-field rules, plugins, references and memory estimates."""
-    try:
-        r, plan = _compile(recipe, overrides, force=False)
-    except EngineError as exc:
-        raise _fail(exc) from None
+    r, plan = _compile(recipe, overrides, force=False)
     from .compile.estimate import human_count
 
     params = next((j.estimate.params.total for j in plan.jobs if j.estimate), 0)
@@ -76,10 +77,7 @@ def plan(
     force: ForceOpt = False,
 ) -> None:
     """Compile a recipe and show its jobs with layouts and estimates."""
-    try:
-        _, p = _compile(recipe, overrides, force)
-    except EngineError as exc:
-        raise _fail(exc) from None
+    _, p = _compile(recipe, overrides, force)
     if json_out:
         sys.stdout.write(p.to_json())
         return
@@ -100,10 +98,7 @@ def run(
     from .launch import render_local, select
     from .launch.local import run_local
 
-    try:
-        _, p = _compile(recipe, overrides, force)
-    except EngineError as exc:
-        raise _fail(exc) from None
+    _, p = _compile(recipe, overrides, force)
     out.print(plan_table(p))
     if dry_run:
         for job in p.jobs:

@@ -152,6 +152,9 @@ def _job(
         "config": config,
         "parents": [earlier[d].cache_key for d in depends],
     }
+    common: dict[str, Any] = dict(
+        name=name, kind=stage.kind, depends_on=depends, inputs=inputs, argv=argv, config=config
+    )
     if isinstance(stage, DataStage):
         outputs = [Artifact(stage=name, kind="dataset", path=f"{run_dir}/{name}/data")]
         if trains_tokenizer and name == tokenizer_stage:
@@ -165,20 +168,9 @@ def _job(
             time_limit=stage.time_limit or cluster.default_time_limit,
         )
         return Job(
-            name=name,
-            kind=stage.kind,
-            depends_on=depends,
-            resources=resources,
-            layout=None,
-            precision=None,
-            inputs=inputs,
-            outputs=tuple(outputs),
-            env=dict(sorted(cluster.env.items())),
-            argv=argv,
-            estimate=None,
-            config=config,
-            cache_key=_digest(key_material),
-        )
+            **common, resources=resources, layout=None, precision=None, outputs=tuple(outputs),
+            env=_env(None, cluster), estimate=None, cache_key=_digest(key_material),
+        )  # fmt: skip
     layout = resolve_layout(stage, cluster)
     precision = resolve_precision(stage, cluster)
     steps = resolve_steps(stage, model)
@@ -193,25 +185,16 @@ def _job(
         time_limit=stage.resources.time_limit or cluster.default_time_limit,
     )
     return Job(
-        name=name,
-        kind=stage.kind,
-        depends_on=depends,
-        resources=resources,
-        layout=layout,
-        precision=precision,
-        inputs=inputs,
+        **common, resources=resources, layout=layout, precision=precision,
         outputs=(Artifact(stage=name, kind="checkpoint", path=f"{run_dir}/{name}/checkpoints"),),
-        env=_env(layout, cluster),
-        argv=argv,
-        estimate=estimate,
-        config=config,
-        cache_key=_digest(key_material),
-    )
+        env=_env(layout, cluster), estimate=estimate, cache_key=_digest(key_material),
+    )  # fmt: skip
 
 
-def _env(layout: Layout, cluster: ClusterProfile) -> dict[str, str]:
+def _env(layout: Layout | None, cluster: ClusterProfile) -> dict[str, str]:
+    """The job's environment: GPU settings for training jobs, then the cluster profile's."""
     env: dict[str, str] = {}
-    if cluster.device == "cuda":
+    if cluster.device == "cuda" and layout is not None:
         # One hardware queue keeps TP/SP communication kernels ordered ahead of the GEMMs they overlap.
         if layout.tp > 1 or layout.sequence_parallel:
             env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
