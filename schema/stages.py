@@ -35,6 +35,9 @@ class DataStage(Spec):
     )
 
 
+Batching = Literal["bucketed", "padded"]
+
+
 class _TrainingStage(Spec):
     """Fields every training stage has. Not a stage kind itself."""
 
@@ -64,7 +67,10 @@ class SftStage(_TrainingStage):
     kind: Literal["sft"] = Field(description="supervised fine-tuning")
     init_from: str = Field(description="pretrain or sft stage to start from")
     data: str = Field(description="name of the data stage whose conversation sources are trained on")
-    packing: bool = Field(default=True, description="pack conversations into full sequences")
+    batching: Batching = Field(
+        default="bucketed",
+        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length",
+    )
 
 
 class RewardModelStage(_TrainingStage):
@@ -74,6 +80,10 @@ class RewardModelStage(_TrainingStage):
     init_from: str = Field(description="sft or pretrain stage whose backbone the reward model starts from")
     data: str = Field(description="name of the data stage whose preference sources are trained on")
     margin: float = Field(default=0.0, ge=0, description="margin in the loss −log σ(r_c − r_r − margin)")
+    batching: Batching = Field(
+        default="bucketed",
+        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length",
+    )
 
 
 class RewardSpec(Spec):

@@ -155,22 +155,33 @@ def remove_partial(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load(path: Path, built: Any, *, layout: dict[str, Any], model_only: bool) -> tuple[int, int]:
-    """Load a checkpoint into built; returns (step, consumed samples), (0, 0) for model-only loads."""
+def load(
+    path: Path, built: Any, *, layout: dict[str, Any], model_only: bool, fresh: tuple[str, ...] = ()
+) -> tuple[int, int]:
+    """Load a checkpoint into built; returns (step, consumed samples), (0, 0) for model-only loads.
+
+    `fresh` names parameter prefixes that a model-only load leaves as initialised, for modules the
+    checkpoint cannot have (a reward model's scalar head on a language model's backbone).
+    """
     from megatron.core import dist_checkpointing
 
     meta = read_meta(path)
     if model_only:
         state = model_state(built.chunks)
+        for part in state.values():
+            for key in [k for k in part if k.startswith(fresh)] if fresh else []:
+                del part[key]
     else:
         same_layout = _layout_key(meta["layout"]) == _layout_key(layout)
         state = full_state(built, step=0, consumed=0, with_rng=same_layout, loading=True)
     loaded = dist_checkpointing.load(state, str(path))
-    if len(built.chunks) == 1:
-        _unwrap(built.chunks[0]).load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(built.chunks):
-            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    names = ["model"] if len(built.chunks) == 1 else [f"model{i}" for i in range(len(built.chunks))]
+    for name, chunk in zip(names, built.chunks, strict=True):
+        result = _unwrap(chunk).load_state_dict(loaded[name], strict=not fresh)
+        if fresh:
+            left = [k for k in result.missing_keys if not k.startswith(fresh)]
+            if left or result.unexpected_keys:
+                raise RuntimeError(f"{path}: missing {left}, unexpected {result.unexpected_keys}")
     if model_only:
         return 0, 0
     built.optimizer.load_state_dict(loaded["optimizer"])

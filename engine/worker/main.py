@@ -39,9 +39,9 @@ class Context:
 
 
 def _stages() -> dict[str, Callable[[Context], None]]:
-    from .stages import data, pretrain
+    from .stages import data, pretrain, reward, sft
 
-    return {"data": data.run, "pretrain": pretrain.run}
+    return {"data": data.run, "pretrain": pretrain.run, "sft": sft.run, "reward_model": reward.run}
 
 
 def load_plan(path: Path) -> Plan:
@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the missing TE is an error raised at model construction instead.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
     warnings.filterwarnings("ignore", message="full scope is deprecated")  # Megatron's own default
+    # Megatron's checkpoint loader still goes through torch's deprecated ShardedTensor API.
+    warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
     try:
         plan = load_plan(args.plan)
         job = plan.job(args.job)

@@ -122,17 +122,70 @@ def layer_spec(model: ResolvedModel, *, device: str) -> Any:
     return specs.get_gpt_layer_local_spec(normalization=norm)
 
 
-def build_chunks(job: Job, model: ResolvedModel, config: Any, *, device: str) -> list[Any]:
-    """One GPTModel per virtual pipeline stage held by this rank."""
+SCALAR_HEAD = "scalar_head"  # the parameters a scalar-head model adds to the GPT backbone
+
+
+def scalar_model_class() -> type:
+    """GPTModel whose last stage ends in a scalar per position (hidden → 1) instead of vocabulary logits.
+
+    The head is a RowParallelLinear fed the full hidden state: each tensor-parallel rank multiplies its
+    slice of the hidden dimension and the partial sums are all-reduced, so the weight is sharded like
+    any other TP layer and the result is the same at every TP size. With sequence parallelism the
+    hidden states are gathered first. The output layer is dropped (and embeddings are untied), so the
+    backbone loads from any language-model checkpoint. Forward returns [batch, seq] scalars; the reward
+    model reads them at the last real token, a PPO critic at every response token.
+    """
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel import RowParallelLinear, gather_from_sequence_parallel_region
+
+    class ScalarHeadGPT(GPTModel):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["share_embeddings_and_output_weights"] = False
+            super().__init__(*args, **kwargs)
+            self.post_process: bool
+            if self.post_process:
+                self.output_layer = None
+                cfg = dataclasses.replace(self.config, sequence_parallel=False)
+                head = RowParallelLinear(
+                    self.config.hidden_size, 1, config=cfg, init_method=self.config.init_method, bias=True,
+                    input_is_parallel=False, skip_bias_add=False,
+                )  # fmt: skip
+                setattr(self, SCALAR_HEAD, head)
+
+        def sharded_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+            # LanguageModule marks the output layer of every last stage; this model has none.
+            post, self.post_process = self.post_process, False
+            try:
+                return super().sharded_state_dict(*args, **kwargs)
+            finally:
+                self.post_process = post
+
+        def _postprocess(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not self.post_process:
+                return hidden_states
+            if self.config.sequence_parallel:
+                hidden_states = gather_from_sequence_parallel_region(hidden_states)
+            values, _ = getattr(self, SCALAR_HEAD)(hidden_states)  # [s, b, 1]
+            out: torch.Tensor = values.squeeze(-1).transpose(0, 1).contiguous()
+            return out
+
+    return ScalarHeadGPT
+
+
+def build_chunks(job: Job, model: ResolvedModel, config: Any, *, device: str, head: str = "lm") -> list[Any]:
+    """One GPTModel per virtual pipeline stage held by this rank; `head` is "lm" or "scalar"."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     assert job.layout is not None
     spec = layer_spec(model, device=device)
     vpp = job.layout.vpp
+    cls = scalar_model_class() if head == "scalar" else GPTModel
     chunks = []
     for vp in range(vpp) if vpp > 1 else [None]:
-        chunk = GPTModel(
+        chunk = cls(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=model.padded_vocab_size,
@@ -238,12 +291,12 @@ def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int) -
     return Built(chunks=wrapped, optimizer=optimizer, scheduler=scheduler, config=config)
 
 
-def build_job(job: Job, model: ResolvedModel, *, device: str, steps: int) -> Built:
+def build_job(job: Job, model: ResolvedModel, *, device: str, steps: int, head: str = "lm") -> Built:
     """Config, model chunks (initialised), DDP, optimizer and schedule for a training job."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(**config_kwargs(job, model, device=device))
-    chunks = build_chunks(job, model, config, device=device)
+    chunks = build_chunks(job, model, config, device=device, head=head)
     if device == "cpu":
         seed = int(job.config["training"]["seed"])
         init_layout_independent(chunks, seed=seed, std=model.init_method_std, num_layers=model.num_layers)

@@ -53,10 +53,12 @@ class Metrics:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{self.name}/{k}", v, step)
-        info = "  ".join(f"{k} {v:.4g}" for k, v in values.items() if k in ("loss", "val_loss", "lr", "tokens_per_s"))
+        info = "  ".join(
+            f"{k} {v:.4g}" for k, v in values.items() if k in ("loss", "val_loss", "val_accuracy", "lr", "tokens_per_s")
+        )
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
-        elif time.monotonic() - self.last_print > 5 or step in (1, self.total) or "val_loss" in values:
+        elif time.monotonic() - self.last_print > 5 or step in (0, 1, self.total) or "val_loss" in values:
             self.last_print = time.monotonic()
             print(f"[{self.name}] step {step}/{self.total}  {info}", flush=True)
 

@@ -1,10 +1,11 @@
-"""Logits of a checkpoint on a fixed batch, at any parallel layout: the check that resharding works.
+"""Outputs of a checkpoint on a fixed batch, at any parallel layout: the check that resharding works.
 
     python -m torch.distributed.run --nproc-per-node=N -m engine.worker.probe plan.json --job NAME --out f.pt
 
 Loads the job's newest checkpoint at the job's own layout, runs the first validation micro-batch
-through the pipeline (forward only), gathers the vocabulary-parallel logits over tensor-parallel
-ranks, and writes them (with the tokens) from the last pipeline stage.
+through the pipeline (forward only) and writes, from the last pipeline stage, the logits gathered
+over tensor-parallel ranks (language models) or the scores of the first held-out preference pairs
+(reward models), with the tokens.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import torch
 
 from ..errors import EXIT_USER_ERROR, EngineError
 from . import checkpoint
-from .data import build_datasets, microbatches
+from .chat_data import ChatData
+from .data import build_datasets, dataset_dir, microbatches, read_manifest
 from .env import rank_info
+from .loop import pair_scores
 from .main import Context, init_distributed, load_plan, shutdown
 from .mcore import build_job
 
@@ -40,34 +43,53 @@ def _forward(data: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[torch
     return logits, collect
 
 
+def _scores(data: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[torch.Tensor, Any]:
+    batch = next(data)
+    values = model(batch["tokens"], batch["position_ids"], None)
+
+    def collect(output: torch.Tensor, non_loss_data: bool = False) -> Any:
+        return pair_scores(output, batch["last"]).detach(), batch["tokens"]
+
+    return values, collect
+
+
 def probe(ctx: Context, out: Path) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     job, lay = ctx.job, ctx.job.layout
     assert lay is not None
-    built = build_job(job, ctx.plan.model, device=ctx.device, steps=1)
+    reward = job.kind == "reward_model"
+    built = build_job(job, ctx.plan.model, device=ctx.device, steps=1, head="scalar" if reward else "lm")
     latest = checkpoint.latest_checkpoint(Path(job.outputs[0].path))
     if latest is None:
         raise EngineError(f"stage {job.name!r} has no checkpoint to probe")
     checkpoint.load(latest, built, layout=lay.model_dump(), model_only=True)
     mbs = int(job.config["training"]["micro_batch_size"])
-    _, valid, _ = build_datasets(ctx.plan, job, train_samples=1, valid_samples=mbs * lay.dp, seed=0,
-                                 cache=ctx.stage_dir / "cache")  # fmt: skip
-    make = partial(microbatches, valid, start=0, num=1, mbs=mbs, dp=lay.dp, dp_rank=ps.get_data_parallel_rank())
+    dp_rank = ps.get_data_parallel_rank()
+    if reward:
+        pad = int(read_manifest(dataset_dir(ctx.plan, job))["tokenizer"]["pad"])
+        make, seq, _ = ChatData(ctx.plan, job, pairs=True, pad=pad).valid_batches(dp_rank)[0]
+        forward, rows = _scores, 2 * mbs
+    else:
+        _, valid, _ = build_datasets(ctx.plan, job, train_samples=1, valid_samples=mbs * lay.dp, seed=0,
+                                     cache=ctx.stage_dir / "cache")  # fmt: skip
+        make = partial(microbatches, valid, start=0, num=1, mbs=mbs, dp=lay.dp, dp_rank=dp_rank)
+        forward, rows, seq = _forward, mbs, ctx.plan.model.seq_length
     for chunk in built.chunks:
         chunk.eval()
     with torch.no_grad():
         result = get_forward_backward_func()(
-            forward_step_func=_forward,
+            forward_step_func=forward,
             data_iterator=[make() for _ in built.chunks] if len(built.chunks) > 1 else make(),
             model=built.chunks if len(built.chunks) > 1 else built.chunks[0],
-            num_microbatches=1, seq_length=ctx.plan.model.seq_length, micro_batch_size=mbs,
+            num_microbatches=1, seq_length=seq, micro_batch_size=rows,
             forward_only=True, collect_non_loss_data=True,
         )  # fmt: skip
     if result and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-        logits, tokens = result[0]
-        torch.save({"logits": logits.float().cpu(), "tokens": tokens.cpu(), "checkpoint": latest.name}, out)
+        output, tokens = result[0]
+        key = "scores" if reward else "logits"
+        torch.save({key: output.float().cpu(), "tokens": tokens.cpu(), "checkpoint": latest.name}, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,55 @@
+"""Stage 4a: the reward model — a scalar head on the GPT backbone, trained on ranked pairs.
+
+The backbone comes from an SFT (or pretrain) checkpoint after checking the hand-off contract; the
+head (hidden → 1, tensor-parallel, on the last pipeline stage: engine.worker.mcore.scalar_model_class)
+starts fresh. Each pair is scored at the last real token of prompt + chosen and of prompt + rejected,
+and the loss is Bradley–Terry, −log σ(r_chosen − r_rejected − margin). Training and validation log
+the loss, the accuracy (how often r_chosen > r_rejected) and the mean margin; validation is logged at
+step 0 too. Every checkpoint's meta.json says `"model": "reward_model"` with its head.
+"""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state as ps
+
+from ...errors import EngineError
+from ..chat_data import ChatData
+from ..data import dataset_dir, read_manifest
+from ..loop import PAIR_KEYS, pair_forward_step
+from ..main import Context
+from ..mcore import SCALAR_HEAD, build_job
+from ..train import Task, train
+
+META = {"model": "reward_model", "head": {"name": SCALAR_HEAD, "outputs": 1, "read_at": "last_token"}}
+
+
+def run(ctx: Context) -> None:
+    plan, job = ctx.plan, ctx.job
+    assert job.estimate is not None and job.layout is not None
+    if job.layout.cp > 1:
+        raise EngineError(
+            f"stages.{job.name}.parallelism.cp={job.layout.cp}: the reward model reads each sequence's last "
+            "token, which context parallelism splits across ranks; use cp: 1 for this stage"
+        )
+    tokenizer = read_manifest(dataset_dir(plan, job))["tokenizer"]
+    data = ChatData(plan, job, pairs=True, pad=int(tokenizer["pad"]))
+    if ctx.is_logger:
+        print(f"[{job.name}] {data.describe()}", flush=True)
+    built = build_job(job, plan.model, device=ctx.device, steps=job.estimate.steps, head="scalar")
+    dp_rank = ps.get_data_parallel_rank()
+
+    def train_batches(consumed: int) -> tuple[object, int, dict[str, float]]:
+        make, seq, waste = data.train_batches(consumed, dp_rank)
+        return make, seq, {"pad_fraction": waste, "seq_length": seq}
+
+    task = Task(
+        forward_step=pair_forward_step(ctx.device, float(job.config["margin"])),
+        keys=PAIR_KEYS,
+        train_batches=train_batches,  # type: ignore[arg-type]
+        valid_batches=lambda: data.valid_batches(dp_rank),
+        tokenizer=tokenizer,
+        rows_per_sample=2,
+        fresh=(SCALAR_HEAD + ".",),
+        meta=META,
+    )
+    train(ctx, built, task)

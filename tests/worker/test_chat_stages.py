@@ -1,0 +1,133 @@
+"""SFT and the reward model on the CPU demo's data (recipes/tiny.yaml, shortened), end to end through
+`engine run`: data → pretrain → SFT → reward model, then the checks that need those checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.compile import compile_recipe
+from engine.load import load_recipe
+from engine.worker.checkpoint import latest_checkpoint, read_meta
+
+from ..conftest import REPO
+from .helpers import make_plan
+
+pytestmark = pytest.mark.slow
+
+TINY = REPO / "recipes" / "tiny.yaml"
+# Shorter than the demo's schedule so that CI stays quick; the thresholds below were measured with it.
+SHORT = [
+    "stages.pretrain.training.steps=200",
+    "stages.pretrain.checkpointing.interval=200",
+    "stages.sft.training.steps=150",
+    "stages.sft.training.eval_interval=150",
+    "stages.reward.training.steps=200",
+]
+
+
+def engine(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)  # fmt: skip
+
+
+def metrics(run_dir: Path, stage: str) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("tiny")
+    done = engine("run", str(TINY), "--stages", "data,pretrain,sft,reward", f"run_dir={run}", *SHORT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run
+
+
+def test_sft_lowers_heldout_assistant_loss(run_dir: Path) -> None:
+    lines = metrics(run_dir, "sft")
+    start, end = lines[0], lines[-1]
+    # Step 0 is the pretrain checkpoint on the held-out conversations' assistant tokens. It has never
+    # seen the chat template, so it cannot know that an answer ends with <|end|>: its loss is high.
+    assert start["step"] == 0 and end["step"] == 150
+    assert end["val_loss"] < 0.25 * start["val_loss"], (start, end)
+    assert end["val_loss"] < 1.3
+    # Length-bucketed padding: the demo's conversations are ~12 tokens, the model's sequence 64.
+    waste = [m["pad_fraction"] for m in lines if "pad_fraction" in m]
+    assert max(m["seq_length"] for m in lines if "seq_length" in m) < 64
+    assert sum(waste) / len(waste) < 0.25
+
+
+def test_reward_model_ranks_heldout_pairs(run_dir: Path) -> None:
+    """The rejected answer of each demo pair is the correct sum moved by 1 to 10, so telling them
+    apart needs the sum itself; after SFT the backbone has learned it well enough that 200 steps put
+    the held-out accuracy (196 pairs, so ±0.03 is one standard error) above 0.8."""
+    lines = metrics(run_dir, "reward")
+    start, end = lines[0], lines[-1]
+    assert start["step"] == 0 and 0.35 < start["val_accuracy"] < 0.65  # a fresh head: chance
+    assert end["val_accuracy"] >= 0.8, end
+    assert end["val_margin"] > 0.5 and end["val_loss"] < start["val_loss"] - 0.2
+    meta = read_meta(latest_checkpoint(run_dir / "reward" / "checkpoints"))  # type: ignore[arg-type]
+    assert meta["kind"] == "reward_model" and meta["model"] == "reward_model"
+    assert meta["head"]["outputs"] == 1
+    assert meta["parents"] and "/sft/checkpoints/step_" in meta["parents"][0]
+
+
+def _probe(run_dir: Path, tp: int, out: Path) -> torch.Tensor:
+    overrides = [f"run_dir={run_dir}", *SHORT, f"stages.reward.parallelism.tp={tp}",
+                 f"stages.reward.resources.gpus_per_node={tp}"]  # fmt: skip
+    plan = compile_recipe(load_recipe(TINY, overrides))
+    path = out.with_suffix(".plan.json")
+    path.write_text(plan.to_json())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+           "-m", "engine.worker.probe", str(path), "--job", "reward", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores: torch.Tensor = torch.load(out)["scores"]
+    return scores
+
+
+def test_reward_scores_equal_at_tp1_and_tp2(run_dir: Path, tmp_path: Path) -> None:
+    one, two = _probe(run_dir, 1, tmp_path / "tp1.pt"), _probe(run_dir, 2, tmp_path / "tp2.pt")
+    assert one.shape == two.shape and one.numel() == 16  # 8 pairs of the first held-out micro-batch
+    assert one.std() > 0.1  # the scores are not all alike
+    assert torch.allclose(one, two, atol=1e-4, rtol=0), (one - two).abs().max()
+
+
+def test_sft_refuses_a_checkpoint_with_another_tokenizer(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "data", copy / "data")
+    shutil.copytree(run_dir / "pretrain" / "checkpoints", copy / "pretrain" / "checkpoints")
+    parent = latest_checkpoint(copy / "pretrain" / "checkpoints")
+    assert parent is not None
+    meta = read_meta(parent)
+    ours, theirs = meta["tokenizer"]["sha256"], "0" * 64
+    meta["tokenizer"]["sha256"] = theirs
+    (parent / "meta.json").write_text(json.dumps(meta))
+    done = engine("run", str(TINY), "--stages", "sft", f"run_dir={copy}", *SHORT)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    message = done.stdout + done.stderr
+    assert theirs in message and ours in message
+    assert "Traceback" not in message
+    assert latest_checkpoint(copy / "sft" / "checkpoints") is None
+
+
+def test_loss_mask_keeps_prompt_labels_out_of_loss_and_gradients(tmp_path: Path) -> None:
+    _, plan_path = make_plan(tmp_path)
+    script = Path(__file__).with_name("masking_check.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29537"}
+    done = subprocess.run([sys.executable, str(script), str(plan_path)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["assistant_tokens"] > 0 and result["prompt_tokens"] > result["assistant_tokens"]
+    assert result["prompt"] == {"loss_change": 0.0, "grad_change": 0.0}
+    assert result["assistant"]["loss_change"] > 1e-2 and result["assistant"]["grad_change"] > 1e-4
