@@ -114,9 +114,11 @@ def run(
         done = run_local(p, jobs, recipe_text=_resolved_yaml(recipe, overrides))
     except EngineError as exc:
         raise _fail(exc) from None
-    table = Table("stage", "step", "loss", "val_loss", "artifact", title="finished", title_justify="left")
+    table = Table(
+        "stage", "step", "loss", "val_loss", "val_accuracy", "artifact", title="finished", title_justify="left"
+    )
     for row in done:
-        table.add_row(*(row.get(k, "-") for k in ("stage", "step", "loss", "val_loss", "artifact")))
+        table.add_row(*(row.get(k, "-") for k in ("stage", "step", "loss", "val_loss", "val_accuracy", "artifact")))
     out.print(table)
 
 

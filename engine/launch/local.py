@@ -1,9 +1,12 @@
 """The local launcher: each job as a torchrun (or plain python) subprocess, in DAG order.
 
 The plan and the resolved recipe are written into the run directory first; every job's output is
-streamed to the console and to `<stage>/logs/launch.log`. A failed job stops the run: later jobs,
-which depend on its artifacts, are not started. Nothing already in the run directory is removed, so a
-rerun resumes every stage from its newest checkpoint.
+streamed to the console and to `<stage>/logs/launch.log`. A worker that refuses to start because of a
+user error (a missing input, a checkpoint that does not fit the stage) prints one `error: ` line; the
+launcher reports that line alone, with exit code 2, and leaves torchrun's report of the failed process
+to the log. A failed job stops the run: later jobs, which depend on its artifacts, are not started.
+Nothing already in the run directory is removed, so a rerun resumes every stage from its newest
+checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from ..artifacts import write_json_atomic
 from ..compile import Job, Plan
 from ..errors import EngineError
 from . import render_local
+
+USER_ERROR = "error: "  # how a worker's rank 0 reports a user error (engine.worker.main), one line
 
 
 def command(job: Job) -> list[str]:
@@ -37,7 +42,7 @@ def summary(job: Job) -> dict[str, str]:
         for line in metrics.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
             last.update(record)
-    shown: dict[str, str] = {k: f"{last[k]:.4g}" for k in ("step", "loss", "val_loss") if k in last}
+    shown: dict[str, str] = {k: f"{last[k]:.4g}" for k in ("step", "loss", "val_loss", "val_accuracy") if k in last}
     return {"stage": job.name, **shown, "artifact": str(folder)}
 
 
@@ -74,10 +79,18 @@ def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str
         with (logs / "launch.log").open("a", encoding="utf-8") as log:
             proc = subprocess.Popen(command(job), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert proc.stdout is not None
+            user_error = None
             for line in proc.stdout:
                 log.write(line)
-                sys.stdout.write(line)
+                if user_error is None and line.startswith(USER_ERROR):
+                    # A worker refused to start (bad input, contract mismatch): what follows is
+                    # torchrun's report of the failed process, which the log keeps.
+                    user_error = line[len(USER_ERROR) :].strip()
+                if user_error is None:
+                    sys.stdout.write(line)
             code = proc.wait()
+        if code != 0 and user_error is not None:
+            raise EngineError(f"stage {job.name!r}: {user_error}")
         if code != 0:
             raise EngineError(f"stage {job.name!r} failed with exit code {code}; its log: {logs / 'launch.log'}")
         done.append(summary(job))

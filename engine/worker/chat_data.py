@@ -10,9 +10,9 @@ batches an uninterrupted one would have.
 
 Length-bucketed padding (`batching: bucketed`): each epoch is a seeded permutation cut into windows of
 16 global batches; a window is sorted by length, cut into global batches, and those are shuffled. A
-step is padded only to its longest sample (rounded up to a multiple of 8, or of what context and
-sequence parallelism need), never across conversations, so no attention mask beyond the causal one
-is needed. `batching: padded` pads every step to the model's sequence length. The fraction of padded
+step is padded only to its longest sample (rounded up to a multiple of 8 on GPUs, 16 with FP8, and
+of what context and sequence parallelism need), never across conversations, so no attention mask
+beyond the causal one is needed. `batching: padded` pads every step to the model's sequence length. The fraction of padded
 positions is logged every step as `pad_fraction`.
 
 SFT rows: inputs are tokens[:-1], labels tokens[1:], and the loss mask is the chat template's
@@ -102,10 +102,12 @@ def step_length(longest: int, *, cap: int, multiple: int) -> int:
 
 
 def pad_multiple(job: Job) -> int:
-    """Sequence lengths must split into 2·cp chunks and, with sequence parallelism, over TP ranks."""
-    lay = job.layout
-    assert lay is not None
-    return math.lcm(8, 2 * lay.cp if lay.cp > 1 else 1, lay.tp if lay.sequence_parallel else 1)
+    """Sequence lengths must split into 2·cp chunks and, with sequence parallelism, over TP ranks; on
+    GPUs they are multiples of 8 for tensor cores (16 for FP8 GEMMs); on CPU nothing more."""
+    lay, prec = job.layout, job.precision
+    assert lay is not None and prec is not None
+    base = 1 if job.resources.device == "cpu" else 16 if prec.dtype == "fp8" else 8
+    return math.lcm(base, 2 * lay.cp if lay.cp > 1 else 1, lay.tp if lay.sequence_parallel else 1)
 
 
 @dataclass

@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage(ctx)
     except EngineError as exc:
         if info.rank == 0:
-            print(f"error: {exc.render()}", file=sys.stderr, flush=True)
+            # One line: the local launcher shows it in place of torchrun's failure report.
+            print("error: " + exc.render().replace("\n", " "), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     finally:
         shutdown()

@@ -23,14 +23,8 @@ from .helpers import make_plan
 pytestmark = pytest.mark.slow
 
 TINY = REPO / "recipes" / "tiny.yaml"
-# Shorter than the demo's schedule so that CI stays quick; the thresholds below were measured with it.
-SHORT = [
-    "stages.pretrain.training.steps=200",
-    "stages.pretrain.checkpointing.interval=200",
-    "stages.sft.training.steps=150",
-    "stages.sft.training.eval_interval=150",
-    "stages.reward.training.steps=200",
-]
+# The demo's own schedule: with pretraining and SFT cut to half, the reward model only reached 0.66.
+SHORT: list[str] = []
 
 
 def engine(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -56,13 +50,14 @@ def test_sft_lowers_heldout_assistant_loss(run_dir: Path) -> None:
     start, end = lines[0], lines[-1]
     # Step 0 is the pretrain checkpoint on the held-out conversations' assistant tokens. It has never
     # seen the chat template, so it cannot know that an answer ends with <|end|>: its loss is high.
-    assert start["step"] == 0 and end["step"] == 150
+    assert start["step"] == 0 and end["step"] == 300
     assert end["val_loss"] < 0.25 * start["val_loss"], (start, end)
-    assert end["val_loss"] < 1.3
-    # Length-bucketed padding: the demo's conversations are ~12 tokens, the model's sequence 64.
+    assert end["val_loss"] < 1.1  # measured 0.88
+    # Length-bucketed padding: the demo's conversations are ~10 tokens, the model's sequence 64, so
+    # padding every row to 64 would waste about 85% of the positions.
     waste = [m["pad_fraction"] for m in lines if "pad_fraction" in m]
     assert max(m["seq_length"] for m in lines if "seq_length" in m) < 64
-    assert sum(waste) / len(waste) < 0.25
+    assert sum(waste) / len(waste) < 0.15
 
 
 def test_reward_model_ranks_heldout_pairs(run_dir: Path) -> None:
