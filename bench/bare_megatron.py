@@ -26,7 +26,7 @@ def main(plan_path: str) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -64,6 +64,8 @@ def main(plan_path: str) -> None:
         OptimizerConfig(optimizer="adam", lr=t["lr"], weight_decay=t["weight_decay"], clip_grad=t["grad_clip"]),
         [model],
     )
+    config.finalize_model_grads_func = finalize_model_grads  # as Megatron's pretrain loop sets it
+    config.grad_scale_func = optimizer.scale_loss
 
     class Ids:
         def __init__(self) -> None:

@@ -243,7 +243,7 @@ def init_layout_independent(chunks: list[Any], *, seed: int, std: float, num_lay
 
 def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int) -> Built:
     """DDP-wrap the chunks; Megatron's optimizer; warmup + decay schedule."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -274,6 +274,11 @@ def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int) -
         use_distributed_optimizer=job.layout.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, wrapped)
+    # What Megatron's own training loop sets: after the last micro-batch the schedule calls
+    # finalize_model_grads (the data-parallel gradient all-reduce, the tied-embedding all-reduce between
+    # the first and last pipeline stages, sequence-parallel layer norms); losses are scaled for fp16.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
     decay = max(1, steps - t["warmup_steps"]) if t["lr_schedule"] != "constant" else 1
     scheduler = OptimizerParamScheduler(
         optimizer,

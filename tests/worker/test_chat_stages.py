@@ -75,14 +75,14 @@ def test_reward_model_ranks_heldout_pairs(run_dir: Path) -> None:
     assert meta["parents"] and "/sft/checkpoints/step_" in meta["parents"][0]
 
 
-def _probe(run_dir: Path, tp: int, out: Path) -> torch.Tensor:
+def _probe(run_dir: Path, tp: int, out: Path, pp: int = 1) -> torch.Tensor:
     overrides = [f"run_dir={run_dir}", *SHORT, f"stages.reward.parallelism.tp={tp}",
-                 f"stages.reward.resources.gpus_per_node={tp}"]  # fmt: skip
+                 f"stages.reward.parallelism.pp={pp}", f"stages.reward.resources.gpus_per_node={tp * pp}"]  # fmt: skip
     plan = compile_recipe(load_recipe(TINY, overrides))
     path = out.with_suffix(".plan.json")
     path.write_text(plan.to_json())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
            "-m", "engine.worker.probe", str(path), "--job", "reward", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -90,11 +90,32 @@ def _probe(run_dir: Path, tp: int, out: Path) -> torch.Tensor:
     return scores
 
 
-def test_reward_scores_equal_at_tp1_and_tp2(run_dir: Path, tmp_path: Path) -> None:
-    one, two = _probe(run_dir, 1, tmp_path / "tp1.pt"), _probe(run_dir, 2, tmp_path / "tp2.pt")
-    assert one.shape == two.shape and one.numel() == 16  # 8 pairs of the first held-out micro-batch
+def test_reward_scores_equal_at_tp1_tp2_and_pp2(run_dir: Path, tmp_path: Path) -> None:
+    """The checkpoint (written at dp=2) loaded at TP1, at TP2 (the head's weight split over two ranks)
+    and at PP2 (the head on the second pipeline stage) scores the same held-out pairs alike."""
+    one = _probe(run_dir, 1, tmp_path / "tp1.pt")
+    assert one.numel() == 16  # chosen and rejected of the first held-out micro-batch's 8 pairs
     assert one.std() > 0.1  # the scores are not all alike
-    assert torch.allclose(one, two, atol=1e-4, rtol=0), (one - two).abs().max()
+    for name, other in (("tp2", _probe(run_dir, 2, tmp_path / "tp2.pt")),
+                        ("pp2", _probe(run_dir, 1, tmp_path / "pp2.pt", pp=2))):  # fmt: skip
+        assert other.shape == one.shape
+        assert torch.allclose(one, other, atol=1e-4, rtol=0), (name, (one - other).abs().max())
+
+
+def test_reward_model_trains_at_pp2_as_at_dp2(run_dir: Path, tmp_path: Path) -> None:
+    """The first three steps at PP2 from the same SFT checkpoint see the same micro-batches as the fixture's
+    dp=2 run (warmup makes the learning rates equal too), so the losses agree."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "data", copy / "data")
+    shutil.copytree(run_dir / "sft" / "checkpoints", copy / "sft" / "checkpoints")
+    done = engine("run", str(TINY), "--stages", "reward", f"run_dir={copy}", "stages.reward.training.steps=11",
+                  "stages.reward.parallelism.pp=2", "stages.reward.training.eval_interval=100")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ours = {m["step"]: m["loss"] for m in metrics(copy, "reward") if m["step"] > 0}
+    reference = {m["step"]: m["loss"] for m in metrics(run_dir, "reward") if 0 < m["step"] <= 3}
+    assert sorted(ours) == list(range(1, 12))
+    for step, loss in reference.items():
+        assert ours[step] == pytest.approx(loss, abs=1e-4), step
 
 
 def test_sft_refuses_a_checkpoint_with_another_tokenizer(run_dir: Path, tmp_path: Path) -> None:

@@ -46,17 +46,25 @@ def test_loss_falls(reference: dict[int, float], tmp_path_factory: pytest.TempPa
         (2, ["stages.pretrain.parallelism.pp=2"]),
         (4, ["stages.pretrain.parallelism.tp=2", "stages.pretrain.parallelism.pp=2"]),
         (2, ["stages.pretrain.parallelism.pp=2", "stages.pretrain.parallelism.vpp=2"]),
+        (2, []),
     ],
-    ids=["tp2", "pp2", "tp2pp2", "pp2vpp2"],
+    ids=["tp2", "pp2", "tp2pp2", "pp2vpp2", "dp2"],
 )
 def test_parallel_layouts_reproduce_tp1_losses(
-    reference: dict[int, float], tmp_path: Path, nproc: int, layout: list[str]
-) -> None:
+    reference: dict[int, float], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, nproc: int,
+    layout: list[str],
+) -> None:  # fmt: skip
+    """Losses and gradient norms: a data-parallel replica that skipped the gradient all-reduce would
+    still report the averaged loss of step 1, but not the gradient norm of one model."""
     _run(tmp_path, nproc, *layout)
     got = losses(tmp_path)
     assert sorted(got) == sorted(reference)
     for step, loss in reference.items():
         assert got[step] == pytest.approx(loss, abs=1e-4), f"step {step}"
+    norms = {m["step"]: m["grad_norm"] for m in metrics(tmp_path)}
+    ref_norms = {m["step"]: m["grad_norm"] for m in metrics(next(tmp_path_factory.getbasetemp().glob("ref*")))}
+    for step, norm in ref_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=1e-4), f"grad norm at step {step}"
 
 
 def test_sigkill_then_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
