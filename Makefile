@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	# Until the SFT, reward-model and PPO workers exist, the demo runs the stages that do.
-	$(BIN)/engine run recipes/tiny.yaml --stages data,pretrain
+	# Until the PPO worker exists, the demo runs the stages that do.
+	$(BIN)/engine run recipes/tiny.yaml --stages data,pretrain,sft,reward
 
 lint: $(STAMP)
 	$(BIN)/engine schema --check

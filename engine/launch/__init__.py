@@ -10,7 +10,7 @@ from ..compile import Job, Plan
 from ..errors import Problem
 
 # Stage kinds whose worker exists. `engine run` refuses a plan with any other kind before it starts.
-RUNNABLE_KINDS: frozenset[str] = frozenset({"data", "pretrain", "sft", "reward_model"})
+RUNNABLE_KINDS: frozenset[str] = frozenset({"data", "pretrain", "sft", "reward_model", "ppo"})
 
 
 def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]]:

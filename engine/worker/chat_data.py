@@ -68,15 +68,15 @@ class Ragged:
         return np.diff(self.offsets)
 
 
-def read_shards(plan: Plan, job: Job, records: str, split: str) -> list[dict[str, Any]]:
-    """All samples of one record kind and split, from every source of the job's data stage."""
-    root = dataset_dir(plan, job)
+def read_shards(plan: Plan, job: Job, records: str, split: str, key: str = "data") -> list[dict[str, Any]]:
+    """All samples of one record kind and split, from every source of the data stage `job.config[key]`."""
+    root = dataset_dir(plan, job, key)
     manifest = read_manifest(root)
     samples: list[dict[str, Any]] = []
     names = [name for name, src in manifest["sources"].items() if src["records"] == records]
     if not names:
         raise EngineError(
-            f"stage {job.name!r} trains on {records} records, but data stage {job.config['data']!r} has no "
+            f"stage {job.name!r} trains on {records} records, but data stage {job.config[key]!r} has no "
             f"source with records: {records}"
         )
     for name in names:

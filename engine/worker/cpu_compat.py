@@ -45,6 +45,7 @@ PROXIED_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.tensor_parallel.random": ("torch.cuda.get_rng_state()", "torch.cuda.manual_seed"),
     "megatron.core.models.common.language_module.language_module": ("weight.data.cuda()",),
     "megatron.core.models.common.embeddings.rotary_pos_embedding": ("torch.cuda.current_device()",),
+    "megatron.core.transformer.attention": ("torch.cuda.current_device()",),  # the inference KV cache
 }
 # Module → attributes this file replaces or relies on.
 REPLACED: dict[str, tuple[str, ...]] = {

@@ -36,8 +36,9 @@ class SpecialIds:
         return {"class": "SpecialIds", "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
 
 
-def dataset_dir(plan: Plan, job: Job) -> Path:
-    data_stage = job.config["data"]
+def dataset_dir(plan: Plan, job: Job, key: str = "data") -> Path:
+    """The dataset artifact of the data stage that `job.config[key]` names."""
+    data_stage = job.config[key]
     artifact = next(a for a in plan.job(data_stage).outputs if a.kind == "dataset")
     return Path(artifact.path)
 

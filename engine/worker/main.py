@@ -39,9 +39,9 @@ class Context:
 
 
 def _stages() -> dict[str, Callable[[Context], None]]:
-    from .stages import data, pretrain, reward, sft
+    from .stages import data, ppo, pretrain, reward, sft
 
-    return {"data": data.run, "pretrain": pretrain.run, "sft": sft.run, "reward_model": reward.run}
+    return {"data": data.run, "pretrain": pretrain.run, "sft": sft.run, "reward_model": reward.run, "ppo": ppo.run}
 
 
 def load_plan(path: Path) -> Plan:

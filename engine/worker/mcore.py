@@ -241,14 +241,17 @@ def init_layout_independent(chunks: list[Any], *, seed: int, std: float, num_lay
                 raise RuntimeError(f"layout-independent init did not reach: {missing}")
 
 
-def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int) -> Built:
-    """DDP-wrap the chunks; Megatron's optimizer; warmup + decay schedule."""
+def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int, lr: float | None = None) -> Built:
+    """DDP-wrap the chunks; Megatron's optimizer; warmup + decay schedule. `lr` replaces the stage's
+    learning rate (min_lr scales with it): PPO's critic has its own."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     assert job.layout is not None and job.precision is not None
-    t = job.config["training"]
+    t = dict(job.config["training"])
+    if lr is not None:
+        t["min_lr"], t["lr"] = t["min_lr"] * lr / t["lr"], lr
     bf16 = job.precision.dtype != "fp32"
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=bf16,
@@ -296,7 +299,9 @@ def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int) -
     return Built(chunks=wrapped, optimizer=optimizer, scheduler=scheduler, config=config)
 
 
-def build_job(job: Job, model: ResolvedModel, *, device: str, steps: int, head: str = "lm") -> Built:
+def build_job(
+    job: Job, model: ResolvedModel, *, device: str, steps: int, head: str = "lm", lr: float | None = None
+) -> Built:
     """Config, model chunks (initialised), DDP, optimizer and schedule for a training job."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -305,4 +310,17 @@ def build_job(job: Job, model: ResolvedModel, *, device: str, steps: int, head: 
     if device == "cpu":
         seed = int(job.config["training"]["seed"])
         init_layout_independent(chunks, seed=seed, std=model.init_method_std, num_layers=model.num_layers)
-    return wrap_and_optimize(job, chunks, config, steps=steps)
+    return wrap_and_optimize(job, chunks, config, steps=steps, lr=lr)
+
+
+def build_frozen(job: Job, model: ResolvedModel, *, device: str, head: str = "lm") -> list[Any]:
+    """Model chunks that are only evaluated (PPO's reference policy and reward model): no DDP, no
+    optimizer, no gradients; their weights come from a checkpoint."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(**config_kwargs(job, model, device=device))
+    chunks = build_chunks(job, model, config, device=device, head=head)
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks

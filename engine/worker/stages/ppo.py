@@ -1,0 +1,477 @@
+"""Stage 4b: RLHF with PPO — actor, critic, reference and reward, all Megatron-Core models in one job.
+
+Roles, colocated on the job's processes and taking turns (rollout, scoring, training):
+
+* actor: the policy, a GPTModel from the `policy` stage's checkpoint, trained (DDP, Megatron's Adam);
+* reference: a frozen copy of the same checkpoint, for the KL penalty;
+* critic: a scalar-head GPTModel (engine.worker.mcore.scalar_model_class) read at every response
+  token, from `critic_from` (default: the reward model) or, without one, the policy's backbone with a
+  fresh head; trained with its own learning rate (`ppo.critic_lr`);
+* reward: the frozen reward model's score at the last token (weight `reward_model_weight`) plus the
+  weighted reward-function plugins (`rewards`), which score decoded (prompt, response, reference).
+
+One iteration (one `training.steps` unit): `prompts_per_iteration` prompts from the prompt shards
+(a seeded order, split over data-parallel ranks) are answered `responses_per_prompt` times each by
+KV-cache sampling (engine.worker.generate); the rollouts are scored, their log-probabilities under the
+actor and the reference and the critic's values are computed, and advantages follow from GAE; then
+`epochs` passes over shuffled minibatches of `global_batch_size` rollouts each take one optimizer step
+of the actor and one of the critic through Megatron's schedule. The mathematics is in
+engine.worker.ppo_math. Log-probabilities and entropy are computed over vocabulary-parallel logits
+(tensor parallelism) without gathering them.
+
+Held-out evaluation (greedy answers to `eval_prompts` prompts of the valid split: mean reward, and
+exact-match accuracy where prompts carry a reference) is logged at step 0, every `eval_interval`
+iterations and at the end. Checkpoints: the actor in the stage's checkpoint folder (meta.json carries
+the iteration and the KL coefficient), the critic under `critic/`, saved first; a restarted job resumes
+from the newest actor checkpoint whose critic exists. Rollouts run at pp=1 (the compiler refuses
+pipeline parallelism for PPO).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from ... import plugin
+from ...chat import SpecialIds
+from ...data.tokenizer import load as load_tokenizer
+from ...errors import EngineError
+from .. import checkpoint
+from ..chat_data import read_shards
+from ..data import dataset_dir, read_manifest
+from ..faults import maybe_kill
+from ..generate import Sampling, generate
+from ..loop import train_step
+from ..main import Context
+from ..mcore import SCALAR_HEAD, build_frozen, build_job
+from ..metrics import Metrics
+from ..ppo_math import adapt_kl_coef, gae, kl_penalty, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from ..train import check_contract, meta_for, parent_checkpoint
+
+ACTOR_KEYS = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy")
+CRITIC_KEYS = ("loss", "value_loss")
+
+
+def vocab_parallel_logp_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(label) and the entropy of π from logits split over tensor-parallel ranks ([..., vocab/tp]).
+
+    Sums over the vocabulary are all-reduced with Megatron's autograd-aware reduction (all-reduce
+    forward, identity backward), so gradients are exact and the logits are never gathered.
+    """
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as reduce
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    logits = logits.float()
+    part = logits.shape[-1]
+    top = logits.max(dim=-1, keepdim=True).values.detach()
+    if tp > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    z = logits - top
+    e = z.exp()
+    total = e.sum(-1)
+    start = ps.get_tensor_model_parallel_rank() * part
+    here = (labels >= start) & (labels < start + part)
+    picked = z.gather(-1, (labels - start).clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * here
+    weighted = (e * z).sum(-1)
+    if tp > 1:
+        total, picked, weighted = reduce(total), reduce(picked), reduce(weighted)
+    log_total = total.log()
+    return picked - log_total, log_total - weighted / total
+
+
+@dataclass
+class Rollouts:
+    """One data-parallel rank's rollouts, in label space ([n, S]; see engine.worker.ppo_math)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def minibatch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        seq = self.tokens.shape[1]
+        return {
+            "tokens": self.tokens[rows], "labels": self.labels[rows], "mask": self.mask[rows],
+            "old_logp": self.old_logp[rows], "old_values": self.old_values[rows],
+            "advantages": self.advantages[rows], "returns": self.returns[rows],
+            "position_ids": torch.arange(seq).unsqueeze(0).expand(len(rows), seq).contiguous(),
+        }  # fmt: skip
+
+
+class Ppo:
+    def __init__(self, ctx: Context) -> None:
+        plan, job = ctx.plan, ctx.job
+        self.ctx, self.job, self.plan = ctx, job, plan
+        lay, est = job.layout, job.estimate
+        assert lay is not None and est is not None
+        if lay.pp > 1:
+            raise EngineError(f"stages.{job.name}.parallelism.pp={lay.pp}: PPO rollouts run at pp=1; use tp instead")
+        self.cfg = job.config
+        self.ro, self.hp, self.t = self.cfg["rollout"], self.cfg["ppo"], self.cfg["training"]
+        self.dp, self.dp_rank = lay.dp, ps.get_data_parallel_rank()
+        self.gbs, self.mbs = int(self.t["global_batch_size"]), int(self.t["micro_batch_size"])
+        self.samples = self.ro["prompts_per_iteration"] * self.ro["responses_per_prompt"]
+        if self.ro["prompts_per_iteration"] % self.dp:
+            raise EngineError(
+                f"stages.{job.name}.rollout.prompts_per_iteration={self.ro['prompts_per_iteration']} does not split "
+                f"over {self.dp} data-parallel ranks; use a multiple of {self.dp}"
+            )
+        self.iterations = est.steps
+        self.optimizer_steps = self.iterations * self.hp["epochs"] * (self.samples // self.gbs)
+
+        manifest = read_manifest(dataset_dir(plan, job, "prompts"))
+        self.tokenizer = manifest["tokenizer"]
+        self.tok = load_tokenizer(Path(self.tokenizer["path"]))
+        self.ids = SpecialIds.lookup(self.tok.token_to_id)
+        self.stop = [self.ids.end, self.ids.eos]
+        self.vocab = int(self.tokenizer["vocab_size"])
+        self.train_prompts = self._prompts("train")
+        self.eval_set = self._prompts("valid")[: self.cfg["eval_prompts"]]
+        if not self.train_prompts:
+            raise EngineError(f"stage {job.name!r}: no training prompt fits rollout.max_prompt_tokens")
+
+        self.rewards = []
+        for spec in self.cfg["rewards"]:
+            found = plugin.rewards()[spec["plugin"]]
+            self.rewards.append(
+                (spec["plugin"], float(spec["weight"]), found, found.params.model_validate(spec["params"]))
+            )
+
+        model, device = plan.model, ctx.device
+        self.actor = build_job(job, model, device=device, steps=self.optimizer_steps)
+        critic_lr = self.hp["critic_lr"] or self.t["lr"]
+        self.critic = build_job(job, model, device=device, steps=self.optimizer_steps, head="scalar", lr=critic_lr)
+        self.reference = build_frozen(job, model, device=device)
+        self.reward_model = build_frozen(job, model, device=device, head="scalar") if self.cfg["reward_model"] else None
+        self.root = Path(job.outputs[0].path)
+        self.critic_root = self.root.parent / "critic"
+
+    def _prompts(self, split: str) -> list[dict[str, Any]]:
+        rows = read_shards(self.plan, self.job, "prompt", split, key="prompts")
+        return [r for r in rows if len(r["prompt"]) <= self.ro["max_prompt_tokens"]]
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    def _load(self, path: Path, chunks: list[Any], fresh: tuple[str, ...] = ()) -> None:
+        assert self.job.layout is not None
+        holder = SimpleNamespace(chunks=chunks)
+        checkpoint.load(path, holder, layout=self.job.layout.model_dump(), model_only=True, fresh=fresh)
+
+    def _parent(self, stage: str) -> Path:
+        parent = parent_checkpoint(self.ctx, stage)
+        meta = checkpoint.read_meta(parent)
+        check_contract(parent, meta, architecture=self.plan.model.model_dump(mode="json"), tokenizer=self.tokenizer)
+        return parent
+
+    def start(self) -> tuple[int, float, list[str]]:
+        """(iteration, KL coefficient, parents): resume, or initialise every role from its parent."""
+        assert self.job.layout is not None
+        if self.ctx.info.rank == 0:
+            checkpoint.remove_partial(self.root)
+            checkpoint.remove_partial(self.critic_root)
+        dist.barrier()
+        policy = self._parent(self.cfg["policy"])
+        self._load(policy, self.reference)
+        if self.reward_model is not None:
+            self._load(self._parent(self.cfg["reward_model"]), self.reward_model)
+        layout = self.job.layout.model_dump()
+        own = checkpoint.latest_checkpoint(self.root)
+        critics = {p.name for p in checkpoint.complete_checkpoints(self.critic_root)}
+        while own is not None and own.name not in critics:  # killed between the critic's and the actor's save
+            older = [p for p in checkpoint.complete_checkpoints(self.root) if p.name < own.name]
+            own = older[-1] if older else None
+        if own is not None:
+            meta = checkpoint.read_meta(own)
+            step, _ = checkpoint.load(own, self.actor, layout=layout, model_only=False)
+            checkpoint.load(self.critic_root / own.name, self.critic, layout=layout, model_only=False)
+            return step, float(meta["kl_coef"]), list(meta.get("parents", []))
+        self._load(policy, self.actor.chunks)
+        critic_from = self.cfg["critic_from"] or self.cfg["reward_model"]
+        parents = [str(policy)]
+        if critic_from:
+            source = self._parent(critic_from)
+            self._load(source, self.critic.chunks)
+            parents.append(str(source))
+        else:
+            self._load(policy, self.critic.chunks, fresh=(SCALAR_HEAD + ".",))
+        return 0, float(self.hp["kl_coef"]), parents
+
+    # -- rollouts -------------------------------------------------------------------------------
+
+    def _iteration_prompts(self, iteration: int) -> list[dict[str, Any]]:
+        n, per = len(self.train_prompts), self.ro["prompts_per_iteration"]
+        local = per // self.dp
+        first = iteration * per + self.dp_rank * local
+        out = []
+        for g in range(first, first + local):
+            order = np.random.default_rng([int(self.t["seed"]), g // n]).permutation(n)
+            out.append(self.train_prompts[int(order[g % n])])
+        return [p for p in out for _ in range(self.ro["responses_per_prompt"])]
+
+    def _generate(self, prompts: list[dict[str, Any]], sampling: Sampling, gen: torch.Generator) -> tuple[Any, int]:
+        """Token rows (prompt + response, padded), prompt and response lengths; tokens generated."""
+        rows, plens, rlens, new = [], [], [], 0
+        actor = self.actor.chunks[0]
+        for i in range(0, len(prompts), self.ro["batch_size"]):
+            chunk = prompts[i : i + self.ro["batch_size"]]
+            out = generate(actor, [p["prompt"] for p in chunk], max_new=self.ro["max_new_tokens"], sampling=sampling,
+                           stop=self.stop, pad=self.ids.pad, vocab_size=self.vocab, generator=gen)  # fmt: skip
+            new += out.new_tokens
+            for r in range(len(chunk)):
+                p, n = int(out.prompt_lengths[r]), int(out.response_lengths[r])
+                rows.append(out.tokens[r, : p + n].tolist())
+                plens.append(p)
+                rlens.append(n)
+        return (rows, plens, rlens), new
+
+    def _label_space(self, rows: list[list[int]], plens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), self.ids.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width))
+        for i, (row, p) in enumerate(zip(rows, plens, strict=True)):
+            tokens[i, : len(row)] = torch.tensor(row)
+            mask[i, p - 1 : len(row) - 1] = 1.0  # positions whose next token is a response token
+        labels = torch.cat([tokens[:, 1:], torch.full((len(rows), 1), self.ids.pad, dtype=torch.long)], dim=1)
+        return tokens, labels, mask
+
+    @torch.no_grad()
+    def _logp(self, chunks: list[Any], tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(tokens), self.ro["batch_size"]):
+            t = tokens[i : i + self.ro["batch_size"]]
+            logits = chunks[0](t, _positions(t), None)
+            out.append(vocab_parallel_logp_entropy(logits, labels[i : i + self.ro["batch_size"]])[0])
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _values(self, chunks: list[Any], tokens: torch.Tensor) -> torch.Tensor:
+        size = self.ro["batch_size"]
+        out = [chunks[0](tokens[i : i + size], _positions(tokens[i : i + size]), None).float()
+               for i in range(0, len(tokens), size)]  # fmt: skip
+        return torch.cat(out)
+
+    def _scores(self, prompts: list[dict[str, Any]], rows: list[list[int]], plens: list[int],
+                rlens: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """The weighted sum of the reward sources per rollout, and each source's raw values."""
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros(len(rows))
+        if self.reward_model is not None:
+            # As the reward model was trained: prompt + response + <|end|> <|eos|>, read at the last token.
+            rm_rows = [[*r, self.ids.eos] if r[-1] == self.ids.end else r for r in rows]
+            width = max(len(r) for r in rm_rows)
+            tokens = torch.full((len(rows), width), self.ids.pad, dtype=torch.long)
+            for i, r in enumerate(rm_rows):
+                tokens[i, : len(r)] = torch.tensor(r)
+            values = self._values(self.reward_model, tokens)
+            last = torch.tensor([len(r) - 1 for r in rm_rows])
+            parts["reward_model"] = values.gather(1, last.unsqueeze(1)).squeeze(1)
+            total += float(self.cfg["reward_model_weight"]) * parts["reward_model"]
+        if self.rewards:
+            texts = [self.tok.decode([t for t in r[p : p + n] if t not in self.stop])
+                     for r, p, n in zip(rows, plens, rlens, strict=True)]  # fmt: skip
+            batch = [plugin.RewardSample(prompt=pr["prompt_text"], response=text, reference=pr.get("reference"))
+                     for pr, text in zip(prompts, texts, strict=True)]  # fmt: skip
+            for name, weight, found, params in self.rewards:
+                try:
+                    values_list = found.score(params, batch)
+                except Exception as exc:  # a plugin's own failure: name it, no traceback
+                    raise EngineError(f"reward plugin {name!r} failed: {type(exc).__name__}: {exc}") from None
+                if len(values_list) != len(batch) or not all(math.isfinite(v) for v in values_list):
+                    raise EngineError(f"reward plugin {name!r} returned {len(values_list)} values for {len(batch)} "
+                                      "responses, or a value that is not finite")  # fmt: skip
+                parts[name] = torch.tensor(values_list, dtype=torch.float32)
+                total += weight * parts[name]
+        return total, parts
+
+    def collect(self, iteration: int, beta: float) -> tuple[Rollouts, dict[str, float]]:
+        prompts = self._iteration_prompts(iteration)
+        gen = torch.Generator().manual_seed(int(self.t["seed"]) * 1_000_003 + iteration * 1009 + self.dp_rank)
+        sampling = Sampling(self.ro["temperature"], self.ro["top_k"], self.ro["top_p"])
+        began = time.perf_counter()
+        (rows, plens, rlens), new_tokens = self._generate(prompts, sampling, gen)
+        rollout_s = time.perf_counter() - began
+        tokens, labels, mask = self._label_space(rows, plens)
+        old_logp = self._logp(self.actor.chunks, tokens, labels) * mask
+        ref_logp = self._logp(self.reference, tokens, labels) * mask
+        old_values = self._values(self.critic.chunks, tokens) * mask
+        score, parts = self._scores(prompts, rows, plens, rlens)
+        kl = kl_penalty(old_logp, ref_logp, self.hp["kl_estimator"]) * mask
+        rewards = token_rewards(score, kl, mask, beta)
+        advantages, returns = gae(rewards, old_values, mask, self.hp["gamma"], self.hp["lam"])
+        if self.hp["whiten_advantages"]:
+            sums = _dp_sum(torch.stack([(advantages * mask).sum(), (advantages.pow(2) * mask).sum(), mask.sum()]))
+            mean = sums[0] / sums[2]
+            advantages = whiten(advantages, mask, mean, sums[1] / sums[2] - mean.pow(2))
+        stats = {
+            "reward": score,
+            "kl": kl.sum(1),
+            "response_length": torch.tensor(rlens, dtype=torch.float32),
+            **{f"reward_{k}": v for k, v in parts.items()},
+        }
+        values = {k: v for k, v in _dp_means(stats).items()}
+        values["reward_std"] = _dp_std(score)
+        values["rollout_tokens_per_s"] = _dp_sum(torch.tensor([float(new_tokens)]))[0].item() / max(rollout_s, 1e-9)
+        rollouts = Rollouts(tokens, labels, mask, old_logp, old_values, advantages * mask, returns)
+        return rollouts, values
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _actor_step(self, data: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        b = next(data)
+        logits = model(b["tokens"], b["position_ids"], None)
+
+        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            logp, entropy = vocab_parallel_logp_entropy(logits, b["labels"])
+            pg, clip_fraction, approx_kl = policy_loss(logp, b["old_logp"], b["advantages"], b["mask"],
+                                                       self.hp["clip_eps"])  # fmt: skip
+            ent = masked_mean(entropy, b["mask"])
+            loss = pg - self.hp["entropy_coef"] * ent
+            report = {"loss": loss.detach().clone(), "policy_loss": pg.detach(), "clip_fraction": clip_fraction,
+                      "approx_kl": approx_kl, "entropy": ent.detach()}  # fmt: skip
+            return loss, report
+
+        return logits, loss_func
+
+    def _critic_step(self, data: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        b = next(data)
+        values = model(b["tokens"], b["position_ids"], None)
+
+        def loss_func(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            loss = value_loss(values.float(), b["old_values"], b["returns"], b["mask"], self.hp["value_clip"])
+            return loss, {"loss": loss.detach().clone(), "value_loss": loss.detach()}
+
+        return values, loss_func
+
+    def optimize(self, rollouts: Rollouts, iteration: int) -> dict[str, float]:
+        n = len(rollouts.tokens)
+        local = self.gbs // self.dp
+        nmb = local // self.mbs
+        seq = rollouts.tokens.shape[1]
+        totals: dict[str, float] = {}
+        count, epochs_run = 0, 0
+        for epoch in range(self.hp["epochs"]):
+            gen = torch.Generator().manual_seed(int(self.t["seed"]) + 7919 * iteration + epoch)
+            order = torch.randperm(n, generator=gen)
+            kls = []
+            for first in range(0, n, local):
+                rows = order[first : first + local]
+
+                def make(rows: torch.Tensor = rows) -> Any:
+                    return (rollouts.minibatch(rows[m * self.mbs : (m + 1) * self.mbs]) for m in range(nmb))
+
+                common = dict(num_microbatches=nmb, seq_length=seq, mbs=self.mbs)
+                a = train_step(self.actor, make, forward_step=self._actor_step, keys=ACTOR_KEYS, **common)
+                c = train_step(self.critic, make, forward_step=self._critic_step, keys=CRITIC_KEYS, **common)
+                step_values = {**a.values, "value_loss": c.values["value_loss"], "grad_norm": a.grad_norm,
+                               "critic_grad_norm": c.grad_norm, "lr": a.lr}  # fmt: skip
+                for k, v in step_values.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                count += 1
+                kls.append(a.values["approx_kl"])
+            epochs_run += 1
+            if self.hp["kl_stop"] is not None and sum(kls) / len(kls) > self.hp["kl_stop"]:
+                break
+        out = {k: v / count for k, v in totals.items()}
+        out["epochs"] = float(epochs_run)
+        return out
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy answers to the held-out prompts (split over data-parallel ranks): mean reward, and
+        exact-match accuracy against the reference answers where the prompts have them."""
+        mine = self.eval_set[self.dp_rank :: self.dp]
+        if not mine:
+            return {}
+        (rows, plens, rlens), _ = self._generate(mine, Sampling(temperature=0.0), torch.Generator().manual_seed(0))
+        score, _ = self._scores(mine, rows, plens, rlens)
+        texts = [self.tok.decode([t for t in r[p : p + n] if t not in self.stop])
+                 for r, p, n in zip(rows, plens, rlens, strict=True)]  # fmt: skip
+        checkable = [(" ".join(t.split()), " ".join(str(p["reference"]).split())) for t, p in zip(texts, mine, strict=True)
+                     if p.get("reference") is not None]  # fmt: skip
+        sums = _dp_sum(torch.tensor([float(score.sum()), float(len(mine)), float(sum(a == b for a, b in checkable)),
+                                     float(len(checkable)), float(sum(rlens))]))  # fmt: skip
+        out = {"val_reward": float(sums[0] / sums[1]), "val_response_length": float(sums[4] / sums[1])}
+        if sums[3] > 0:
+            out["val_accuracy"] = float(sums[2] / sums[3])
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        ctx, job = self.ctx, self.job
+        ck = self.cfg["checkpointing"]
+        iteration, beta, parents = self.start()
+        meta = meta_for(ctx, self.tokenizer, parents)
+        metrics = Metrics(ctx.stage_dir, name=job.name, total_steps=self.iterations, start_step=iteration,
+                          enabled=ctx.is_logger)  # fmt: skip
+        eval_every = self.t["eval_interval"] or self.iterations
+        save_every = ck["interval"] or self.iterations
+        if ctx.is_logger:
+            print(f"[{job.name}] {len(self.train_prompts)} training prompts, {len(self.eval_set)} held out; "
+                  f"{self.samples} rollouts per iteration, {self.optimizer_steps} optimizer steps", flush=True)  # fmt: skip
+        try:
+            if iteration == 0:
+                metrics.log(0, self.evaluate())
+            loop_start = time.perf_counter()
+            while iteration < self.iterations:
+                rollouts, values = self.collect(iteration, beta)
+                values |= self.optimize(rollouts, iteration)
+                iteration += 1
+                values["kl_coef"] = beta
+                beta = adapt_kl_coef(beta, values["kl"], self.hp["kl_target"], self.hp["kl_horizon"], self.samples)
+                if iteration % eval_every == 0 or iteration == self.iterations:
+                    values |= self.evaluate()
+                values["elapsed_s"] = time.perf_counter() - loop_start
+                metrics.log(iteration, values)
+                maybe_kill("after_step", iteration)
+                if iteration % save_every == 0 or iteration == self.iterations:
+                    self.save(iteration, beta, meta)
+        finally:
+            metrics.close()
+
+    def save(self, iteration: int, beta: float, meta: dict[str, Any]) -> None:
+        keep = self.cfg["checkpointing"]["keep_last"]
+        critic_meta = {**meta, "model": "critic", "head": {"name": SCALAR_HEAD, "outputs": 1, "read_at": "every_token"}}
+        checkpoint.save(self.critic_root, self.critic, step=iteration, consumed=iteration * self.samples,
+                        meta=critic_meta, keep_last=max(keep, 2))  # fmt: skip
+        checkpoint.save(self.root, self.actor, step=iteration, consumed=iteration * self.samples,
+                        meta={**meta, "model": "policy", "kl_coef": beta}, keep_last=keep)  # fmt: skip
+
+
+def _positions(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
+
+
+def _dp_sum(x: torch.Tensor) -> torch.Tensor:
+    x = x.double().clone()
+    dist.all_reduce(x, group=ps.get_data_parallel_group())
+    return x
+
+
+def _dp_means(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(stats)
+    sums = _dp_sum(torch.tensor([float(stats[k].sum()) for k in keys] + [float(len(stats[keys[0]]))]))
+    return {k: float(sums[i] / sums[-1]) for i, k in enumerate(keys)}
+
+
+def _dp_std(x: torch.Tensor) -> float:
+    s = _dp_sum(torch.tensor([float(x.sum()), float(x.pow(2).sum()), float(len(x))]))
+    mean = float(s[0] / s[2])
+    return math.sqrt(max(float(s[1] / s[2]) - mean * mean, 0.0))
+
+
+def run(ctx: Context) -> None:
+    Ppo(ctx).run()
