@@ -147,3 +147,32 @@ def test_loss_mask_keeps_prompt_labels_out_of_loss_and_gradients(tmp_path: Path)
     assert result["assistant_tokens"] > 0 and result["prompt_tokens"] > result["assistant_tokens"]
     assert result["prompt"] == {"loss_change": 0.0, "grad_change": 0.0}
     assert result["assistant"]["loss_change"] > 1e-2 and result["assistant"]["grad_change"] > 1e-4
+
+
+def _generation(tmp_path: Path, tp: int) -> dict[str, object]:
+    _, plan_path = make_plan(tmp_path / f"tp{tp}", f"stages.pretrain.parallelism.tp={tp}",
+                             f"stages.pretrain.resources.gpus_per_node={tp}")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+           str(Path(__file__).with_name("generation_check.py")), str(plan_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_kv_cache_generation_equals_recompute_and_tp2_equals_tp1(tmp_path: Path) -> None:
+    one = _generation(tmp_path, 1)
+    # With the cache or recomputing every prefix, greedy and seeded sampling give the same tokens;
+    # prompts of different lengths keep their own tokens; the stop token ends a row.
+    assert one["greedy_cache"] == one["greedy_recompute"]
+    assert one["sampled_cache"] == one["sampled_recompute"]
+    assert one["greedy_cache"] != one["sampled_cache"]
+    rows = one["greedy_cache"]["tokens"]  # type: ignore[index]
+    assert rows[1][:6] == [7, 8, 21, 30, 31, 2] and rows[2][:4] == [40, 41, 42, 43]
+    assert one["logp_error"] < 1e-5 and one["entropy_error"] < 1e-5  # type: ignore[operator]
+    two = _generation(tmp_path, 2)
+    assert two["greedy_cache"] == one["greedy_cache"]
+    assert two["logp_error"] < 1e-5 and two["entropy_error"] < 1e-5  # type: ignore[operator]
+    diff = max(abs(a - b) for ra, rb in zip(one["logp"], two["logp"], strict=True) for a, b in zip(ra, rb, strict=True))  # type: ignore[call-overload]
+    assert diff < 1e-4

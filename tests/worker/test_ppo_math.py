@@ -1,0 +1,96 @@
+"""PPO's arithmetic against values computed by hand (engine.worker.ppo_math)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.worker.ppo_math import (
+    adapt_kl_coef,
+    gae,
+    kl_penalty,
+    last_index,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor([values], dtype=torch.float64)
+
+
+def test_kl_estimators() -> None:
+    logp, ref = t(-1.0, -2.0), t(-1.5, -1.0)
+    assert kl_penalty(logp, ref, "k1").tolist() == [[0.5, -1.0]]
+    # k3 = (ρ − 1) − log ρ with log ρ = ref − logp = −0.5 and 1
+    expected = [math.exp(-0.5) - 1 + 0.5, math.e - 1 - 1]
+    assert kl_penalty(logp, ref, "k3")[0].tolist() == pytest.approx(expected)
+    assert (kl_penalty(logp, ref, "k3") >= 0).all()
+    with pytest.raises(ValueError, match="k2"):
+        kl_penalty(logp, ref, "k2")
+
+
+def test_token_rewards_put_the_score_on_the_last_response_token() -> None:
+    mask = t(0, 1, 1, 1, 0)
+    kl = t(0.0, 0.1, 0.2, 0.3, 0.0)
+    got = token_rewards(torch.tensor([2.0], dtype=torch.float64), kl, mask, beta=0.5)
+    assert got[0].tolist() == pytest.approx([0.0, -0.05, -0.1, -0.15 + 2.0, 0.0])
+    assert last_index(t(0, 1, 1, 0)).tolist() == [2]
+
+
+def test_gae_by_hand() -> None:
+    mask = t(0, 1, 1, 1, 0)
+    rewards = t(0.0, 0.1, 0.2, 1.0, 0.0)
+    values = t(0.0, 0.5, 0.4, 0.3, 0.0)
+    # γ = 1, λ = 0.5:  δ3 = 1 − 0.3 = 0.7;  δ2 = 0.2 + 0.3 − 0.4 = 0.1, A2 = 0.1 + 0.5·0.7 = 0.45;
+    #                  δ1 = 0.1 + 0.4 − 0.5 = 0,   A1 = 0.5·0.45 = 0.225
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.0, 0.225, 0.45, 0.7, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.0, 0.725, 0.85, 1.0, 0.0])
+    # γ = 0.9, λ = 1:  A3 = 0.7;  δ2 = 0.2 + 0.27 − 0.4 = 0.07, A2 = 0.07 + 0.63 = 0.7;
+    #                  δ1 = 0.1 + 0.36 − 0.5 = −0.04, A1 = −0.04 + 0.63 = 0.59
+    adv, _ = gae(rewards, values, mask, gamma=0.9, lam=1.0)
+    assert adv[0].tolist() == pytest.approx([0.0, 0.59, 0.7, 0.7, 0.0])
+
+
+def test_gae_rows_are_independent() -> None:
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.float64)
+    rewards = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 2]], dtype=torch.float64)
+    adv, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+    assert adv.tolist() == [[0, 1, 1, 0], [0, 0, 2, 2]]
+
+
+def test_clipped_policy_loss_by_hand() -> None:
+    ratio = [1.5, 0.5, 1.1]
+    logp, old = t(*map(math.log, ratio)), t(0.0, 0.0, 0.0)
+    adv, mask = t(1.0, 1.0, -1.0), t(1, 1, 1)
+    loss, clip_fraction, approx_kl = policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    # max(−Aρ, −A·clip(ρ)): max(−1.5, −1.2) = −1.2;  max(−0.5, −0.8) = −0.5;  max(1.1, 1.1) = 1.1
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 1.1) / 3)
+    assert float(clip_fraction) == pytest.approx(2 / 3)
+    assert float(approx_kl) == pytest.approx(sum(0.5 * math.log(r) ** 2 for r in ratio) / 3)
+    # masked tokens count for nothing
+    loss2, _, _ = policy_loss(logp, old, adv, t(1, 1, 0), clip_eps=0.2)
+    assert float(loss2) == pytest.approx((-1.2 - 0.5) / 2)
+
+
+def test_clipped_value_loss_by_hand() -> None:
+    values, old, returns, mask = t(1.0, 0.0), t(0.5, 0.5), t(2.0, 0.0), t(1, 1)
+    # clipped values 0.7 and 0.3: max(1, 1.69) and max(0, 0.09); ½·mean
+    assert float(value_loss(values, old, returns, mask, clip=0.2)) == pytest.approx(0.5 * (1.69 + 0.09) / 2)
+    assert float(value_loss(values, old, returns, mask, clip=None)) == pytest.approx(0.25)
+
+
+def test_whiten_and_adaptive_kl() -> None:
+    x, mask = t(1.0, 2.0, 3.0, 99.0), t(1, 1, 1, 0)
+    out = whiten(x, mask, torch.tensor(2.0), torch.tensor(2.0 / 3.0))
+    assert out[0, :3].tolist() == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)], rel=1e-6)
+    assert out[0, 3] == 0
+    # Ziegler et al.: error clipped to +0.2, β·(1 + 0.2·64/10000)
+    assert adapt_kl_coef(0.1, kl=0.2, target=0.1, horizon=10000, n=64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    assert adapt_kl_coef(0.1, kl=0.09, target=0.1, horizon=10000, n=64) == pytest.approx(0.1 * (1 - 0.1 * 64 / 10000))
+    assert adapt_kl_coef(0.1, kl=5.0, target=None, horizon=10000, n=64) == 0.1
