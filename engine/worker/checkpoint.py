@@ -183,6 +183,9 @@ def load(
             if left or result.unexpected_keys:
                 raise RuntimeError(f"{path}: missing {left}, unexpected {result.unexpected_keys}")
     if model_only:
+        optimizer = getattr(built, "optimizer", None)
+        if optimizer is not None:  # bf16/fp16: the optimizer's fp32 main weights still hold the old values
+            optimizer.reload_model_params()
         return 0, 0
     built.optimizer.load_state_dict(loaded["optimizer"])
     built.scheduler.load_state_dict(loaded["scheduler"])

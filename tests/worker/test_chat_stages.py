@@ -176,3 +176,59 @@ def test_kv_cache_generation_equals_recompute_and_tp2_equals_tp1(tmp_path: Path)
     assert two["logp_error"] < 1e-5 and two["entropy_error"] < 1e-5  # type: ignore[operator]
     diff = max(abs(a - b) for ra, rb in zip(one["logp"], two["logp"], strict=True) for a, b in zip(ra, rb, strict=True))  # type: ignore[call-overload]
     assert diff < 1e-4
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The third-party plugin package, installed with pip into a folder of its own."""
+    site = tmp_path_factory.mktemp("site")
+    source = REPO / "tests" / "plugins" / "engine_reward_demo"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return site
+
+
+def _with_site(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(site)}
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=900,
+                          env=env, cwd=REPO)  # fmt: skip
+
+
+def test_third_party_reward_plugin_is_found_and_validated(plugin_site: Path) -> None:
+    listed = _with_site(plugin_site, "plugins")
+    assert listed.returncode == 0 and "short_digits" in listed.stdout
+    ok = _with_site(plugin_site, "validate", str(TINY), "stages.ppo.rewards=[{plugin: short_digits, params: {max_digits: 2}}]")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = _with_site(plugin_site, "validate", str(TINY), "stages.ppo.rewards=[{plugin: short_digit}]")
+    assert bad.returncode == 2 and "stages.ppo.rewards[0].plugin" in bad.stderr + bad.stdout
+    assert "short_digits" in bad.stderr + bad.stdout  # the did-you-mean
+    params = _with_site(plugin_site, "validate", str(TINY), "stages.ppo.rewards=[{plugin: short_digits, params: {max_digits: 0}}]")
+    assert params.returncode == 2 and "max_digits" in params.stderr + params.stdout
+
+
+def _ppo_copy(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    for stage in ("sft", "reward"):
+        shutil.copytree(run_dir / stage / "checkpoints", copy / stage / "checkpoints")
+    shutil.copytree(run_dir / "data", copy / "data")
+    return copy
+
+
+def test_third_party_reward_plugin_scores_ppo_rollouts(run_dir: Path, plugin_site: Path, tmp_path: Path) -> None:
+    copy = _ppo_copy(run_dir, tmp_path)
+    done = _with_site(plugin_site, "run", str(TINY), "--stages", "ppo", f"run_dir={copy}", "stages.ppo.training.steps=1",
+                      "stages.ppo.rewards=[{plugin: short_digits}, {plugin: exact_match}]")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last = metrics(copy, "ppo")[-1]
+    assert 0.0 <= last["reward_short_digits"] <= 1.0 and "reward_exact_match" in last and "reward_reward_model" in last
+
+
+def test_a_failing_reward_plugin_stops_ppo_with_its_name(run_dir: Path, plugin_site: Path, tmp_path: Path) -> None:
+    copy = _ppo_copy(run_dir, tmp_path)
+    done = _with_site(plugin_site, "run", str(TINY), "--stages", "ppo", f"run_dir={copy}",
+                      "stages.ppo.rewards=[{plugin: always_fails}]")  # fmt: skip
+    message = done.stdout + done.stderr
+    assert done.returncode == 2, message[-3000:]
+    assert "reward plugin 'always_fails' failed: RuntimeError: the scoring service is unreachable" in message
+    assert "Traceback" not in message
