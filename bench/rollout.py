@@ -64,7 +64,10 @@ def main() -> None:
         init_layout_independent([model], seed=0, std=0.02, num_layers=plan.model.num_layers)
         params = sum(p.numel() for p in model.parameters())
         gen = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(7, 384, (int(n),), generator=gen).tolist() for n in torch.randint(8, 17, (args.batch,), generator=gen)]
+        prompts = [
+            torch.randint(7, 384, (int(n),), generator=gen).tolist()
+            for n in torch.randint(8, 17, (args.batch,), generator=gen)
+        ]
         rates, outputs = {}, {}
         for label, recompute in (("kv cache", False), ("recompute", True)):
             began = time.perf_counter()

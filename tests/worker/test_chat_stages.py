@@ -198,12 +198,16 @@ def _with_site(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_third_party_reward_plugin_is_found_and_validated(plugin_site: Path) -> None:
     listed = _with_site(plugin_site, "plugins")
     assert listed.returncode == 0 and "short_digits" in listed.stdout
-    ok = _with_site(plugin_site, "validate", str(TINY), "stages.ppo.rewards=[{plugin: short_digits, params: {max_digits: 2}}]")
+    ok = _with_site(
+        plugin_site, "validate", str(TINY), "stages.ppo.rewards=[{plugin: short_digits, params: {max_digits: 2}}]"
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = _with_site(plugin_site, "validate", str(TINY), "stages.ppo.rewards=[{plugin: short_digit}]")
     assert bad.returncode == 2 and "stages.ppo.rewards[0].plugin" in bad.stderr + bad.stdout
     assert "short_digits" in bad.stderr + bad.stdout  # the did-you-mean
-    params = _with_site(plugin_site, "validate", str(TINY), "stages.ppo.rewards=[{plugin: short_digits, params: {max_digits: 0}}]")
+    params = _with_site(
+        plugin_site, "validate", str(TINY), "stages.ppo.rewards=[{plugin: short_digits, params: {max_digits: 0}}]"
+    )
     assert params.returncode == 2 and "max_digits" in params.stderr + params.stdout
 
 

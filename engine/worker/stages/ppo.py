@@ -16,11 +16,12 @@ KV-cache sampling (engine.worker.generate); the rollouts are scored, their log-p
 actor and the reference and the critic's values are computed, and advantages follow from GAE; then
 `epochs` passes over shuffled minibatches of `global_batch_size` rollouts each take one optimizer step
 of the actor and one of the critic through Megatron's schedule. The mathematics is in
-engine.worker.ppo_math. Log-probabilities and entropy are computed over vocabulary-parallel logits
-(tensor parallelism) without gathering them.
+engine.worker.ppo_math. Log-probabilities and entropy are those of the sampling distribution,
+softmax(logits / temperature), computed over vocabulary-parallel logits (tensor parallelism) without
+gathering them.
 
-Held-out evaluation (greedy answers to `eval_prompts` prompts of the valid split: mean reward, and
-exact-match accuracy where prompts carry a reference) is logged at step 0, every `eval_interval`
+Held-out evaluation (`eval_prompts` prompts of the valid split, answered greedily and sampled as in
+the rollouts: mean reward, and exact-match accuracy where prompts carry a reference) is logged at step 0, every `eval_interval`
 iterations and at the end. Checkpoints: the actor in the stage's checkpoint folder (meta.json carries
 the iteration and the KL coefficient), the critic under `critic/`, saved first; a restarted job resumes
 from the newest actor checkpoint whose critic exists. Rollouts run at pp=1 (the compiler refuses
@@ -251,7 +252,7 @@ class Ppo:
         out = []
         for i in range(0, len(tokens), self.ro["batch_size"]):
             t = tokens[i : i + self.ro["batch_size"]]
-            logits = chunks[0](t, _positions(t), None)
+            logits = chunks[0](t, _positions(t), None) / self.ro["temperature"]
             out.append(vocab_parallel_logp_entropy(logits, labels[i : i + self.ro["batch_size"]])[0])
         return torch.cat(out)
 
@@ -333,7 +334,8 @@ class Ppo:
         logits = model(b["tokens"], b["position_ids"], None)
 
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            logp, entropy = vocab_parallel_logp_entropy(logits, b["labels"])
+            # The policy that sampled the rollouts is softmax(logits / temperature): its log-probabilities.
+            logp, entropy = vocab_parallel_logp_entropy(logits / self.ro["temperature"], b["labels"])
             pg, clip_fraction, approx_kl = policy_loss(logp, b["old_logp"], b["advantages"], b["mask"],
                                                        self.hp["clip_eps"])  # fmt: skip
             ent = masked_mean(entropy, b["mask"])
@@ -390,22 +392,31 @@ class Ppo:
     # -- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy answers to the held-out prompts (split over data-parallel ranks): mean reward, and
-        exact-match accuracy against the reference answers where the prompts have them."""
+        """The held-out prompts (split over data-parallel ranks), answered greedily (`val_`) and sampled
+        as in the rollouts, four times each with a fixed seed (`val_sampled_`, the quantity PPO
+        maximises): mean reward, and exact-match accuracy against the reference answers where the
+        prompts have them."""
         mine = self.eval_set[self.dp_rank :: self.dp]
         if not mine:
             return {}
-        (rows, plens, rlens), _ = self._generate(mine, Sampling(temperature=0.0), torch.Generator().manual_seed(0))
-        score, _ = self._scores(mine, rows, plens, rlens)
+        out = self._evaluate(mine, Sampling(temperature=0.0), "val_")
+        sampled = [p for p in mine for _ in range(4)]
+        rollout = Sampling(self.ro["temperature"], self.ro["top_k"], self.ro["top_p"])
+        return out | self._evaluate(sampled, rollout, "val_sampled_")
+
+    def _evaluate(self, prompts: list[dict[str, Any]], sampling: Sampling, prefix: str) -> dict[str, float]:
+        gen = torch.Generator().manual_seed(12345 + self.dp_rank)
+        (rows, plens, rlens), _ = self._generate(prompts, sampling, gen)
+        score, _ = self._scores(prompts, rows, plens, rlens)
         texts = [self.tok.decode([t for t in r[p : p + n] if t not in self.stop])
                  for r, p, n in zip(rows, plens, rlens, strict=True)]  # fmt: skip
-        checkable = [(" ".join(t.split()), " ".join(str(p["reference"]).split())) for t, p in zip(texts, mine, strict=True)
+        checkable = [(" ".join(t.split()), " ".join(str(p["reference"]).split())) for t, p in zip(texts, prompts, strict=True)
                      if p.get("reference") is not None]  # fmt: skip
-        sums = _dp_sum(torch.tensor([float(score.sum()), float(len(mine)), float(sum(a == b for a, b in checkable)),
+        sums = _dp_sum(torch.tensor([float(score.sum()), float(len(prompts)), float(sum(a == b for a, b in checkable)),
                                      float(len(checkable)), float(sum(rlens))]))  # fmt: skip
-        out = {"val_reward": float(sums[0] / sums[1]), "val_response_length": float(sums[4] / sums[1])}
+        out = {f"{prefix}reward": float(sums[0] / sums[1]), f"{prefix}response_length": float(sums[4] / sums[1])}
         if sums[3] > 0:
-            out["val_accuracy"] = float(sums[2] / sums[3])
+            out[f"{prefix}accuracy"] = float(sums[2] / sums[3])
         return out
 
     # -- the loop -------------------------------------------------------------------------------
