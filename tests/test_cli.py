@@ -59,12 +59,13 @@ def test_memory_refusal_and_force() -> None:
     assert engine("plan", H8, "stages.pretrain.training.micro_batch_size=16", "--force").returncode == 0
 
 
-def test_run_refuses_stages_without_a_worker_before_starting(tmp_path: Path) -> None:
-    done = engine("run", TINY, cwd=tmp_path)
-    assert done.returncode == 2
-    assert "stages.sft: kind 'sft' has no worker" in done.stderr
-    assert "stages.data:" not in done.stderr and "stages.pretrain:" not in done.stderr  # these have workers
-    assert not (tmp_path / "runs").exists()
+def test_run_refuses_what_a_worker_cannot_do_before_starting(tmp_path: Path) -> None:
+    done = engine("run", TINY, "stages.ppo.parallelism.pp=2", "stages.ppo.resources.gpus_per_node=2", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "stages.ppo.parallelism.pp=2: the PPO worker" in done.stderr
+    assert "stages.data" not in done.stderr and "stages.sft" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started, not even the data stage
 
 
 def test_run_rejects_unknown_stage_names(tmp_path: Path) -> None:

@@ -29,6 +29,16 @@ def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]
         for job in jobs
         if job.kind not in RUNNABLE_KINDS
     ]
+    problems += [
+        Problem(
+            f"stages.{job.name}.parallelism.pp",
+            f"={job.layout.pp}: the PPO worker of engine {plan.engine_version} runs rollouts without pipeline "
+            "parallelism, so the run cannot start",
+            "use pp: 1 and split the model with tp (the plan itself is valid for later versions)",
+        )
+        for job in jobs
+        if job.kind == "ppo" and job.layout is not None and job.layout.pp > 1
+    ]
     return jobs, problems
 
 
