@@ -21,8 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	# Until the PPO worker exists, the demo runs the stages that do.
-	$(BIN)/engine run recipes/tiny.yaml --stages data,pretrain,sft,reward
+	$(BIN)/engine run recipes/tiny.yaml
 
 lint: $(STAMP)
 	$(BIN)/engine schema --check
