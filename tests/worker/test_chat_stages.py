@@ -236,3 +236,25 @@ def test_a_failing_reward_plugin_stops_ppo_with_its_name(run_dir: Path, plugin_s
     assert done.returncode == 2, message[-3000:]
     assert "reward plugin 'always_fails' failed: RuntimeError: the scoring service is unreachable" in message
     assert "Traceback" not in message
+
+
+def test_ppo_raises_a_learnable_heldout_reward_within_a_kl_bound(run_dir: Path, tmp_path: Path) -> None:
+    """The reward here is easy to learn: 1 when the answer starts with the digit 1 (about 10% of the SFT
+    policy's greedy answers). Twenty iterations from fixed seeds must raise it on the held-out prompts,
+    greedy and sampled, while the per-sequence KL to the reference stays below 2 nats. (On the demo's
+    own exact-match reward PPO does not improve the tiny policy yet; see the README.)"""
+    copy = _ppo_copy(run_dir, tmp_path)
+    done = engine("run", str(TINY), "--stages", "ppo", f"run_dir={copy}", "~stages.ppo.reward_model",
+                  'stages.ppo.rewards=[{plugin: regex, params: {pattern: "^1"}}]', "stages.ppo.training.lr=5e-5",
+                  "stages.ppo.training.steps=20", "stages.ppo.training.eval_interval=10")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = metrics(copy, "ppo")
+    start, end = lines[0], lines[-1]
+    assert start["step"] == 0 and end["step"] == 20
+    assert end["val_reward"] > start["val_reward"] + 0.1, (start, end)
+    assert end["val_sampled_reward"] > start["val_sampled_reward"] + 0.05, (start, end)
+    assert max(m["kl"] for m in lines if "kl" in m) < 2.0
+    assert all(k in end for k in ("clip_fraction", "entropy", "value_loss", "rollout_tokens_per_s", "kl_coef"))
+    meta = read_meta(latest_checkpoint(copy / "ppo" / "checkpoints"))  # type: ignore[arg-type]
+    assert meta["model"] == "policy" and meta["kl_coef"] == pytest.approx(0.05)
+    assert latest_checkpoint(copy / "ppo" / "critic") is not None
