@@ -27,8 +27,11 @@ TINY = REPO / "recipes" / "tiny.yaml"
 SHORT: list[str] = []
 
 
-def engine(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def engine(*args: str, timeout: float = 900, fault: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ENGINE_FAULT", None)
+    if fault:
+        env["ENGINE_FAULT"] = fault
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)  # fmt: skip
 
@@ -258,3 +261,24 @@ def test_ppo_raises_a_learnable_heldout_reward_within_a_kl_bound(run_dir: Path, 
     meta = read_meta(latest_checkpoint(copy / "ppo" / "checkpoints"))  # type: ignore[arg-type]
     assert meta["model"] == "policy" and meta["kl_coef"] == pytest.approx(0.05)
     assert latest_checkpoint(copy / "ppo" / "critic") is not None
+
+
+def test_ppo_resumes_after_sigkill_as_if_uninterrupted(run_dir: Path, tmp_path: Path) -> None:
+    """Rollouts are seeded by (seed, iteration, rank) and a checkpoint holds actor, critic, both
+    optimizers and the KL coefficient, so iterations 3 and 4 after a kill at iteration 3 (last
+    checkpoint: 2) repeat those of an uninterrupted run."""
+    args = ["--stages", "ppo", "stages.ppo.training.steps=4", "stages.ppo.checkpointing.interval=2",
+            "stages.ppo.training.eval_interval=100"]  # fmt: skip
+    straight, killed = _ppo_copy(run_dir, tmp_path / "a"), _ppo_copy(run_dir, tmp_path / "b")
+    done = engine("run", str(TINY), f"run_dir={straight}", *args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert engine("run", str(TINY), f"run_dir={killed}", *args, fault="after_step:3").returncode != 0
+    assert latest_checkpoint(killed / "ppo" / "checkpoints").name == "step_00000002"  # type: ignore[union-attr]
+    done = engine("run", str(TINY), f"run_dir={killed}", *args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ours = {m["step"]: m for m in metrics(killed, "ppo")}  # a step logged twice: the later line wins
+    reference = {m["step"]: m for m in metrics(straight, "ppo")}
+    for step in (3, 4):
+        for key in ("loss", "reward", "kl", "value_loss"):
+            assert ours[step][key] == pytest.approx(reference[step][key], abs=1e-5), (step, key)
+    assert ours[4]["val_reward"] == pytest.approx(reference[4]["val_reward"], abs=1e-6)
