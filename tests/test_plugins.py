@@ -28,7 +28,7 @@ from engine.plugin import (
     Skip,
     Text,
 )
-from engine.plugins import arithmetic, exact_match, jsonl, length_penalty, regex_check, text_files
+from engine.plugins import arithmetic, exact_match, jsonl, length_penalty, numeric_distance, regex_check, text_files
 
 from .conftest import problems_of
 
@@ -47,7 +47,7 @@ def test_registry_finds_the_built_in_data_sources() -> None:
 
 def test_registry_finds_the_built_in_rewards() -> None:
     rewards = plugin.rewards()
-    assert {"exact_match", "regex", "length_penalty"} <= set(rewards)
+    assert {"exact_match", "regex", "length_penalty", "numeric_distance"} <= set(rewards)
     assert rewards["exact_match"] is exact_match.REWARD
     assert rewards["regex"] is regex_check.REWARD
     assert rewards["length_penalty"] is length_penalty.REWARD
@@ -518,3 +518,15 @@ def test_hf_disk_reads_a_saved_dataset_and_its_splits(tmp_path: Path) -> None:
     pairs = list(hf_disk.read(hf_disk.HfDiskParams(glob=str(tmp_path / "dd"), split="train"), "preference"))
     assert pairs == [Preference("a", "b", "c")]
     assert "hf_disk" in plugin.data_sources()
+
+
+def test_numeric_distance_gives_partial_credit() -> None:
+    params = numeric_distance.NumericDistanceParams(scale=4)
+    batch = [RewardSample("2+3=", "5", "5"), RewardSample("2+3=", " 7 apples", "5"), RewardSample("2+3=", "12", "5"),
+             RewardSample("2+3=", "five", "5"), RewardSample("q", "5", None), RewardSample("2-3=", "-1", "-1")]  # fmt: skip
+    assert numeric_distance.score(params, batch) == [1.0, 0.5, 0.0, 0.0, 0.0, 1.0]
+    extract = numeric_distance.NumericDistanceParams(scale=4, extract=r"answer: (\d+)", missing=-1)
+    assert numeric_distance.score(extract, [RewardSample("p", "3 then answer: 6", "5")]) == [0.75]
+    assert numeric_distance.score(extract, [RewardSample("p", "6", "5")]) == [-1.0]
+    with pytest.raises(ValueError, match="regular expression"):
+        numeric_distance.NumericDistanceParams(extract="(")
