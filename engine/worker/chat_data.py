@@ -216,6 +216,18 @@ class ChatData:
         waste = 1.0 - float(real) / (seq * len(idx) * self.rows_per_sample)
         return self._make(self.train_set, idx, seq, dp_rank), seq, waste
 
+    def step_batches(
+        self, dp_rank: int
+    ) -> Callable[[int], tuple[Callable[[], Iterator[Batch]], int, dict[str, float]]]:
+        """What the training loop asks for: consumed samples → (micro-batches, sequence length, values
+        to log: the padded fraction and the step's sequence length)."""
+
+        def batches(consumed: int) -> tuple[Callable[[], Iterator[Batch]], int, dict[str, float]]:
+            make, seq, waste = self.train_batches(consumed, dp_rank)
+            return make, seq, {"pad_fraction": waste, "seq_length": float(seq)}
+
+        return batches
+
     def valid_batches(self, dp_rank: int) -> list[tuple[Callable[[], Iterator[Batch]], int, int]]:
         """The held-out samples (at most eval_iters global batches), in global batches sorted by length;
         the last one is filled with index −1, which weighs nothing."""

@@ -321,7 +321,7 @@ class Ppo:
             "response_length": torch.tensor(rlens, dtype=torch.float32),
             **{f"reward_{k}": v for k, v in parts.items()},
         }
-        values = {k: v for k, v in _dp_means(stats).items()}
+        values = _dp_means(stats)
         values["reward_std"] = _dp_std(score)
         values["rollout_tokens_per_s"] = _dp_sum(torch.tensor([float(new_tokens)]))[0].item() / max(rollout_s, 1e-9)
         rollouts = Rollouts(tokens, labels, mask, old_logp, old_values, advantages * mask, returns)

@@ -38,14 +38,10 @@ def run(ctx: Context) -> None:
     built = build_job(job, plan.model, device=ctx.device, steps=job.estimate.steps, head="scalar")
     dp_rank = ps.get_data_parallel_rank()
 
-    def train_batches(consumed: int) -> tuple[object, int, dict[str, float]]:
-        make, seq, waste = data.train_batches(consumed, dp_rank)
-        return make, seq, {"pad_fraction": waste, "seq_length": seq}
-
     task = Task(
         forward_step=pair_forward_step(ctx.device, float(job.config["margin"])),
         keys=PAIR_KEYS,
-        train_batches=train_batches,  # type: ignore[arg-type]
+        train_batches=data.step_batches(dp_rank),
         valid_batches=lambda: data.valid_batches(dp_rank),
         tokenizer=tokenizer,
         rows_per_sample=2,
