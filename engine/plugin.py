@@ -21,9 +21,9 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from .errors import PluginError
 
@@ -156,6 +156,15 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"not a regular expression: {exc}") from None
+
+
+def _valid_pattern(value: str) -> str:
+    compile_pattern(value)
+    return value
+
+
+RegexPattern = Annotated[str, AfterValidator(_valid_pattern)]
+"""A parameter that must be a regular expression: a bad one is a validation error naming the field."""
 
 
 # ---- registry ------------------------------------------------------------------------------

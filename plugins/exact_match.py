@@ -5,25 +5,18 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from engine.plugin import RewardFunction, RewardSample, compile_pattern
+from engine.plugin import RegexPattern, RewardFunction, RewardSample
 
 
 class ExactMatchParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    extract: str | None = Field(
+    extract: RegexPattern | None = Field(
         default=None, description="regex whose first group is the answer; none: the whole response"
     )
     ignore_case: bool = Field(default=False, description="compare case-insensitively")
-
-    @field_validator("extract")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            compile_pattern(value)
-        return value
 
 
 def _answer(params: ExactMatchParams, response: str) -> str:

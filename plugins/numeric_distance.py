@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from engine.plugin import RewardFunction, RewardSample, compile_pattern
+from engine.plugin import RegexPattern, RewardFunction, RewardSample
 
 NUMBER = r"-?\d+(?:\.\d+)?"
 
@@ -23,15 +23,10 @@ class NumericDistanceParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scale: float = Field(default=10.0, gt=0, description="distance at which the reward reaches 0")
-    extract: str | None = Field(default=None, description="regex whose first group is the answer; none: first number")
+    extract: RegexPattern | None = Field(
+        default=None, description="regex whose first group is the answer; none: first number"
+    )
     missing: float = Field(default=0.0, description="reward when there is no number to compare")
-
-    @field_validator("extract")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            compile_pattern(value)
-        return value
 
 
 def _number(text: str, pattern: str) -> float | None:

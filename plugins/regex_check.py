@@ -5,24 +5,18 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from engine.plugin import RewardFunction, RewardSample, compile_pattern
+from engine.plugin import RegexPattern, RewardFunction, RewardSample
 
 
 class RegexParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pattern: str = Field(description="regular expression searched in the response")
+    pattern: RegexPattern = Field(description="regular expression searched in the response")
     full_match: bool = Field(default=False, description="the whole response must match")
     on_match: float = Field(default=1.0, description="reward when it matches")
     on_miss: float = Field(default=0.0, description="reward when it does not")
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        compile_pattern(value)
-        return value
 
 
 def score(params: RegexParams, batch: Sequence[RewardSample]) -> list[float]:
