@@ -258,7 +258,7 @@ class ChatData:
             tokens[r, :n], labels[r, :n], mask[r, :n] = t[:n], t[1 : n + 1], m[1 : n + 1]
         return {
             "tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(mask), "position_ids": _positions(len(rows), seq),
+            "loss_mask": torch.from_numpy(mask), "position_ids": positions(len(rows), seq),
         }  # fmt: skip
 
     def _pair_rows(self, ds: dict[str, Any], rows: np.ndarray, seq: int) -> Batch:
@@ -274,10 +274,11 @@ class ChatData:
                 tokens[half * m + r, : len(row)] = row
                 last[half * m + r] = len(row) - 1
         return {
-            "tokens": torch.from_numpy(tokens), "position_ids": _positions(2 * m, seq),
+            "tokens": torch.from_numpy(tokens), "position_ids": positions(2 * m, seq),
             "last": torch.from_numpy(last), "weight": torch.from_numpy(weight),
         }  # fmt: skip
 
 
-def _positions(rows: int, seq: int) -> torch.Tensor:
+def positions(rows: int, seq: int) -> torch.Tensor:
+    """Position ids 0..seq−1 for each of `rows` rows."""
     return torch.arange(seq, dtype=torch.int64).unsqueeze(0).expand(rows, seq).contiguous()

@@ -98,6 +98,14 @@ def parent_checkpoint(ctx: Context, stage: str) -> Path:
     return parent
 
 
+def checked_parent(ctx: Context, stage: str, tokenizer: dict[str, Any]) -> Path:
+    """The newest checkpoint of `stage`, after checking that it fits this job (check_contract)."""
+    parent = parent_checkpoint(ctx, stage)
+    architecture = ctx.plan.model.model_dump(mode="json")
+    check_contract(parent, checkpoint.read_meta(parent), architecture=architecture, tokenizer=tokenizer)
+    return parent
+
+
 def start(ctx: Context, built: Any, root: Path, task: Task) -> tuple[int, int, list[str]]:
     """(step, consumed samples, parents) after resuming or initialising from a parent stage."""
     assert ctx.job.layout is not None
@@ -113,10 +121,7 @@ def start(ctx: Context, built: Any, root: Path, task: Task) -> tuple[int, int, l
     parent_stage = ctx.job.config.get("init_from")
     if parent_stage is None:
         return 0, 0, []
-    parent = parent_checkpoint(ctx, parent_stage)
-    meta = checkpoint.read_meta(parent)
-    architecture = ctx.plan.model.model_dump(mode="json")
-    check_contract(parent, meta, architecture=architecture, tokenizer=task.tokenizer)
+    parent = checked_parent(ctx, parent_stage, task.tokenizer)
     checkpoint.load(parent, built, layout=layout, model_only=True, fresh=task.fresh)
     return 0, 0, [str(parent)]
 

@@ -46,8 +46,9 @@ from ... import plugin
 from ...chat import SpecialIds
 from ...data.tokenizer import load as load_tokenizer
 from ...errors import EngineError
+from ...plugins import exact_match
 from .. import checkpoint
-from ..chat_data import read_shards
+from ..chat_data import positions, read_shards
 from ..data import dataset_dir, read_manifest
 from ..faults import maybe_kill
 from ..generate import Sampling, generate
@@ -56,7 +57,7 @@ from ..main import Context
 from ..mcore import SCALAR_HEAD, build_frozen, build_job
 from ..metrics import Metrics
 from ..ppo_math import adapt_kl_coef, gae, kl_penalty, masked_mean, policy_loss, token_rewards, value_loss, whiten
-from ..train import check_contract, meta_for, parent_checkpoint
+from ..train import checked_parent, meta_for
 
 ACTOR_KEYS = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy")
 CRITIC_KEYS = ("loss", "value_loss")
@@ -107,7 +108,7 @@ class Rollouts:
             "tokens": self.tokens[rows], "labels": self.labels[rows], "mask": self.mask[rows],
             "old_logp": self.old_logp[rows], "old_values": self.old_values[rows],
             "advantages": self.advantages[rows], "returns": self.returns[rows],
-            "position_ids": torch.arange(seq).unsqueeze(0).expand(len(rows), seq).contiguous(),
+            "position_ids": positions(len(rows), seq),
         }  # fmt: skip
 
 
@@ -170,12 +171,6 @@ class Ppo:
         holder = SimpleNamespace(chunks=chunks)
         checkpoint.load(path, holder, layout=self.job.layout.model_dump(), model_only=True, fresh=fresh)
 
-    def _parent(self, stage: str) -> Path:
-        parent = parent_checkpoint(self.ctx, stage)
-        meta = checkpoint.read_meta(parent)
-        check_contract(parent, meta, architecture=self.plan.model.model_dump(mode="json"), tokenizer=self.tokenizer)
-        return parent
-
     def start(self) -> tuple[int, float, list[str]]:
         """(iteration, KL coefficient, parents): resume, or initialise every role from its parent."""
         assert self.job.layout is not None
@@ -183,10 +178,10 @@ class Ppo:
             checkpoint.remove_partial(self.root)
             checkpoint.remove_partial(self.critic_root)
         dist.barrier()
-        policy = self._parent(self.cfg["policy"])
+        policy = checked_parent(self.ctx, self.cfg["policy"], self.tokenizer)
         self._load(policy, self.reference)
         if self.reward_model is not None:
-            self._load(self._parent(self.cfg["reward_model"]), self.reward_model)
+            self._load(checked_parent(self.ctx, self.cfg["reward_model"], self.tokenizer), self.reward_model)
         layout = self.job.layout.model_dump()
         own = checkpoint.latest_checkpoint(self.root)
         critics = {p.name for p in checkpoint.complete_checkpoints(self.critic_root)}
@@ -202,7 +197,7 @@ class Ppo:
         critic_from = self.cfg["critic_from"] or self.cfg["reward_model"]
         parents = [str(policy)]
         if critic_from:
-            source = self._parent(critic_from)
+            source = checked_parent(self.ctx, critic_from, self.tokenizer)
             self._load(source, self.critic.chunks)
             parents.append(str(source))
         else:
@@ -252,19 +247,28 @@ class Ppo:
         out = []
         for i in range(0, len(tokens), self.ro["batch_size"]):
             t = tokens[i : i + self.ro["batch_size"]]
-            logits = chunks[0](t, _positions(t), None) / self.ro["temperature"]
+            logits = chunks[0](t, positions(*t.shape), None) / self.ro["temperature"]
             out.append(vocab_parallel_logp_entropy(logits, labels[i : i + self.ro["batch_size"]])[0])
         return torch.cat(out)
 
     @torch.no_grad()
     def _values(self, chunks: list[Any], tokens: torch.Tensor) -> torch.Tensor:
         size = self.ro["batch_size"]
-        out = [chunks[0](tokens[i : i + size], _positions(tokens[i : i + size]), None).float()
+        out = [chunks[0](tokens[i : i + size], positions(*tokens[i : i + size].shape), None).float()
                for i in range(0, len(tokens), size)]  # fmt: skip
         return torch.cat(out)
 
-    def _scores(self, prompts: list[dict[str, Any]], rows: list[list[int]], plens: list[int],
-                rlens: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    def _samples(self, prompts: list[dict[str, Any]], rows: list[list[int]], plens: list[int],
+                 rlens: list[int]) -> list[plugin.RewardSample]:  # fmt: skip
+        """What reward functions score: prompt text, decoded response (no stop tokens), reference."""
+        texts = [self.tok.decode([t for t in r[p : p + n] if t not in self.stop])
+                 for r, p, n in zip(rows, plens, rlens, strict=True)]  # fmt: skip
+        return [plugin.RewardSample(prompt=pr["prompt_text"], response=text, reference=pr.get("reference"))
+                for pr, text in zip(prompts, texts, strict=True)]  # fmt: skip
+
+    def _scores(
+        self, rows: list[list[int]], batch: list[plugin.RewardSample]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted sum of the reward sources per rollout, and each source's raw values."""
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(rows))
@@ -279,21 +283,16 @@ class Ppo:
             last = torch.tensor([len(r) - 1 for r in rm_rows])
             parts["reward_model"] = values.gather(1, last.unsqueeze(1)).squeeze(1)
             total += float(self.cfg["reward_model_weight"]) * parts["reward_model"]
-        if self.rewards:
-            texts = [self.tok.decode([t for t in r[p : p + n] if t not in self.stop])
-                     for r, p, n in zip(rows, plens, rlens, strict=True)]  # fmt: skip
-            batch = [plugin.RewardSample(prompt=pr["prompt_text"], response=text, reference=pr.get("reference"))
-                     for pr, text in zip(prompts, texts, strict=True)]  # fmt: skip
-            for name, weight, found, params in self.rewards:
-                try:
-                    values_list = found.score(params, batch)
-                except Exception as exc:  # a plugin's own failure: name it, no traceback
-                    raise EngineError(f"reward plugin {name!r} failed: {type(exc).__name__}: {exc}") from None
-                if len(values_list) != len(batch) or not all(math.isfinite(v) for v in values_list):
-                    raise EngineError(f"reward plugin {name!r} returned {len(values_list)} values for {len(batch)} "
-                                      "responses, or a value that is not finite")  # fmt: skip
-                parts[name] = torch.tensor(values_list, dtype=torch.float32)
-                total += weight * parts[name]
+        for name, weight, found, params in self.rewards:
+            try:
+                values_list = found.score(params, batch)
+            except Exception as exc:  # a plugin's own failure: name it, no traceback
+                raise EngineError(f"reward plugin {name!r} failed: {type(exc).__name__}: {exc}") from None
+            if len(values_list) != len(batch) or not all(math.isfinite(v) for v in values_list):
+                raise EngineError(f"reward plugin {name!r} returned {len(values_list)} values for {len(batch)} "
+                                  "responses, or a value that is not finite")  # fmt: skip
+            parts[name] = torch.tensor(values_list, dtype=torch.float32)
+            total += weight * parts[name]
         return total, parts
 
     def collect(self, iteration: int, beta: float) -> tuple[Rollouts, dict[str, float]]:
@@ -307,7 +306,7 @@ class Ppo:
         old_logp = self._logp(self.actor.chunks, tokens, labels) * mask
         ref_logp = self._logp(self.reference, tokens, labels) * mask
         old_values = self._values(self.critic.chunks, tokens) * mask
-        score, parts = self._scores(prompts, rows, plens, rlens)
+        score, parts = self._scores(rows, self._samples(prompts, rows, plens, rlens))
         kl = kl_penalty(old_logp, ref_logp, self.hp["kl_estimator"]) * mask
         rewards = token_rewards(score, kl, mask, beta)
         advantages, returns = gae(rewards, old_values, mask, self.hp["gamma"], self.hp["lam"])
@@ -407,13 +406,12 @@ class Ppo:
     def _evaluate(self, prompts: list[dict[str, Any]], sampling: Sampling, prefix: str) -> dict[str, float]:
         gen = torch.Generator().manual_seed(12345 + self.dp_rank)
         (rows, plens, rlens), _ = self._generate(prompts, sampling, gen)
-        score, _ = self._scores(prompts, rows, plens, rlens)
-        texts = [self.tok.decode([t for t in r[p : p + n] if t not in self.stop])
-                 for r, p, n in zip(rows, plens, rlens, strict=True)]  # fmt: skip
-        checkable = [(" ".join(t.split()), " ".join(str(p["reference"]).split())) for t, p in zip(texts, prompts, strict=True)
-                     if p.get("reference") is not None]  # fmt: skip
-        sums = _dp_sum(torch.tensor([float(score.sum()), float(len(prompts)), float(sum(a == b for a, b in checkable)),
-                                     float(len(checkable)), float(sum(rlens))]))  # fmt: skip
+        samples = self._samples(prompts, rows, plens, rlens)
+        score, _ = self._scores(rows, samples)
+        checkable = [s for s in samples if s.reference is not None]
+        correct = sum(exact_match.score(exact_match.ExactMatchParams(), checkable))
+        sums = _dp_sum(torch.tensor([float(score.sum()), float(len(prompts)), correct, float(len(checkable)),
+                                     float(sum(rlens))]))  # fmt: skip
         out = {f"{prefix}reward": float(sums[0] / sums[1]), f"{prefix}response_length": float(sums[4] / sums[1])}
         if sums[3] > 0:
             out[f"{prefix}accuracy"] = float(sums[2] / sums[3])
@@ -460,10 +458,6 @@ class Ppo:
                         meta=critic_meta, keep_last=max(keep, 2))  # fmt: skip
         checkpoint.save(self.root, self.actor, step=iteration, consumed=iteration * self.samples,
                         meta={**meta, "model": "policy", "kl_coef": beta}, keep_last=keep)  # fmt: skip
-
-
-def _positions(tokens: torch.Tensor) -> torch.Tensor:
-    return torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
 
 
 def _dp_sum(x: torch.Tensor) -> torch.Tensor:
