@@ -77,7 +77,7 @@ def read_shards(plan: Plan, job: Job, records: str, split: str, key: str = "data
     if not names:
         raise EngineError(
             f"stage {job.name!r} trains on {records} records, but data stage {job.config[key]!r} has no "
-            f"source with records: {records}"
+            f"source with records: {records}; add one to stages.{job.config[key]}.sources"
         )
     for name in names:
         for shard in manifest["sources"][name]["splits"].get(split, {}).get("shards", []):

@@ -237,7 +237,10 @@ def test_a_failing_reward_plugin_stops_ppo_with_its_name(run_dir: Path, plugin_s
                       "stages.ppo.rewards=[{plugin: always_fails}]")  # fmt: skip
     message = done.stdout + done.stderr
     assert done.returncode == 2, message[-3000:]
-    assert "reward plugin 'always_fails' failed: RuntimeError: the scoring service is unreachable" in message
+    assert (
+        "stages.ppo.rewards[0]: reward plugin 'always_fails' failed: RuntimeError: the scoring service is "
+        "unreachable; fix the plugin or remove it from the recipe"
+    ) in message
     assert "Traceback" not in message
 
 

@@ -283,14 +283,18 @@ class Ppo:
             last = torch.tensor([len(r) - 1 for r in rm_rows])
             parts["reward_model"] = values.gather(1, last.unsqueeze(1)).squeeze(1)
             total += float(self.cfg["reward_model_weight"]) * parts["reward_model"]
-        for name, weight, found, params in self.rewards:
+        for i, (name, weight, found, params) in enumerate(self.rewards):
+            where = f"stages.{self.job.name}.rewards[{i}]"
+            fix = "fix the plugin or remove it from the recipe"
             try:
                 values_list = found.score(params, batch)
             except Exception as exc:  # a plugin's own failure: name it, no traceback
-                raise EngineError(f"reward plugin {name!r} failed: {type(exc).__name__}: {exc}") from None
+                raise EngineError(
+                    f"{where}: reward plugin {name!r} failed: {type(exc).__name__}: {exc}; {fix}"
+                ) from None
             if len(values_list) != len(batch) or not all(math.isfinite(v) for v in values_list):
-                raise EngineError(f"reward plugin {name!r} returned {len(values_list)} values for {len(batch)} "
-                                  "responses, or a value that is not finite")  # fmt: skip
+                raise EngineError(f"{where}: reward plugin {name!r} returned {len(values_list)} values for {len(batch)} "
+                                  f"responses, or a value that is not finite; {fix}")  # fmt: skip
             parts[name] = torch.tensor(values_list, dtype=torch.float32)
             total += weight * parts[name]
         return total, parts
