@@ -6,6 +6,10 @@ Both paths build Megatron-Core's GPTModel; there is no second transformer:
   TransformerConfig's fp8 fields with the stage's recipe (delayed, tensorwise, mxfp8, blockwise), the
   distributed optimizer. A missing Transformer Engine is a start-up error, never a silent fallback.
 * CPU (gloo): the local (pure PyTorch) layer spec in fp32, with engine.worker.cpu_compat applied.
+* GPU without Transformer Engine, when the job's environment sets ENGINE_LAYER_SPEC=local (a cluster
+  profile's `env`, so the plan shows it): the local layer spec in bf16 on NCCL, without the fused
+  kernels that only TE or Megatron-LM's compiled extensions provide (RoPE, masked softmax, persistent
+  layer norm). Attention is unfused: it stores the a·s² scores, so it is for checks, not production.
 
 On CPU the weights are initialised independently of the parallel layout: every tensor is drawn whole
 from a generator seeded by (seed, its global checkpoint key, its global layer) and each rank keeps its
@@ -28,6 +32,12 @@ from ..compile.resolve import ResolvedModel
 from ..errors import EngineError
 
 FP8_FORMAT = "hybrid"  # e4m3 forward, e5m2 backward (Micikevicius et al. 2022)
+LAYER_SPEC_ENV = "ENGINE_LAYER_SPEC"  # "local" in a job's env: Megatron's PyTorch layers on GPUs too
+
+
+def uses_transformer_engine(job: Job, *, device: str) -> bool:
+    """GPU jobs run on Transformer Engine layers unless their environment asks for the local spec."""
+    return device == "cuda" and job.env.get(LAYER_SPEC_ENV) != "local"
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ def config_kwargs(job: Job, model: ResolvedModel, *, device: str) -> dict[str, A
     if lay is None or prec is None:
         raise ValueError(f"job {job.name} is not a training job")
     gpu = device == "cuda"
+    te = uses_transformer_engine(job, device=device)
     dtype = torch.float32 if prec.dtype == "fp32" else torch.bfloat16
     recompute = job.config["training"]["recompute"]
     kwargs: dict[str, Any] = dict(
@@ -80,12 +91,13 @@ def config_kwargs(job: Job, model: ResolvedModel, *, device: str) -> dict[str, A
         perform_initialization=True,
         # gloo's batched isend/irecv silently breaks the interleaved schedule on CPU.
         batch_p2p_comm=gpu,
-        # Fused kernels exist only on GPUs.
+        # Fused kernels exist only on GPUs; RoPE's comes from TE, the masked softmax and persistent
+        # layer norm from TE or Megatron-LM's compiled extensions (the local spec has none of them).
         bias_activation_fusion=gpu and model.activation == "swiglu",
-        masked_softmax_fusion=gpu,
-        persist_layer_norm=gpu,
+        masked_softmax_fusion=te,
+        persist_layer_norm=te,
         bias_dropout_fusion=gpu,
-        apply_rope_fusion=gpu,
+        apply_rope_fusion=te,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=gpu,
     )
@@ -112,11 +124,11 @@ def require_transformer_engine() -> None:
         ) from None
 
 
-def layer_spec(model: ResolvedModel, *, device: str) -> Any:
+def layer_spec(job: Job, model: ResolvedModel, *, device: str) -> Any:
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     norm = "RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm"
-    if device == "cuda":
+    if uses_transformer_engine(job, device=device):
         require_transformer_engine()
         return specs.get_gpt_layer_with_transformer_engine_spec()
     return specs.get_gpt_layer_local_spec(normalization=norm)
@@ -180,7 +192,7 @@ def build_chunks(job: Job, model: ResolvedModel, config: Any, *, device: str, he
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     assert job.layout is not None
-    spec = layer_spec(model, device=device)
+    spec = layer_spec(job, model, device=device)
     vpp = job.layout.vpp
     cls = scalar_model_class() if head == "scalar" else GPTModel
     chunks = []

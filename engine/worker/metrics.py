@@ -1,7 +1,9 @@
 """Per-step metrics: metrics.jsonl and TensorBoard events in the stage folder, progress on the console.
 
 Only global rank 0 writes. Lines in metrics.jsonl are flushed as they are written, so a killed job
-keeps every step it finished; a resumed job appends.
+keeps every step it finished; a resumed job appends. On a GPU each line also records rank 0's peak
+allocated memory so far (`gpu_max_allocated_bytes`, torch.cuda.max_memory_allocated), the number the
+plan's per-GPU memory estimate is checked against.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+import torch
 
 
 class Metrics:
@@ -47,6 +51,8 @@ class Metrics:
         if not self.enabled:
             return
         record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in values.items()}}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            record["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         assert self.file is not None
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU machine (Python 3.12 with torch, no network, no Megatron-Core):
+# install the carried wheels that bench/gpu_wheels.sh downloaded, then run bench/gpu_check.py, whose
+# JSON, markdown and logs land in $OUT (bench/results when unset). Arguments go to gpu_check.py.
+#
+#   bash bench/gpu_check.sh            # engine vs bare Megatron-Core, MFU, memory (about 4-5 minutes)
+#   bash bench/gpu_check.sh --fp8      # also Transformer Engine bf16 vs FP8, if TE is importable
+#
+# The engine declares Python <3.12, so it is not pip-installed there: the checkout comes first on
+# PYTHONPATH and the engine wheel in .gpu_wheels only contributes its entry points (the built-in
+# plugins). A Transformer Engine assembled earlier on the same machine is picked up from $TE_SITE.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+PY=${PYTHON:-python3}
+SITE=/tmp/gpu_check_site
+began=$(date +%s)
+mkdir -p "$OUT"
+$PY -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+    --ignore-requires-python --upgrade --target "$SITE" .gpu_wheels/*.whl || exit 1
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ -d "${TE_SITE:-/root/te_site}" ]; then export PYTHONPATH="${TE_SITE:-/root/te_site}:$PYTHONPATH"; fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv || true
+$PY bench/gpu_check.py --out "$OUT" --keep-logs --timeout "${RUN_TIMEOUT:-210}" "$@"
+rc=$?
+echo "[gpu_check.sh] exit $rc after $(( $(date +%s) - began )) s"
+exit $rc
