@@ -1,4 +1,4 @@
-"""The `engine` command line: validate, plan, run, schema, plugins.
+"""The `engine` command line: validate, plan, run, schema, plugins, export, import.
 
 User errors print one message listing every problem and exit with code 2, without a traceback.
 """
@@ -168,6 +168,61 @@ def plugins() -> None:
     for name, reward in sorted(rewards.items()):
         table.add_row("reward", name, ", ".join(reward.params.model_fields), reward.description)
     out.print(table)
+
+
+@app.command("export")
+def export_(
+    artifact: Annotated[
+        Path, typer.Argument(help="a stage's folder (runs/<run>/<stage>), its checkpoints/, or one checkpoint folder")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="the folder to write (new or empty)")],
+    fmt: Annotated[str, typer.Option("--format", help="hf: a Llama folder for transformers")] = "hf",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 or bf16 weights")] = "fp32",
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="the run's tokenizer.json, when meta.json's path is elsewhere")
+    ] = None,
+) -> None:
+    """Export a stage's newest checkpoint as a Hugging Face LlamaForCausalLM with its tokenizer."""
+    problems = [f"--format {fmt!r}: only 'hf' is supported"] if fmt != "hf" else []
+    problems += [f"--dtype {dtype!r}: use fp32 or bf16"] if dtype not in ("fp32", "bf16") else []
+    if problems:
+        raise _fail(EngineError("; ".join(problems)))
+    from .hf.to_hf import export_checkpoint
+
+    try:
+        ckpt = export_checkpoint(artifact, out_dir, dtype=dtype, tokenizer=tokenizer)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    out.print(f"exported {ckpt} to {out_dir} (LlamaForCausalLM, {dtype})", markup=False)
+
+
+@app.command("import")
+def import_(
+    hf_dir: Annotated[Path, typer.Argument(help="a local HF Llama folder (config.json, safetensors, tokenizer.json)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="the checkpoint folder to write (new or empty)")],
+    seq_length: Annotated[
+        int | None,
+        typer.Option("--seq-length", min=1, help="the recipe's model.seq_length (default: max_position_embeddings)"),
+    ] = None,
+    divisor: Annotated[
+        int | None,
+        typer.Option(
+            "--make-vocab-size-divisible-by",
+            min=1,
+            max=65536,
+            help="vocabulary padding (default: what fits the embedding)",
+        ),
+    ] = None,
+) -> None:
+    """Import a Hugging Face Llama checkpoint as an engine checkpoint that pretrain or sft can start from."""
+    from .hf.from_hf import describe_import, import_checkpoint
+
+    try:
+        section = import_checkpoint(hf_dir, out_dir, seq_length=seq_length, vocab_divisor=divisor)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    out.print(f"imported {hf_dir} into {out_dir}; a recipe starts from it with:", markup=False)
+    sys.stdout.write(describe_import(section, out_dir))  # YAML to paste: never wrapped by the console
 
 
 def plan_table(p: Plan) -> Table:

@@ -1,7 +1,10 @@
 """The stage kinds of the training process, a discriminated union on `kind`.
 
 Stages refer to earlier stages by name (`init_from: sft`, `data: data`); the compiler checks that each
-reference exists, comes earlier in the recipe and has the right kind.
+reference exists, comes earlier in the recipe and has the right kind. The `init_from` of a pretrain or
+SFT stage may instead be a path to a checkpoint directory (one with meta.json: the output of `engine
+import`, or another run's `<stage>/checkpoints/step_N`). A value that contains "/" or starts with "."
+is a path; stage names can contain neither.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ class DataStage(Spec):
 Batching = Literal["bucketed", "padded"]
 
 
+def is_checkpoint_path(value: str) -> bool:
+    """Whether a reference is a path to a checkpoint directory rather than a stage name."""
+    return "/" in value or value.startswith(".")
+
+
 class _TrainingStage(Spec):
     """Fields every training stage has. Not a stage kind itself."""
 
@@ -54,7 +62,9 @@ class PretrainStage(_TrainingStage):
     kind: Literal["pretrain"] = Field(description="pretraining")
     data: str = Field(description="name of the data stage whose text sources are trained on")
     init_from: str | None = Field(
-        default=None, description="continue from this pretrain stage's checkpoint; none: random init"
+        default=None,
+        description="continue from this pretrain stage's checkpoint, or from a checkpoint directory "
+        "(a path: contains '/' or starts with '.'); none: random init",
     )
     mixture: dict[str, float] | None = Field(
         default=None, description="override the sources' mixture weights, by source name"
@@ -65,7 +75,9 @@ class SftStage(_TrainingStage):
     """Stage 3: supervised fine-tuning on conversations; loss on assistant tokens only."""
 
     kind: Literal["sft"] = Field(description="supervised fine-tuning")
-    init_from: str = Field(description="pretrain or sft stage to start from")
+    init_from: str = Field(
+        description="pretrain or sft stage to start from, or a checkpoint directory (a path: contains '/' or starts with '.')"
+    )
     data: str = Field(description="name of the data stage whose conversation sources are trained on")
     batching: Batching = Field(
         default="bucketed",

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from .. import __version__
 from ..errors import EngineError, Problem, RecipeError
 from ..schema import ClusterProfile, DataStage, Recipe, TrainingStage, TrainTokenizer
+from ..schema.stages import is_checkpoint_path
 from .estimate import GIB, Estimate, estimate_job, fits, human_bytes
 from .resolve import (
     Frozen,
@@ -125,7 +126,8 @@ def compile_recipe(recipe: Recipe, *, force: bool = False, source: str = "") -> 
 
 
 def _references(stage: DataStage | TrainingStage) -> list[str]:
-    return [v for f in REFERENCES[stage.kind] if isinstance(v := getattr(stage, f), str)]
+    """The earlier stages this one reads; a checkpoint directory given as init_from is no stage."""
+    return [v for f in REFERENCES[stage.kind] if isinstance(v := getattr(stage, f), str) and not is_checkpoint_path(v)]
 
 
 def _job(

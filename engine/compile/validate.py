@@ -8,10 +8,13 @@ arithmetic, precision against the hardware, references between stages, plugin pa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -20,12 +23,15 @@ from ..errors import PluginError, Problem, did_you_mean
 from ..schema import (
     ClusterProfile,
     DataStage,
+    FileTokenizer,
     PpoStage,
     PretrainStage,
     Recipe,
+    SftStage,
     TrainingStage,
     TrainTokenizer,
 )
+from ..schema.stages import is_checkpoint_path
 from .resolve import ResolvedModel, gpus_per_node
 
 # A byte-level BPE starts from the 256 byte symbols; the chat template adds its special tokens.
@@ -39,6 +45,7 @@ def validate(recipe: Recipe, cluster: ClusterProfile | None, model: ResolvedMode
     """All problems of a recipe. Rules needing the cluster or the model run only when those resolved."""
     problems = list(_tokenizer(recipe))
     problems += _references(recipe)
+    problems += _checkpoint_paths(recipe, model)
     if model is not None:
         problems += _model(model)
     for name, stage in recipe.stages.items():
@@ -93,8 +100,9 @@ def _references(recipe: Recipe) -> Iterator[Problem]:
         earlier = {n: recipe.stages[n].kind for n in names[:index]}
         for field, kinds in REFERENCES[stage.kind].items():
             value = getattr(stage, field)
-            if value is not None:
-                yield from _reference(f"stages.{name}.{field}", value, kinds, earlier, names)
+            if value is None or (isinstance(stage, PATH_STAGES) and field == "init_from" and is_checkpoint_path(value)):
+                continue  # a checkpoint directory: _checkpoint_paths
+            yield from _reference(f"stages.{name}.{field}", value, kinds, earlier, names)
         if not isinstance(stage, DataStage):
             yield from _records_available(recipe, f"stages.{name}", stage)
 
@@ -106,12 +114,53 @@ def _reference(
     hint = (
         ("earlier stages that fit: " + ", ".join(fitting)) if fitting else f"add a {' or '.join(kinds)} stage before it"
     )
-    if value not in names:
+    if value not in names and is_checkpoint_path(value):
+        yield Problem(path, f"={value!r} is a path, which only pretrain and sft stages' init_from accept", hint)
+    elif value not in names:
         yield Problem(path, f"={value!r} names no stage", did_you_mean(value, fitting) if fitting else hint)
     elif value not in earlier:
         yield Problem(path, f"={value!r} is not an earlier stage (stages run in recipe order)", hint)
     elif earlier[value] not in kinds:
         yield Problem(path, f"={value!r} is a {earlier[value]} stage; it must be {' or '.join(kinds)}", hint)
+
+
+# init_from of these kinds may also name a checkpoint directory (an imported model, another run's step).
+PATH_STAGES = (PretrainStage, SftStage)
+CHECKPOINT_FIX = (
+    "give a checkpoint directory (relative paths: from the working directory): "
+    "the output of `engine import`, or <run>/<stage>/checkpoints/step_N"
+)
+
+
+def _checkpoint_paths(recipe: Recipe, model: ResolvedModel | None) -> Iterator[Problem]:
+    """An init_from path must be a checkpoint whose architecture and tokenizer fit this recipe."""
+    for name, stage in recipe.stages.items():
+        value = stage.init_from if isinstance(stage, PATH_STAGES) else None
+        if value is None or not is_checkpoint_path(value):
+            continue
+        path, meta_path = f"stages.{name}.init_from", Path(value) / "meta.json"
+        try:
+            meta: Any = json.loads(meta_path.read_text(encoding="utf-8"))
+            theirs, tok = dict(meta["architecture"]), dict(meta["tokenizer"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            why = "it has no meta.json" if Path(value).is_dir() else "no such directory"
+            why = f"cannot read its meta.json ({type(exc).__name__}: {exc})" if meta_path.is_file() else why
+            yield Problem(path, f"={value!r} is not a checkpoint directory: {why}", CHECKPOINT_FIX)
+            continue
+        ours = model.model_dump(mode="json") if model is not None else {}
+        if diff := ", ".join(f"{k}: {theirs.get(k)} vs {v}" for k, v in ours.items() if theirs.get(k) != v):
+            yield Problem(
+                path,
+                f"={value!r} has another architecture than model (checkpoint vs recipe: {diff})",
+                "set model.* to the checkpoint's values (its meta.json 'architecture'), or start from another checkpoint",
+            )
+        file = Path(recipe.tokenizer.path) if isinstance(recipe.tokenizer, FileTokenizer) else None
+        if file and file.is_file() and (sha := hashlib.sha256(file.read_bytes()).hexdigest()) != tok.get("sha256"):
+            yield Problem(
+                path,
+                f"={value!r} was trained with tokenizer {tok.get('sha256')}, tokenizer.path={str(file)!r} is {sha}",
+                f"set tokenizer.path to the checkpoint's tokenizer ({tok.get('path')})",
+            )
 
 
 def _records_available(recipe: Recipe, where: str, stage: TrainingStage) -> Iterator[Problem]:

@@ -8,9 +8,9 @@ TensorBoard and the console.
 
 Start-up order: the stage's own newest complete checkpoint (an interrupted or killed run resumes
 exactly: model, optimizer, schedule, data position and RNG states); otherwise `init_from`'s newest
-checkpoint, weights only, after checking the hand-off contract (architecture, tokenizer hash and
-special tokens), and then a validation pass logged as step 0, the starting point the stage is
-measured against; otherwise a fresh model.
+checkpoint (or the checkpoint directory it names: an imported model), weights only, after checking
+the hand-off contract (architecture, tokenizer hash and special tokens), and then a validation pass
+logged as step 0, the starting point the stage is measured against; otherwise a fresh model.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..errors import EngineError
+from ..schema.stages import is_checkpoint_path
 from . import checkpoint
 from .faults import maybe_kill
 from .loop import Batch, ForwardStep, evaluate, summarise, train_step
@@ -91,6 +92,11 @@ def check_contract(
 
 
 def parent_checkpoint(ctx: Context, stage: str) -> Path:
+    """The newest checkpoint of an earlier stage, or the checkpoint directory that `stage` names."""
+    if is_checkpoint_path(stage):
+        if not (Path(stage) / checkpoint.META).is_file():
+            raise EngineError(f"stage {ctx.job.name!r} starts from {stage!r}, which is not a checkpoint (no meta.json)")
+        return Path(stage)
     root = Path(ctx.plan.job(stage).outputs[0].path)
     parent = checkpoint.latest_checkpoint(root)
     if parent is None:
