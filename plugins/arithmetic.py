@@ -4,6 +4,12 @@ Sized so that a ~1M-parameter model can learn it on a laptop CPU: with operands 
 reaches useful exact-match accuracy after SFT, and a reward model can tell right from wrong answers;
 with operands up to 99 the same model's reward model stays at chance. Every record kind comes from
 the same generator with its own seed offset, so the kinds do not share examples by construction.
+
+`restate_rate` makes the demonstrations (conversation records) inconsistent the way human ones are:
+that fraction of them answers by restating the whole equation ("3+4=7") instead of the number alone
+("7"), the format the prompts' reference answers and the preference records use. SFT imitates both
+styles; a reward that checks the answer (exact match, or a reward model trained on the rankings)
+prefers the bare number, and RL moves the policy to it.
 """
 
 from __future__ import annotations
@@ -36,11 +42,24 @@ class ArithmeticParams(BaseModel):
         default=16, gt=0, le=1000, description="equations per document, one per line (records: text)"
     )
     seed: int = Field(default=0, ge=0, description="generator seed")
+    restate_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="fraction of demonstrations (conversation records) answering with the whole equation",
+    )
 
 
 def _problem(rng: random.Random, hi: int) -> tuple[str, str]:
     a, b = rng.randint(0, hi), rng.randint(0, hi)
     return f"{a}+{b}=", str(a + b)
+
+
+def _demonstration(rng: random.Random, hi: int, restate_rate: float) -> tuple[str, str]:
+    prompt, answer = _problem(rng, hi)
+    # Drawn for every problem, so the rate does not change which problems are generated.
+    restate = rng.random() < restate_rate
+    return prompt, prompt + answer if restate else answer
 
 
 def _wrong(rng: random.Random, answer: str) -> str:
@@ -56,10 +75,12 @@ def read(params: ArithmeticParams, kind: RecordKind) -> Iterator[Record]:
             lines = ("".join(_problem(rng, params.max_operand)) for _ in range(params.per_document))
             yield Text("\n".join(lines))
             continue
-        prompt, answer = _problem(rng, params.max_operand)
         if kind == "conversation":
+            prompt, answer = _demonstration(rng, params.max_operand, params.restate_rate)
             yield Conversation((Message("user", prompt), Message("assistant", answer)))
-        elif kind == "preference":
+            continue
+        prompt, answer = _problem(rng, params.max_operand)
+        if kind == "preference":
             yield Preference(prompt, chosen=answer, rejected=_wrong(rng, answer))
         else:
             yield Prompt(prompt, reference=answer)

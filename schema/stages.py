@@ -141,6 +141,11 @@ class PpoSpec(Spec):
         default=None, gt=0, description="stop an iteration's epochs early when the policy KL exceeds this"
     )
     critic_lr: float | None = Field(default=None, gt=0, description="critic learning rate; none: training.lr")
+    advantage: Literal["gae", "rloo"] = Field(
+        default="gae",
+        description="gae: a critic's values and GAE(γ, λ); rloo: leave-one-out baseline over each prompt's "
+        "responses, no critic (needs rollout.responses_per_prompt ≥ 2)",
+    )
 
 
 class PpoStage(_TrainingStage):

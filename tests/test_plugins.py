@@ -208,6 +208,21 @@ def test_arithmetic_conversations_answer_the_user() -> None:
         assert int(assistant.content) == _sum_of(user.content, 50)
 
 
+def test_arithmetic_demonstrations_restate_the_equation_at_the_asked_rate() -> None:
+    def answers(rate: float) -> list[tuple[str, str]]:
+        params = arithmetic.ArithmeticParams(max_operand=30, num_samples=2000, seed=5, restate_rate=rate)
+        return [(r.messages[0].content, r.messages[1].content) for r in arithmetic.read(params, "conversation")]
+
+    bare, half, full = answers(0.0), answers(0.5), answers(1.0)
+    assert [p for p, _ in bare] == [p for p, _ in half] == [p for p, _ in full]  # the same problems
+    for prompt, answer in bare:
+        a, b = (int(x) for x in prompt.rstrip("=").split("+"))
+        assert answer == str(a + b)
+    assert all(answer == prompt + bare_answer for (prompt, answer), (_, bare_answer) in zip(full, bare, strict=True))
+    restated = sum(answer.startswith(prompt) for prompt, answer in half) / len(half)
+    assert 0.45 < restated < 0.55, restated
+
+
 def test_arithmetic_preferences_reject_a_wrong_answer() -> None:
     records = list(arithmetic.read(arithmetic.ArithmeticParams(max_operand=3, num_samples=200), "preference"))
     assert len(records) == 200

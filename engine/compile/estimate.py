@@ -30,8 +30,8 @@ FLOPs per token are counted as Megatron does: every GEMM once forward and twice 
 multiply-add), SwiGLU's three MLP matrices, causal attention's score and value products halved, and
 the logits' 6hV. Time = FLOPs / (GPUs × peak × assumed MFU from the cluster profile).
 
-PPO keeps four models resident (actor and critic with optimizer states, reference and reward model
-weights only); its peak is the states plus the larger of the training activations and the rollout's
+PPO keeps up to four models resident (actor and, with GAE, critic with optimizer states; reference
+and reward model weights only); its peak is the states plus the larger of the training activations and the rollout's
 KV cache, since rollout and training take turns on the same GPUs.
 """
 
@@ -208,7 +208,8 @@ def estimate_job(
     )
     # The busiest stage: compare totals, keep that stage's breakdown.
     params, acts = max(((first_p, first_a), (last_p, last_a)), key=lambda pa: pa[0] * (w + g + o) + pa[1])
-    trained = 2 if ppo else 1  # PPO trains actor and critic
+    critic = ppo is not None and ppo.ppo.advantage == "gae"
+    trained = 2 if critic else 1  # PPO with GAE trains actor and critic
     kv_cache = frozen = 0.0
     if ppo:
         ro = ppo.rollout
@@ -238,10 +239,10 @@ def estimate_job(
     fpt = flops_per_token(model, seq)
     flops_step = tokens_per_step * fpt
     if ppo:
-        # Per iteration: actor and critic train `epochs` times over the rollouts; sampling, reference,
-        # reward and old log-prob/value passes are forward-only (a third of a training pass each).
+        # Per iteration: actor (and critic) train `epochs` times over the rollouts; sampling, reference,
+        # reward and old log-prob (and value) passes are forward-only (a third of a training pass each).
         rollout_tokens = ppo.rollout.prompts_per_iteration * ppo.rollout.responses_per_prompt * seq
-        flops_step = rollout_tokens * fpt * (2 * ppo.ppo.epochs + 5 / 3)
+        flops_step = rollout_tokens * fpt * (trained * ppo.ppo.epochs + (4 + int(critic)) / 3)
         tokens_per_step = rollout_tokens
     peak = cluster.peak_tflops_bf16 * 1e12
     step_time = flops_step / (layout.world_size * peak * cluster.assumed_mfu)

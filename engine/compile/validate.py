@@ -476,6 +476,18 @@ def _ppo(where: str, stage: PpoStage, m: ResolvedModel | None) -> Iterator[Probl
             f"max_prompt_tokens + max_new_tokens = {ro.max_prompt_tokens}+{ro.max_new_tokens} exceeds model.seq_length={m.seq_length}",
             "shorten them",
         )
+    if stage.ppo.advantage == "rloo" and ro.responses_per_prompt < 2:
+        yield Problem(
+            f"{where}.rollout.responses_per_prompt",
+            f"={ro.responses_per_prompt} with ppo.advantage=rloo: the leave-one-out baseline needs other responses to the same prompt",
+            "sample at least 2 responses per prompt, or use ppo.advantage=gae",
+        )
+    if stage.ppo.advantage == "rloo" and stage.critic_from is not None:
+        yield Problem(
+            f"{where}.critic_from",
+            f"={stage.critic_from!r} with ppo.advantage=rloo, which trains no critic",
+            "remove critic_from, or use ppo.advantage=gae",
+        )
     samples = ro.prompts_per_iteration * ro.responses_per_prompt
     if samples % stage.training.global_batch_size:
         yield Problem(

@@ -16,7 +16,9 @@ Advantages are GAE (Schulman et al. 2016) with the critic's values V_t of each s
 
     δ_t = r_t + γ V_{t+1} − V_t   (V_{T+1} = 0)        A_t = δ_t + γλ A_{t+1}        R_t = A_t + V_t
 
-and are whitened over the batch (zero mean, unit variance over response tokens). Each iteration then
+or, without a critic, REINFORCE leave-one-out (Ahmadian et al. 2024) over the K responses to one prompt:
+A_i = R_i − mean_{j≠i} R_j on every token of response i, with R_i = s_i − β Σ_t kl_t. Either way they
+are whitened over the batch (zero mean, unit variance over response tokens). Each iteration then
 runs several epochs over minibatches of the rollouts, minimising (Schulman et al. 2017)
 
     policy:  mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε))      ρ_t = π_new(y_t) / π_old(y_t)
@@ -117,3 +119,17 @@ def adapt_kl_coef(beta: float, kl: float, target: float | None, horizon: int, n:
         return beta
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return beta * (1.0 + error * n / horizon)
+
+
+def rloo_advantages(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, group: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024), one value per response on all its tokens.
+
+    Rows come in groups of `group` consecutive responses to the same prompt. A response's return is its
+    score minus the KL penalty summed over its tokens, R_i = s_i − β Σ_t kl_t, and its baseline is the
+    mean return of the other responses to the same prompt: A_i = R_i − mean_{j≠i} R_j. No critic.
+    """
+    if group < 2 or score.shape[0] % group:
+        raise ValueError(f"{score.shape[0]} responses do not form groups of {group} (at least 2)")
+    returns = (score - beta * (kl * mask).sum(1)).view(-1, group)
+    baseline = (returns.sum(1, keepdim=True) - returns) / (group - 1)
+    return (returns - baseline).reshape(-1, 1) * mask

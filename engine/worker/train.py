@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .. import __version__
 from ..errors import EngineError
 from ..schema.stages import is_checkpoint_path
-from . import checkpoint
+from . import checkpoint, preempt
 from .faults import maybe_kill
 from .loop import Batch, ForwardStep, evaluate, summarise, train_step
 from .main import Context
@@ -123,6 +123,8 @@ def start(ctx: Context, built: Any, root: Path, task: Task) -> tuple[int, int, l
     if own is not None:
         meta = checkpoint.read_meta(own)
         step, consumed = checkpoint.load(own, built, layout=layout, model_only=False)
+        if ctx.is_logger:
+            print(f"[{ctx.job.name}] resuming from step {step} ({own})", flush=True)
         return step, consumed, list(meta.get("parents", []))
     parent_stage = ctx.job.config.get("init_from")
     if parent_stage is None:
@@ -186,7 +188,10 @@ def train(ctx: Context, built: Any, task: Task) -> None:
             values["elapsed_s"] = time.perf_counter() - loop_start
             metrics.log(step, values)
             maybe_kill("after_step", step)
-            if step % save_every == 0 or step == steps:
+            stop = preempt.requested()
+            if stop or step % save_every == 0 or step == steps:
                 checkpoint.save(root, built, step=step, consumed=consumed, meta=meta, keep_last=ck["keep_last"])
+            if stop and step < steps:
+                preempt.requeue(step)
     finally:
         metrics.close()

@@ -55,7 +55,9 @@ def test_sft_lowers_heldout_assistant_loss(run_dir: Path) -> None:
     # seen the chat template, so it cannot know that an answer ends with <|end|>: its loss is high.
     assert start["step"] == 0 and end["step"] == 300
     assert end["val_loss"] < 0.25 * start["val_loss"], (start, end)
-    assert end["val_loss"] < 1.1  # measured 0.88
+    # Half the demonstrations restate the equation, and which style one takes is a coin flip that no
+    # model can predict: the loss keeps that entropy. Measured 1.39.
+    assert end["val_loss"] < 1.6
     # Length-bucketed padding: the demo's conversations are ~10 tokens, the model's sequence 64, so
     # padding every row to 64 would waste about 85% of the positions.
     waste = [m["pad_fraction"] for m in lines if "pad_fraction" in m]
@@ -244,26 +246,43 @@ def test_a_failing_reward_plugin_stops_ppo_with_its_name(run_dir: Path, plugin_s
     assert "Traceback" not in message
 
 
-def test_ppo_raises_a_learnable_heldout_reward_within_a_kl_bound(run_dir: Path, tmp_path: Path) -> None:
-    """The reward here is easy to learn: 1 when the answer starts with the digit 1 (about 10% of the SFT
-    policy's greedy answers). Twenty iterations from fixed seeds must raise it on the held-out prompts,
-    greedy and sampled, while the per-sequence KL to the reference stays below 2 nats. (On the demo's
-    own exact-match reward PPO does not improve the tiny policy yet; see the README.)"""
+def test_ppo_raises_heldout_reward_and_accuracy_above_sft_within_a_kl_bound(run_dir: Path, tmp_path: Path) -> None:
+    """The demo's own PPO stage (reward model + exact match, GAE with the critic, fixed seeds). Half the
+    SFT demonstrations restate the equation, so the SFT policy often answers "3+4=7" where the reference
+    is "7"; the reward prefers the bare correct number. On the 49 held-out prompts PPO must raise the
+    reward and the exact-match accuracy, greedy and sampled, with the mean per-sequence KL to the SFT
+    policy below 1 nat in every iteration. Measured: greedy reward 0.69 → 1.81, accuracy 0.33 → 0.51;
+    sampled reward −0.54 → 0.25, accuracy 0.09 → 0.16; KL at most 0.42."""
     copy = _ppo_copy(run_dir, tmp_path)
-    done = engine("run", str(TINY), "--stages", "ppo", f"run_dir={copy}", "~stages.ppo.reward_model",
-                  'stages.ppo.rewards=[{plugin: regex, params: {pattern: "^1"}}]', "stages.ppo.training.lr=5e-5",
-                  "stages.ppo.training.steps=20", "stages.ppo.training.eval_interval=10")  # fmt: skip
+    done = engine("run", str(TINY), "--stages", "ppo", f"run_dir={copy}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = metrics(copy, "ppo")
     start, end = lines[0], lines[-1]
-    assert start["step"] == 0 and end["step"] == 20
-    assert end["val_reward"] > start["val_reward"] + 0.1, (start, end)
-    assert end["val_sampled_reward"] > start["val_sampled_reward"] + 0.05, (start, end)
-    assert max(m["kl"] for m in lines if "kl" in m) < 2.0
+    assert start["step"] == 0 and end["step"] == 30
+    assert end["val_reward"] > start["val_reward"] + 0.5, (start, end)
+    assert end["val_accuracy"] > start["val_accuracy"] + 0.05, (start, end)
+    assert end["val_sampled_reward"] > start["val_sampled_reward"] + 0.3, (start, end)
+    assert end["val_sampled_accuracy"] > start["val_sampled_accuracy"] + 0.03, (start, end)
+    assert end["val_response_length"] < start["val_response_length"]  # the bare number, not the equation
+    assert max(m["kl"] for m in lines if "kl" in m) < 1.0
     assert all(k in end for k in ("clip_fraction", "entropy", "value_loss", "rollout_tokens_per_s", "kl_coef"))
     meta = read_meta(latest_checkpoint(copy / "ppo" / "checkpoints"))  # type: ignore[arg-type]
     assert meta["model"] == "policy" and meta["kl_coef"] == pytest.approx(0.05)
     assert latest_checkpoint(copy / "ppo" / "critic") is not None
+
+
+def test_rloo_trains_without_a_critic(run_dir: Path, tmp_path: Path) -> None:
+    """ppo.advantage=rloo: the leave-one-out baseline over each prompt's responses replaces the critic,
+    so no critic is built or saved, and the policy still improves on the held-out prompts."""
+    copy = _ppo_copy(run_dir, tmp_path)
+    done = engine("run", str(TINY), "--stages", "ppo", f"run_dir={copy}", "stages.ppo.ppo.advantage=rloo",
+                  "stages.ppo.training.steps=10")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = metrics(copy, "ppo")
+    start, end = lines[0], lines[-1]
+    assert end["step"] == 10 and end["val_sampled_reward"] > start["val_sampled_reward"], (start, end)
+    assert "value_loss" not in end and "critic_grad_norm" not in end
+    assert not (copy / "ppo" / "critic").exists()
 
 
 def test_ppo_resumes_after_sigkill_as_if_uninterrupted(run_dir: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from engine.worker.ppo_math import (
     kl_penalty,
     last_index,
     policy_loss,
+    rloo_advantages,
     token_rewards,
     value_loss,
     whiten,
@@ -94,3 +95,20 @@ def test_whiten_and_adaptive_kl() -> None:
     assert adapt_kl_coef(0.1, kl=0.2, target=0.1, horizon=10000, n=64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
     assert adapt_kl_coef(0.1, kl=0.09, target=0.1, horizon=10000, n=64) == pytest.approx(0.1 * (1 - 0.1 * 64 / 10000))
     assert adapt_kl_coef(0.1, kl=5.0, target=None, horizon=10000, n=64) == 0.1
+
+
+def test_rloo_advantages_by_hand() -> None:
+    # Two prompts, three responses each; the second response of the first prompt has two tokens.
+    mask = torch.tensor([[1, 0], [1, 1], [1, 0], [1, 0], [1, 0], [1, 0]], dtype=torch.float64)
+    kl = torch.tensor([[0.2, 0], [0.1, 0.3], [0, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.float64)
+    score = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 5.0], dtype=torch.float64)
+    # β = 0.5: returns 0.9, −0.2, 0 | 2, 2, 5; leave-one-out baselines (−0.2+0)/2 = −0.1, (0.9+0)/2 = 0.45,
+    # (0.9−0.2)/2 = 0.35 | 3.5, 3.5, 2
+    adv = rloo_advantages(score, kl, mask, beta=0.5, group=3)
+    assert adv[:, 0].tolist() == pytest.approx([1.0, -0.65, -0.35, -1.5, -1.5, 3.0])
+    assert adv[1].tolist() == pytest.approx([-0.65, -0.65])  # every token of a response shares its advantage
+    assert adv[0, 1] == 0.0  # and positions outside the response get none
+    with pytest.raises(ValueError, match="groups of 4"):
+        rloo_advantages(score, kl, mask, beta=0.5, group=4)
+    with pytest.raises(ValueError, match="groups of 1"):
+        rloo_advantages(score, kl, mask, beta=0.5, group=1)

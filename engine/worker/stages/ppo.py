@@ -15,7 +15,10 @@ One iteration (one `training.steps` unit): `prompts_per_iteration` prompts from 
 KV-cache sampling (engine.worker.generate); the rollouts are scored, their log-probabilities under the
 actor and the reference and the critic's values are computed, and advantages follow from GAE; then
 `epochs` passes over shuffled minibatches of `global_batch_size` rollouts each take one optimizer step
-of the actor and one of the critic through Megatron's schedule. The mathematics is in
+of the actor and one of the critic through Megatron's schedule. With `ppo.advantage: rloo` there is no
+critic: each response's advantage is its return minus the mean return of the other responses to the
+same prompt (REINFORCE leave-one-out, Ahmadian et al. 2024), which needs `responses_per_prompt` ≥ 2
+and costs one model less in memory and one backward pass less per minibatch. The mathematics is in
 engine.worker.ppo_math. Log-probabilities and entropy are those of the sampling distribution,
 softmax(logits / temperature), computed over vocabulary-parallel logits (tensor parallelism) without
 gathering them.
@@ -47,7 +50,7 @@ from ...chat import SpecialIds
 from ...data.tokenizer import load as load_tokenizer
 from ...errors import EngineError
 from ...plugins import exact_match
-from .. import checkpoint
+from .. import checkpoint, preempt
 from ..chat_data import positions, read_shards
 from ..data import dataset_dir, read_manifest
 from ..faults import maybe_kill
@@ -56,7 +59,17 @@ from ..loop import train_step
 from ..main import Context
 from ..mcore import SCALAR_HEAD, build_frozen, build_job
 from ..metrics import Metrics
-from ..ppo_math import adapt_kl_coef, gae, kl_penalty, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from ..ppo_math import (
+    adapt_kl_coef,
+    gae,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    rloo_advantages,
+    token_rewards,
+    value_loss,
+    whiten,
+)
 from ..train import checked_parent, meta_for
 
 ACTOR_KEYS = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy")
@@ -154,7 +167,11 @@ class Ppo:
         model, device = plan.model, ctx.device
         self.actor = build_job(job, model, device=device, steps=self.optimizer_steps)
         critic_lr = self.hp["critic_lr"] or self.t["lr"]
-        self.critic = build_job(job, model, device=device, steps=self.optimizer_steps, head="scalar", lr=critic_lr)
+        self.critic = (
+            build_job(job, model, device=device, steps=self.optimizer_steps, head="scalar", lr=critic_lr)
+            if self.hp["advantage"] == "gae"
+            else None
+        )
         self.reference = build_frozen(job, model, device=device)
         self.reward_model = build_frozen(job, model, device=device, head="scalar") if self.cfg["reward_model"] else None
         self.root = Path(job.outputs[0].path)
@@ -185,18 +202,24 @@ class Ppo:
         layout = self.job.layout.model_dump()
         own = checkpoint.latest_checkpoint(self.root)
         critics = {p.name for p in checkpoint.complete_checkpoints(self.critic_root)}
-        while own is not None and own.name not in critics:  # killed between the critic's and the actor's save
+        # Killed between the critic's and the actor's save: the newest pair that is complete.
+        while own is not None and self.critic is not None and own.name not in critics:
             older = [p for p in checkpoint.complete_checkpoints(self.root) if p.name < own.name]
             own = older[-1] if older else None
         if own is not None:
             meta = checkpoint.read_meta(own)
             step, _ = checkpoint.load(own, self.actor, layout=layout, model_only=False)
-            checkpoint.load(self.critic_root / own.name, self.critic, layout=layout, model_only=False)
+            if self.ctx.is_logger:
+                print(f"[{self.job.name}] resuming from iteration {step} ({own})", flush=True)
+            if self.critic is not None:
+                checkpoint.load(self.critic_root / own.name, self.critic, layout=layout, model_only=False)
             return step, float(meta["kl_coef"]), list(meta.get("parents", []))
         self._load(policy, self.actor.chunks)
         critic_from = self.cfg["critic_from"] or self.cfg["reward_model"]
         parents = [str(policy)]
-        if critic_from:
+        if self.critic is None:
+            pass
+        elif critic_from:
             source = checked_parent(self.ctx, critic_from, self.tokenizer)
             self._load(source, self.critic.chunks)
             parents.append(str(source))
@@ -309,11 +332,15 @@ class Ppo:
         tokens, labels, mask = self._label_space(rows, plens)
         old_logp = self._logp(self.actor.chunks, tokens, labels) * mask
         ref_logp = self._logp(self.reference, tokens, labels) * mask
-        old_values = self._values(self.critic.chunks, tokens) * mask
         score, parts = self._scores(rows, self._samples(prompts, rows, plens, rlens))
         kl = kl_penalty(old_logp, ref_logp, self.hp["kl_estimator"]) * mask
-        rewards = token_rewards(score, kl, mask, beta)
-        advantages, returns = gae(rewards, old_values, mask, self.hp["gamma"], self.hp["lam"])
+        if self.critic is None:
+            old_values = returns = torch.zeros_like(mask)
+            advantages = rloo_advantages(score, kl, mask, beta, self.ro["responses_per_prompt"])
+        else:
+            old_values = self._values(self.critic.chunks, tokens) * mask
+            rewards = token_rewards(score, kl, mask, beta)
+            advantages, returns = gae(rewards, old_values, mask, self.hp["gamma"], self.hp["lam"])
         if self.hp["whiten_advantages"]:
             sums = _dp_sum(torch.stack([(advantages * mask).sum(), (advantages.pow(2) * mask).sum(), mask.sum()]))
             mean = sums[0] / sums[2]
@@ -378,9 +405,10 @@ class Ppo:
 
                 common = dict(num_microbatches=nmb, seq_length=seq, mbs=self.mbs)
                 a = train_step(self.actor, make, forward_step=self._actor_step, keys=ACTOR_KEYS, **common)
-                c = train_step(self.critic, make, forward_step=self._critic_step, keys=CRITIC_KEYS, **common)
-                step_values = {**a.values, "value_loss": c.values["value_loss"], "grad_norm": a.grad_norm,
-                               "critic_grad_norm": c.grad_norm, "lr": a.lr}  # fmt: skip
+                step_values = {**a.values, "grad_norm": a.grad_norm, "lr": a.lr}
+                if self.critic is not None:
+                    c = train_step(self.critic, make, forward_step=self._critic_step, keys=CRITIC_KEYS, **common)
+                    step_values |= {"value_loss": c.values["value_loss"], "critic_grad_norm": c.grad_norm}
                 for k, v in step_values.items():
                     totals[k] = totals.get(k, 0.0) + v
                 count += 1
@@ -450,16 +478,24 @@ class Ppo:
                 values["elapsed_s"] = time.perf_counter() - loop_start
                 metrics.log(iteration, values)
                 maybe_kill("after_step", iteration)
-                if iteration % save_every == 0 or iteration == self.iterations:
+                stop = preempt.requested()
+                if stop or iteration % save_every == 0 or iteration == self.iterations:
                     self.save(iteration, beta, meta)
+                if stop and iteration < self.iterations:
+                    preempt.requeue(iteration)
         finally:
             metrics.close()
 
     def save(self, iteration: int, beta: float, meta: dict[str, Any]) -> None:
         keep = self.cfg["checkpointing"]["keep_last"]
-        critic_meta = {**meta, "model": "critic", "head": {"name": SCALAR_HEAD, "outputs": 1, "read_at": "every_token"}}
-        checkpoint.save(self.critic_root, self.critic, step=iteration, consumed=iteration * self.samples,
-                        meta=critic_meta, keep_last=max(keep, 2))  # fmt: skip
+        if self.critic is not None:
+            critic_meta = {
+                **meta,
+                "model": "critic",
+                "head": {"name": SCALAR_HEAD, "outputs": 1, "read_at": "every_token"},
+            }
+            checkpoint.save(self.critic_root, self.critic, step=iteration, consumed=iteration * self.samples,
+                            meta=critic_meta, keep_last=max(keep, 2))  # fmt: skip
         checkpoint.save(self.root, self.actor, step=iteration, consumed=iteration * self.samples,
                         meta={**meta, "model": "policy", "kl_coef": beta}, keep_last=keep)  # fmt: skip
 

@@ -1,0 +1,74 @@
+"""Preemption under Slurm: a signal before the time limit → checkpoint → requeue → resume.
+
+The Slurm launcher asks sbatch for `--signal=USR2@<seconds>`, so every task receives SIGUSR2 that long
+before the job's time limit; an operator's `scancel --signal=USR2 <job>` does the same at any time.
+The handler only sets a flag. The training loops read it after each optimizer step, agreed over all
+ranks by one all-reduce, so that every rank saves the same step. Then rank 0 asks Slurm to requeue the
+job and every rank leaves with EXIT_PREEMPTED: non-zero, so that a job whose requeue failed is never
+taken for finished and its `afterok` dependents do not start. The requeued job runs the worker afresh,
+and the worker resumes from that checkpoint as after any restart.
+
+Outside Slurm nothing is installed and `requested()` costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+from ..errors import EngineError
+
+EXIT_PREEMPTED = 3
+
+_installed = False
+_flag = False
+
+
+class Preempted(Exception):
+    """Raised on every rank once the checkpoint is saved and the requeue asked for."""
+
+
+def _set(signum: int, frame: FrameType | None) -> None:
+    global _flag
+    _flag = True
+
+
+def install() -> None:
+    """Trap SIGUSR2 when running as a Slurm job (replacing any earlier handler, submitit's included)."""
+    global _installed
+    if "SLURM_JOB_ID" in os.environ:
+        signal.signal(signal.SIGUSR2, _set)
+        _installed = True
+
+
+def requested() -> bool:
+    """Whether any rank was signalled; a collective, so every rank must call it at the same step."""
+    if not _installed:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if _flag else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def requeue(step: int) -> None:
+    """After the checkpoint of `step` is saved: rank 0 requeues the job, then every rank raises Preempted."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        job_id = os.environ["SLURM_JOB_ID"]
+        print(f"preempted: checkpoint of step {step} saved; requeueing Slurm job {job_id}", file=sys.stderr, flush=True)
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise EngineError(f"scontrol requeue {job_id} failed: {done.stderr.strip()}; the checkpoint of step {step} "
+                              "is saved: resubmit the run to resume from it")  # fmt: skip
+    if dist.is_initialized():
+        dist.barrier()
+    raise Preempted(step)
