@@ -13,6 +13,10 @@ A training stage writes checkpoints under its checkpoint artifact directory:
         meta.json                      architecture, tokenizer hash, layout, step, parents
     .tmp-step_00000020-<id>/           a save in progress; renamed into place only when complete
 
+Every stage that finishes writes `<stage>/done.json` with its job's cache key. A launcher skips a job
+whose marker holds the key it would run with; a changed recipe (or anything upstream of the stage)
+changes the key, and the stage runs again, resuming from or starting after its own checkpoints.
+
 Nothing here imports torch.
 """
 
@@ -55,3 +59,18 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+DONE = "done.json"
+
+
+def mark_done(stage_dir: str | Path, cache_key: str) -> None:
+    write_json_atomic(Path(stage_dir) / DONE, {"cache_key": cache_key})
+
+
+def is_done(stage_dir: str | Path, cache_key: str) -> bool:
+    """Whether the stage finished with exactly this cache key."""
+    try:
+        return bool(read_json(Path(stage_dir) / DONE).get("cache_key") == cache_key)
+    except (OSError, ValueError, AttributeError):
+        return False

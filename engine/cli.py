@@ -16,7 +16,7 @@ from rich.table import Table
 from .errors import EXIT_USER_ERROR, EngineError, RecipeError
 
 if TYPE_CHECKING:
-    from .compile import Plan
+    from .compile import Job, Plan
     from .schema import Recipe
 
 app = typer.Typer(
@@ -74,12 +74,23 @@ def plan(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    show_scripts: Annotated[
+        bool, typer.Option("--show-scripts", help="print the sbatch script of every job (Slurm clusters)")
+    ] = False,
     force: ForceOpt = False,
 ) -> None:
     """Compile a recipe and show its jobs with layouts and estimates."""
     _, p = _compile(recipe, overrides, force)
     if json_out:
         sys.stdout.write(p.to_json())
+        return
+    if show_scripts:
+        from .launch.slurm import show_scripts as scripts
+
+        if p.cluster.launcher != "slurm":
+            raise _fail(EngineError(f"cluster={p.cluster.name!r} runs jobs locally, without sbatch scripts; "
+                                    "name a Slurm cluster profile (e.g. cluster=h100) to see them"))  # fmt: skip
+        sys.stdout.write(scripts(p))
         return
     out.print(plan_table(p))
 
@@ -93,6 +104,9 @@ def run(
     stages: Annotated[
         str | None, typer.Option("--stages", help="comma-separated stage names to run (default: all)")
     ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Slurm: wait until the submitted chain has finished, then show its status")
+    ] = False,
 ) -> None:
     """Compile a recipe and run its jobs (locally, or on Slurm per the cluster profile)."""
     from .launch import render_local, select
@@ -100,6 +114,12 @@ def run(
 
     _, p = _compile(recipe, overrides, force)
     out.print(plan_table(p))
+    if dry_run and p.cluster.launcher == "slurm":
+        from .launch.slurm import show_scripts as scripts
+
+        sys.stdout.write(scripts(p))
+        out.print("dry run: nothing was submitted")
+        return
     if dry_run:
         for job in p.jobs:
             env = " ".join(f"{k}={v}" for k, v in job.env.items())
@@ -110,6 +130,9 @@ def run(
     jobs, problems = select(p, stages.split(",") if stages else None)
     if problems:
         raise _fail(RecipeError(problems, source=str(recipe)))
+    if p.cluster.launcher == "slurm":
+        _submit(p, jobs, _resolved_yaml(recipe, overrides), wait=wait)
+        return
     try:
         done = run_local(p, jobs, recipe_text=_resolved_yaml(recipe, overrides))
     except EngineError as exc:
@@ -120,6 +143,79 @@ def run(
     for row in done:
         table.add_row(*(row.get(k, "-") for k in ("stage", "step", "loss", "val_loss", "val_accuracy", "artifact")))
     out.print(table)
+
+
+def _submit(p: Plan, jobs: list[Job], recipe_text: str, *, wait: bool) -> None:
+    from .launch import slurm
+
+    try:
+        slurm.submit(p, jobs, recipe_text=recipe_text)
+        if not wait:
+            out.print(f"submitted; follow it with `engine status {p.run_dir}`", markup=False)
+            return
+        states = slurm.wait(Path(p.run_dir))
+    except EngineError as exc:
+        raise _fail(exc) from None
+    _show_status(Path(p.run_dir), states)
+    if any(j["state"] != "COMPLETED" and not j["skipped"] for j in states):
+        raise typer.Exit(1)
+
+
+RunArg = Annotated[Path, typer.Argument(help="a run directory (runs/<name>)", show_default=False)]
+
+
+@app.command()
+def status(run_dir: RunArg) -> None:
+    """Show each job of a run: its state and where its log is."""
+    from .launch import slurm
+
+    try:
+        states = slurm.status(run_dir) if (run_dir / slurm.SLURM_RECORD).is_file() else _local_status(run_dir)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    _show_status(run_dir, states)
+
+
+@app.command()
+def cancel(run_dir: RunArg) -> None:
+    """Cancel a run's Slurm jobs that are still queued or running."""
+    from .launch import slurm
+
+    if not (run_dir / slurm.SLURM_RECORD).is_file():
+        raise _fail(EngineError(f"{run_dir} has no Slurm submission ({slurm.SLURM_RECORD}); "
+                                "a local run stops with Ctrl-C"))  # fmt: skip
+    try:
+        ids = slurm.cancel(run_dir)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    out.print(f"cancelled Slurm jobs {', '.join(ids)}" if ids else "nothing queued or running", markup=False)
+
+
+def _local_status(run_dir: Path) -> list[dict[str, str]]:
+    from .artifacts import is_done
+    from .compile import Plan
+
+    plan_path = run_dir / "plan.json"
+    if not plan_path.is_file():
+        raise EngineError(f"{run_dir} is not a run directory (no plan.json); give runs/<name>")
+    p = Plan.model_validate_json(plan_path.read_text(encoding="utf-8"))
+    rows = []
+    for job in p.jobs:
+        stage_dir = Path(job.outputs[0].path).parent
+        state = "COMPLETED" if is_done(stage_dir, job.cache_key) else ("STARTED" if stage_dir.exists() else "NOT RUN")
+        rows.append({"name": job.name, "job_id": "", "state": state, "exit_code": "", "skipped": "",
+                     "log": str(stage_dir / "logs" / "launch.log")})  # fmt: skip
+    return rows
+
+
+def _show_status(run_dir: Path, jobs: list[dict[str, str]]) -> None:
+    table = Table("stage", "job", "state", "exit", "log", title=f"run {run_dir}", title_justify="left")
+    for j in jobs:
+        table.add_row(j["name"], j["job_id"] or "-", j["state"], j.get("exit_code") or "-", j["log"] or "-")
+    out.print(table)
+    for j in jobs:
+        if j["state"] in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+            out.print(f"failed: {j['name']} (Slurm job {j['job_id']}, {j['state']}); its log: {j['log']}", markup=False)
 
 
 def _resolved_yaml(recipe: Path, overrides: list[str] | None) -> str:

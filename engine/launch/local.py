@@ -6,7 +6,7 @@ user error (a missing input, a checkpoint that does not fit the stage) prints on
 launcher reports that line alone, with exit code 2, and leaves torchrun's report of the failed process
 to the log. A failed job stops the run: later jobs, which depend on its artifacts, are not started.
 Nothing already in the run directory is removed, so a rerun resumes every stage from its newest
-checkpoint.
+checkpoint; a stage that finished with the same cache key (its `done.json`) is skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..artifacts import write_json_atomic
+from ..artifacts import is_done, write_json_atomic
 from ..compile import Job, Plan
 from ..errors import EngineError
 from . import render_local
@@ -70,7 +70,12 @@ def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str
     (run_dir / "recipe.resolved.yaml").write_text(recipe_text, encoding="utf-8")
     done: list[dict[str, str]] = []
     for job in jobs:
-        logs = Path(job.outputs[0].path).parent / "logs"
+        stage_dir = Path(job.outputs[0].path).parent
+        if is_done(stage_dir, job.cache_key):
+            print(f"==> {job.name} ({job.kind}): finished earlier with the same inputs; skipped", flush=True)
+            done.append(summary(job))
+            continue
+        logs = stage_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **job.env}
         if job.layout is not None and job.resources.processes_per_node > 1:

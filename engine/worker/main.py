@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from ..artifacts import read_json
+from ..artifacts import mark_done, read_json
 from ..compile import Job, Plan
 from ..errors import EXIT_USER_ERROR, EngineError
+from . import preempt
 from .env import RankInfo, rank_info
 
 
@@ -112,14 +113,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stage is None:
             raise EngineError(f"stage kind {job.kind!r} has no worker yet")
         ctx = Context(plan=plan, job=job, info=info, device=job.resources.device)
+        preempt.install()
         if job.layout is not None:  # training jobs; a data job is one process without a process group
             init_distributed(ctx)
         stage(ctx)
+        if info.rank == 0:
+            mark_done(ctx.stage_dir, job.cache_key)
     except EngineError as exc:
         if info.rank == 0:
             # One line: the local launcher shows it in place of torchrun's failure report.
             print("error: " + exc.render().replace("\n", " "), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except preempt.Preempted:
+        return preempt.EXIT_PREEMPTED
     finally:
         shutdown()
     return 0
