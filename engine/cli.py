@@ -321,6 +321,23 @@ def import_(
     sys.stdout.write(describe_import(section, out_dir))  # YAML to paste: never wrapped by the console
 
 
+@app.command()
+def report(
+    run_dir: RunArg,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page for a run: the plan, held-out metrics and training curves."""
+    from .report import write_report
+
+    try:
+        path = write_report(run_dir, out_file)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    sys.stdout.write(f"{path}\n")  # the path alone, never wrapped: `xdg-open "$(engine report runs/tiny)"`
+
+
 def plan_table(p: Plan) -> Table:
     from .compile.estimate import human_bytes, human_count, human_time
 
