@@ -107,11 +107,20 @@ def run(
     wait: Annotated[
         bool, typer.Option("--wait", help="Slurm: wait until the submitted chain has finished, then show its status")
     ] = False,
+    continue_from: Annotated[
+        Path | None,
+        typer.Option("--continue-from", help="start the next round from this run's policy and reward model"),
+    ] = None,
 ) -> None:
     """Compile a recipe and run its jobs (locally, or on Slurm per the cluster profile)."""
     from .launch import render_local, select
     from .launch.local import run_local
+    from .lineage import write_run_record
 
+    overrides = list(overrides or [])
+    round_ = 1
+    if continue_from is not None:
+        overrides, stages, round_ = _next_round(recipe, overrides, force, continue_from, stages)
     _, p = _compile(recipe, overrides, force)
     out.print(plan_table(p))
     if dry_run and p.cluster.launcher == "slurm":
@@ -130,6 +139,7 @@ def run(
     jobs, problems = select(p, stages.split(",") if stages else None)
     if problems:
         raise _fail(RecipeError(problems, source=str(recipe)))
+    write_run_record(p, round_=round_, continued_from=str(continue_from) if continue_from else None)
     if p.cluster.launcher == "slurm":
         _submit(p, jobs, _resolved_yaml(recipe, overrides), wait=wait)
         return
@@ -137,12 +147,38 @@ def run(
         done = run_local(p, jobs, recipe_text=_resolved_yaml(recipe, overrides))
     except EngineError as exc:
         raise _fail(exc) from None
-    table = Table(
-        "stage", "step", "loss", "val_loss", "val_accuracy", "artifact", title="finished", title_justify="left"
-    )
-    for row in done:
-        table.add_row(*(row.get(k, "-") for k in ("stage", "step", "loss", "val_loss", "val_accuracy", "artifact")))
-    out.print(table)
+    out.print(finished_table(done))
+
+
+def _next_round(
+    recipe: Path, overrides: list[str], force: bool, earlier: Path, stages: str | None
+) -> tuple[list[str], str, int]:
+    """Overrides and stages that make this recipe the round after the run `earlier`, and its round."""
+    from .lineage import continuation, next_run_dir
+
+    _, first = _compile(recipe, overrides, force)
+    try:
+        extra, names, round_ = continuation(first, earlier)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    if not any(o.startswith("run_dir=") for o in overrides):
+        extra.append(f"run_dir={next_run_dir(earlier, round_)}")
+    combined = [*overrides, *extra]
+    _, p = _compile(recipe, combined, force)
+    if Path(p.run_dir).resolve() == earlier.resolve():
+        raise _fail(EngineError(f"run_dir={p.run_dir!r} is the run being continued; the next round needs its own "
+                                "run directory: drop the run_dir override or give another"))  # fmt: skip
+    out.print(f"round {round_}: continuing from {earlier} into {p.run_dir}", markup=False)
+    return combined, stages or ",".join(names), round_
+
+
+def finished_table(rows: list[dict[str, str]]) -> Table:
+    """Held-out results per stage and where each artifact is."""
+    table = Table("stage", "steps", "held-out results", "artifact", title="finished", title_justify="left")
+    for row in rows:
+        artifact = row["artifact"] + (f" ({row['version']})" if row.get("version") else "")
+        table.add_row(row["stage"], row["steps"], row["held_out"], artifact)
+    return table
 
 
 def _submit(p: Plan, jobs: list[Job], recipe_text: str, *, wait: bool) -> None:
@@ -189,6 +225,38 @@ def cancel(run_dir: RunArg) -> None:
     except EngineError as exc:
         raise _fail(exc) from None
     out.print(f"cancelled Slurm jobs {', '.join(ids)}" if ids else "nothing queued or running", markup=False)
+
+
+@app.command()
+def runs(
+    root: Annotated[Path, typer.Argument(help="the folder holding run directories")] = Path("runs"),
+) -> None:
+    """List the runs under a folder: round, the run each continued from, finished stages."""
+    from .lineage import list_runs
+
+    table = Table("run", "recipe", "round", "continued from", "finished", "started", title=f"runs in {root}")
+    for r in list_runs(root):
+        table.add_row(r["run_dir"], r["name"], str(r["round"]), r["continued_from"] or "-", r["finished"], r["started"])
+    out.print(table)
+
+
+@app.command()
+def lineage(
+    artifact: Annotated[Path, typer.Argument(help="a finished stage (runs/<run>/<stage>) or one of its checkpoints")],
+) -> None:
+    """Show where a model artifact came from: its version, data, parents and metrics, back to round 1."""
+    from .lineage import chain
+
+    try:
+        records = chain(artifact)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    table = Table("version", "stage", "kind", "artifact", "recipe", "data", "held-out results", title="lineage")
+    for r in records:
+        data = ", ".join(f"{Path(p).parent.name}:{h[:8]}" for p, h in r.get("data_manifests", {}).items()) or "-"
+        table.add_row(r["version"], r["stage"], r["kind"], r["artifact"], r.get("recipe_hash", "")[:12] or "-",
+                      data, r["held_out"])  # fmt: skip
+    out.print(table)
 
 
 def _local_status(run_dir: Path) -> list[dict[str, str]]:

@@ -1,7 +1,9 @@
 """Loading a recipe: YAML file + `key=value` overrides → OmegaConf merge → interpolation → Recipe.
 
 Overrides use dotted paths (`stages.sft.training.lr=1e-5`, `stages.data.sources[0].weight=2`); a
-leading `~` deletes a key (`~stages.ppo`). Values parse as YAML scalars.
+leading `~` deletes a key (`~stages.ppo`), and `key+=value` appends to a list
+(`stages.data.sources+={name: more, plugin: jsonl, records: text, params: {path: more.jsonl}}`). Values
+parse as YAML.
 
 Interpolation is confined to the recipe itself: `${model.seq_length}` and friends work, but no
 resolver that reaches outside the document (OmegaConf's `oc.env`, `oc.decode`, anything registered by
@@ -91,6 +93,10 @@ def _read_yaml(path: Path, source: str) -> DictConfig:
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[Problem]:
     problems: list[Problem] = []
     for item in overrides:
+        head, plus, _ = item.partition("+=")
+        if plus and "=" not in head:
+            problems += _append(cfg, item)
+            continue
         delete = item.startswith("~")
         key, eq, raw = item.removeprefix("~").partition("=")
         key = key.strip()
@@ -109,6 +115,24 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[Problem]
         except (OmegaConfBaseException, KeyError, IndexError, ValueError, TypeError) as exc:
             problems.append(Problem(key, f"cannot apply override {item!r}: {exc}", "check the dotted path"))
     return problems
+
+
+def _append(cfg: DictConfig, item: str) -> list[Problem]:
+    """`key+=value` appends value (or each item of a list value) to the list at key."""
+    key, _, raw = item.partition("+=")
+    key = key.strip()
+    try:
+        current = OmegaConf.select(cfg, key, default=None)
+        if current is None or not OmegaConf.is_list(current):
+            return [Problem(key, f"cannot apply override {item!r}: {key} is not a list", "use key=value to set it")]
+        parsed: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)
+        added = parsed["v"] if isinstance(parsed["v"], list) else [parsed["v"]]
+        existing = OmegaConf.to_container(current, resolve=False)
+        assert isinstance(existing, list)
+        OmegaConf.update(cfg, key, [*existing, *added], merge=False, force_add=True)
+    except (OmegaConfBaseException, KeyError, IndexError, ValueError, TypeError) as exc:
+        return [Problem(key, f"cannot apply override {item!r}: {exc}", "check the dotted path")]
+    return []
 
 
 def _delete(cfg: DictConfig, key: str) -> None:

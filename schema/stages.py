@@ -1,8 +1,8 @@
 """The stage kinds of the training process, a discriminated union on `kind`.
 
 Stages refer to earlier stages by name (`init_from: sft`, `data: data`); the compiler checks that each
-reference exists, comes earlier in the recipe and has the right kind. The `init_from` of a pretrain or
-SFT stage may instead be a path to a checkpoint directory (one with meta.json: the output of `engine
+reference exists, comes earlier in the recipe and has the right kind. The `init_from` of a pretrain,
+SFT or reward-model stage may instead be a path to a checkpoint directory (one with meta.json: the output of `engine
 import`, or another run's `<stage>/checkpoints/step_N`). A value that contains "/" or starts with "."
 is a path; stage names can contain neither.
 """
@@ -89,7 +89,10 @@ class RewardModelStage(_TrainingStage):
     """Stage 4a: a scalar head on the backbone, trained on ranked pairs (Bradley–Terry)."""
 
     kind: Literal["reward_model"] = Field(description="reward model")
-    init_from: str = Field(description="sft or pretrain stage whose backbone the reward model starts from")
+    init_from: str = Field(
+        description="sft, pretrain or reward_model stage whose backbone (and, from a reward model, head) the "
+        "reward model starts from, or a checkpoint directory (a path: contains '/' or starts with '.')"
+    )
     data: str = Field(description="name of the data stage whose preference sources are trained on")
     margin: float = Field(default=0.0, ge=0, description="margin in the loss −log σ(r_c − r_r − margin)")
     batching: Batching = Field(

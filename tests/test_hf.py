@@ -72,6 +72,6 @@ def test_another_tokenizer_file_is_refused(tmp_path: Path) -> None:
 
 def test_other_references_take_no_paths(tmp_path: Path) -> None:
     ckpt = str(_checkpoint(tmp_path / "imported"))
-    err = problems_of(f"stages.reward.init_from={ckpt}", f"stages.ppo.policy={ckpt}")
-    assert sorted(err.paths()) == ["stages.ppo.policy", "stages.reward.init_from"]
-    assert "only pretrain and sft stages' init_from accept" in err.render()
+    err = problems_of(f"stages.ppo.reward_model={ckpt}", f"stages.ppo.policy={ckpt}")
+    assert sorted(err.paths()) == ["stages.ppo.policy", "stages.ppo.reward_model"]
+    assert "only the init_from of pretrain, sft and reward_model stages accepts" in err.render()

@@ -27,6 +27,7 @@ from ..schema import (
     PpoStage,
     PretrainStage,
     Recipe,
+    RewardModelStage,
     SftStage,
     TrainingStage,
     TrainTokenizer,
@@ -115,7 +116,7 @@ def _reference(
         ("earlier stages that fit: " + ", ".join(fitting)) if fitting else f"add a {' or '.join(kinds)} stage before it"
     )
     if value not in names and is_checkpoint_path(value):
-        yield Problem(path, f"={value!r} is a path, which only pretrain and sft stages' init_from accept", hint)
+        yield Problem(path, f"={value!r} is a path, which only the init_from of pretrain, sft and reward_model stages accepts", hint)
     elif value not in names:
         yield Problem(path, f"={value!r} names no stage", did_you_mean(value, fitting) if fitting else hint)
     elif value not in earlier:
@@ -125,7 +126,7 @@ def _reference(
 
 
 # init_from of these kinds may also name a checkpoint directory (an imported model, another run's step).
-PATH_STAGES = (PretrainStage, SftStage)
+PATH_STAGES = (PretrainStage, SftStage, RewardModelStage)
 CHECKPOINT_FIX = (
     "give a checkpoint directory (relative paths: from the working directory): "
     "the output of `engine import`, or <run>/<stage>/checkpoints/step_N"

@@ -11,7 +11,6 @@ checkpoint; a stage that finished with the same cache key (its `done.json`) is s
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from ..artifacts import is_done, write_json_atomic
 from ..compile import Job, Plan
 from ..errors import EngineError
+from ..summary import stage_row
 from . import render_local
 
 USER_ERROR = "error: "  # how a worker's rank 0 reports a user error (engine.worker.main), one line
@@ -34,16 +34,8 @@ def command(job: Job) -> list[str]:
 
 
 def summary(job: Job) -> dict[str, str]:
-    """The last logged metrics of a finished job and where its artifact is."""
-    folder = Path(job.outputs[0].path)
-    metrics = folder.parent / "metrics.jsonl"
-    last: dict[str, float] = {}
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            last.update(record)
-    shown: dict[str, str] = {k: f"{last[k]:.4g}" for k in ("step", "loss", "val_loss", "val_accuracy") if k in last}
-    return {"stage": job.name, **shown, "artifact": str(folder)}
+    """The final table's row for a finished job."""
+    return stage_row(job.name, job.kind, Path(job.outputs[0].path))
 
 
 def missing_inputs(jobs: list[Job]) -> list[str]:

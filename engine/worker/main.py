@@ -19,6 +19,7 @@ from pathlib import Path
 from ..artifacts import mark_done, read_json
 from ..compile import Job, Plan
 from ..errors import EXIT_USER_ERROR, EngineError
+from ..lineage import write_lineage
 from . import preempt
 from .env import RankInfo, rank_info
 
@@ -118,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             init_distributed(ctx)
         stage(ctx)
         if info.rank == 0:
+            write_lineage(plan, job)
             mark_done(ctx.stage_dir, job.cache_key)
     except EngineError as exc:
         if info.rank == 0:

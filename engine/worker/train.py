@@ -130,7 +130,9 @@ def start(ctx: Context, built: Any, root: Path, task: Task) -> tuple[int, int, l
     if parent_stage is None:
         return 0, 0, []
     parent = checked_parent(ctx, parent_stage, task.tokenizer)
-    checkpoint.load(parent, built, layout=layout, model_only=True, fresh=task.fresh)
+    # A parent that has the task's head (a reward model continuing from a reward model) keeps it.
+    fresh = task.fresh if "head" not in checkpoint.read_meta(parent) else ()
+    checkpoint.load(parent, built, layout=layout, model_only=True, fresh=fresh)
     return 0, 0, [str(parent)]
 
 

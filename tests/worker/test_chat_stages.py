@@ -304,3 +304,36 @@ def test_ppo_resumes_after_sigkill_as_if_uninterrupted(run_dir: Path, tmp_path: 
         for key in ("loss", "reward", "kl", "value_loss"):
             assert ours[step][key] == pytest.approx(reference[step][key], abs=1e-5), (step, key)
     assert ours[4]["val_reward"] == pytest.approx(reference[4]["val_reward"], abs=1e-6)
+
+
+def test_a_second_round_continues_from_the_first_with_new_data(run_dir: Path, tmp_path: Path) -> None:
+    """`--continue-from`: round 2 starts SFT from round 1's policy and the reward model from round 1's
+    reward model (its head kept), adds a prompt source, skips pretraining, versions its artifacts v2
+    and records their lineage back to round 1; running it again skips every finished stage."""
+    round2 = tmp_path / "tiny-r2"
+    args = ["run", str(TINY), "--continue-from", str(run_dir), f"run_dir={round2}",
+            "stages.data.sources+={name: more_questions, plugin: arithmetic, records: prompt, "
+            "params: {max_operand: 30, num_samples: 500, seed: 9}}",
+            "stages.sft.training.steps=20", "stages.sft.training.eval_interval=10",
+            "stages.reward.training.steps=20", "stages.reward.training.eval_interval=10",
+            "stages.ppo.training.steps=2", "stages.ppo.eval_prompts=16"]  # fmt: skip
+    done = engine(*args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"round 2: continuing from {run_dir}" in done.stdout
+    assert not (round2 / "pretrain").exists()
+    assert json.loads((round2 / "run.json").read_text())["round"] == 2
+    sft_meta = read_meta(latest_checkpoint(round2 / "sft" / "checkpoints"))  # type: ignore[arg-type]
+    assert sft_meta["parents"] == [str(latest_checkpoint(run_dir / "sft" / "checkpoints").resolve())]  # type: ignore[union-attr]
+    # The reward model's held-out pairs are the same in both rounds: starting from round 1's model,
+    # head included, its step-0 accuracy is round 1's final accuracy.
+    assert metrics(round2, "reward")[0]["val_accuracy"] == pytest.approx(metrics(run_dir, "reward")[-1]["val_accuracy"])
+    manifest = json.loads((round2 / "data" / "data" / "manifest.json").read_text())
+    assert "more_questions" in manifest["sources"]
+    lineage = engine("lineage", str(round2 / "ppo"))
+    assert lineage.returncode == 0, lineage.stderr
+    versions = [line.split("│")[1].strip() for line in lineage.stdout.splitlines() if line.startswith("│ v")]
+    assert versions == ["v2", "v2", "v1", "v1"], lineage.stdout  # ppo, sft of round 2; sft, pretrain of round 1
+    runs = engine("runs", str(tmp_path))
+    assert str(round2) in runs.stdout.replace("\n", "")
+    again = engine(*args)
+    assert again.returncode == 0 and again.stdout.count("finished earlier with the same inputs; skipped") == 4
