@@ -13,9 +13,11 @@ A training stage writes checkpoints under its checkpoint artifact directory:
         meta.json                      architecture, tokenizer hash, layout, step, parents
     .tmp-step_00000020-<id>/           a save in progress; renamed into place only when complete
 
-Every stage that finishes writes `<stage>/done.json` with its job's cache key. A launcher skips a job
-whose marker holds the key it would run with; a changed recipe (or anything upstream of the stage)
-changes the key, and the stage runs again, resuming from or starting after its own checkpoints.
+A launcher writes `<stage>/job.json` with the job's cache key before the job starts, and every stage
+that finishes writes `<stage>/done.json` with it. A job whose `done.json` holds the key it would run
+with is skipped. A changed recipe (or anything upstream of the stage) changes the key: the folder's
+earlier work is moved aside to `<stage>.superseded-<old key>` (never deleted) and the stage starts
+afresh, so nothing trained under other settings is resumed by mistake.
 
 Nothing here imports torch.
 """
@@ -74,3 +76,33 @@ def is_done(stage_dir: str | Path, cache_key: str) -> bool:
         return bool(read_json(Path(stage_dir) / DONE).get("cache_key") == cache_key)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+JOB = "job.json"
+
+
+def recorded_key(stage_dir: Path) -> str | None:
+    """The cache key the stage folder's work was done under, if any."""
+    for name in (DONE, JOB):
+        try:
+            key = read_json(stage_dir / name).get("cache_key")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(key, str):
+            return key
+    return None
+
+
+def claim_stage(stage_dir: Path, cache_key: str) -> Path | None:
+    """Before a job starts: move another cache key's work aside (returned), then record this key."""
+    moved = None
+    old = recorded_key(stage_dir)
+    if old is not None and old != cache_key:
+        moved = stage_dir.with_name(f"{stage_dir.name}.superseded-{old[:12]}")
+        n = 1
+        while moved.exists():
+            moved, n = stage_dir.with_name(f"{stage_dir.name}.superseded-{old[:12]}-{n}"), n + 1
+        os.replace(stage_dir, moved)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stage_dir / JOB, {"cache_key": cache_key})
+    return moved

@@ -97,3 +97,19 @@ def test_overrides_append_to_lists() -> None:
     assert [x.plugin for x in r.stages["ppo"].rewards] == ["exact_match", "regex", "length_penalty"]  # type: ignore[union-attr]
     with pytest.raises(Exception, match="is not a list"):
         load_recipe(TINY, ["stages.sft.training+=3"])
+
+
+def test_a_changed_cache_key_moves_earlier_work_aside(tmp_path: Path) -> None:
+    from engine.artifacts import claim_stage, mark_done
+
+    stage = tmp_path / "sft"
+    assert claim_stage(stage, "a" * 64) is None  # a new folder
+    (stage / "checkpoints").mkdir()
+    mark_done(stage, "a" * 64)
+    assert claim_stage(stage, "a" * 64) is None  # the same inputs: kept where it is
+    moved = claim_stage(stage, "b" * 64)
+    assert moved == tmp_path / f"sft.superseded-{'a' * 12}"
+    assert (moved / "checkpoints").is_dir() and (moved / "done.json").is_file()  # nothing is lost
+    assert sorted(p.name for p in stage.iterdir()) == ["job.json"]
+    # Killed before finishing, then changed again: job.json alone tells whose work the folder holds.
+    assert claim_stage(stage, "c" * 64) == tmp_path / f"sft.superseded-{'b' * 12}"

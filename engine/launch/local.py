@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..artifacts import is_done, write_json_atomic
+from ..artifacts import claim_stage, is_done, write_json_atomic
 from ..compile import Job, Plan
 from ..errors import EngineError
 from ..summary import stage_row
@@ -67,6 +67,9 @@ def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str
             print(f"==> {job.name} ({job.kind}): finished earlier with the same inputs; skipped", flush=True)
             done.append(summary(job))
             continue
+        moved = claim_stage(stage_dir, job.cache_key)
+        if moved is not None:
+            print(f"==> {job.name}: the recipe or an upstream stage changed; earlier work kept in {moved}", flush=True)
         logs = stage_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **job.env}

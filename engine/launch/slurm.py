@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import is_done, read_json, write_json_atomic
+from ..artifacts import claim_stage, is_done, read_json, write_json_atomic
 from ..compile import Job, Plan
 from ..errors import EngineError, Problem
 from .local import missing_inputs
@@ -205,6 +205,9 @@ def submit(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str, s
         if is_done(Path(job.outputs[0].path).parent, job.cache_key):
             record.append({"name": job.name, "job_id": "", "log": "", "skipped": "finished earlier"})
             continue
+        moved = claim_stage(Path(job.outputs[0].path).parent, job.cache_key)
+        if moved is not None:
+            print(f"==> {job.name}: the recipe or an upstream stage changed; earlier work kept in {moved}", flush=True)
         upstream = [ids[d] for d in job.depends_on if d in ids]
         folder = job_folder(root, plan, job)
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
