@@ -16,6 +16,11 @@ from typing import Any, TextIO
 
 import torch
 
+# What the console line shows, in this order (everything goes to metrics.jsonl and TensorBoard).
+CONSOLE = ("loss", "reward", "kl", "val_loss", "val_accuracy", "val_reward", "val_sampled_accuracy", "lr",
+           "tokens_per_s")  # fmt: skip
+HELD_OUT = {"val_loss", "val_accuracy", "val_reward"}  # a line with any of these is always printed
+
 
 class Metrics:
     def __init__(self, folder: Path, *, name: str, total_steps: int, start_step: int, enabled: bool) -> None:
@@ -59,12 +64,10 @@ class Metrics:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{self.name}/{k}", v, step)
-        info = "  ".join(
-            f"{k} {v:.4g}" for k, v in values.items() if k in ("loss", "val_loss", "val_accuracy", "lr", "tokens_per_s")
-        )
+        info = "  ".join(f"{k} {values[k]:.4g}" for k in CONSOLE if k in values)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
-        elif time.monotonic() - self.last_print > 5 or step in (0, 1, self.total) or "val_loss" in values:
+        elif time.monotonic() - self.last_print > 5 or step in (0, 1, self.total) or HELD_OUT & values.keys():
             self.last_print = time.monotonic()
             print(f"[{self.name}] step {step}/{self.total}  {info}", flush=True)
 
