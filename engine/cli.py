@@ -390,6 +390,50 @@ def import_(
 
 
 @app.command()
+def chat(
+    target: Annotated[
+        Path, typer.Argument(help="a run directory (runs/<name>), a stage's folder, or one checkpoint folder")
+    ],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="answer this one message, print only the reply, and exit")
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", help="a system message before the conversation")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy")] = 0.7,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="sample from the k likeliest tokens (0: all)")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="nucleus sampling mass (1: all)")] = 1.0,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="reply length limit (default: half the context)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="seed the sampler: the same replies every time")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="the run's tokenizer.json, when meta.json's path is elsewhere")
+    ] = None,
+) -> None:
+    """Chat with a trained model (the newest policy of a run): multi-turn in the terminal, or one --prompt."""
+
+    def note(text: str) -> None:
+        err.print(text, markup=False, style="dim")
+
+    try:
+        from .chat_session import Options, interactive, locate, open_chat, reader, say
+
+        options = Options(temperature, top_k, top_p, max_new_tokens, seed, system)
+        found = locate(target, tokenizer)
+        if prompt is None:
+            note(f"loading {found.checkpoint}")
+        with open_chat(found, options, note) as session:
+            if prompt is not None:
+                say(session.reply(prompt))
+                return
+            note("/reset clears the conversation, /exit or Ctrl-D leaves")
+            interactive(session, reader(err), say, note)
+    except EngineError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
 def report(
     run_dir: RunArg,
     out_file: Annotated[

@@ -55,7 +55,7 @@ def chat_template() -> str:
     )
 
 
-def _tokenizer_file(meta: dict[str, Any], given: Path | None) -> Path:
+def tokenizer_file(meta: dict[str, Any], given: Path | None) -> Path:
     """The checkpoint's tokenizer.json, checked against the hash recorded at training time."""
     want = meta.get("tokenizer", {}).get("sha256")
     path = given or Path(meta.get("tokenizer", {}).get("path", ""))
@@ -113,7 +113,7 @@ def export_checkpoint(artifact: Path, out: Path, *, dtype: str = "fp32", tokeniz
     refused = _refusals(meta)
     if refused:
         raise EngineError(f"cannot export {ckpt}: " + "; ".join(refused))
-    source = _tokenizer_file(meta, tokenizer)
+    source = tokenizer_file(meta, tokenizer)
     arch = meta["architecture"]
     with session.staged(out) as folder:
         with session.megatron("export", arch) as s:
