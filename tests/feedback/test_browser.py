@@ -74,6 +74,20 @@ class Server:
         os.kill(self.proc.pid, signal.SIGKILL)
         assert self.proc.wait(timeout=30) == -signal.SIGKILL
 
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Servers a test starts; whatever still runs when it ends, failed or not, is stopped."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
@@ -140,7 +154,7 @@ def _bob(page: Any, url: str) -> None:
 
 # `browser` comes first: without Chromium the test fails before the policy is trained.
 def test_reviewers_rank_in_the_browser_and_every_judgment_survives_sigkill(
-    browser: Any, run_dir: Path, db: Path
+    browser: Any, run_dir: Path, db: Path, servers: list[Server]
 ) -> None:
     store = Store(db)  # a hand-made item ahead of the sampled ones: a model that writes markup
     hand = store.model_id(ModelVersion("hand-written", None, "0" * 64))
@@ -148,6 +162,7 @@ def test_reviewers_rank_in_the_browser_and_every_judgment_survives_sigkill(
                     sampling={}, origin="human", overlap=1.0)  # fmt: skip
     store.close()
     server = Server(run_dir, db)
+    servers.append(server)
     server.start()
     alice, bob = browser.new_page(), browser.new_page()
     _alice(alice, server.url)
@@ -180,10 +195,13 @@ def test_reviewers_rank_in_the_browser_and_every_judgment_survives_sigkill(
     assert len(_judgments(db)) == 6
 
 
-def test_acknowledged_api_judgments_survive_sigkill_under_load(run_dir: Path, tmp_path: Path) -> None:
+def test_acknowledged_api_judgments_survive_sigkill_under_load(
+    run_dir: Path, tmp_path: Path, servers: list[Server]
+) -> None:
     import threading
 
     server = Server(run_dir, tmp_path / "load.db")
+    servers.append(server)
     server.start()
     acknowledged: list[int] = []
     stop = threading.Event()
