@@ -1,4 +1,5 @@
-"""The `engine` command line: validate, plan, run, schema, plugins, export, import.
+"""The `engine` command line: validate, plan, run, status, cancel, runs, lineage, schema, plugins, export,
+import, chat, report, feedback.
 
 User errors print one message listing every problem and exit with code 2, without a traceback.
 """
@@ -236,7 +237,8 @@ def runs(
 
     table = Table("run", "recipe", "round", "continued from", "finished", "started", title=f"runs in {root}")
     for r in list_runs(root):
-        table.add_row(r["run_dir"], r["name"], str(r["round"]), r["continued_from"] or "-", r["finished"], r["started"])
+        run = str(Path(r["run_dir"]).relative_to(root))
+        table.add_row(run, r["name"], str(r["round"]), r["continued_from"] or "-", r["finished"], r["started"])
     out.print(table)
 
 

@@ -334,6 +334,7 @@ def test_a_second_round_continues_from_the_first_with_new_data(run_dir: Path, tm
     versions = [line.split("│")[1].strip() for line in lineage.stdout.splitlines() if line.startswith("│ v")]
     assert versions == ["v2", "v2", "v1", "v1"], lineage.stdout  # ppo, sft of round 2; sft, pretrain of round 1
     runs = engine("runs", str(tmp_path))
-    assert str(round2) in runs.stdout.replace("\n", "")
+    rows = [line.split("│")[1:4] for line in runs.stdout.splitlines() if line.startswith("│ tiny")]
+    assert [[c.strip() for c in row] for row in rows] == [["tiny-r2", "tiny", "2"]], runs.stdout
     again = engine(*args)
     assert again.returncode == 0 and again.stdout.count("finished earlier with the same inputs; skipped") == 4
