@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,8 @@ def next_run_dir(earlier: Path, round_: int) -> str:
 def continuation(plan: Plan, earlier: Path) -> tuple[list[str], list[str], int]:
     """(overrides, stages to run, round) that make this recipe the round after the run `earlier`.
 
-    The SFT stages start from the earlier run's final policy (its last PPO stage, else its last SFT),
+    The tokenizer is the earlier run's (a model's vocabulary cannot change between rounds, and a
+    tokenizer trained anew on a corpus with new sources would differ). The SFT stages start from the earlier run's final policy (its last PPO stage, else its last SFT),
     the reward-model stages from its last reward model; pretraining is not run again. Data stages run
     (with whatever sources the recipe now has), and so does everything downstream.
     """
@@ -149,7 +151,7 @@ def continuation(plan: Plan, earlier: Path) -> tuple[list[str], list[str], int]:
     policy = final_checkpoint(Path(policy_job.outputs[0].path))
     reward = finished.get("reward_model")
     reward_ckpt = final_checkpoint(Path(reward.outputs[0].path)) if reward else None
-    overrides, stages = [], []
+    overrides, stages = _same_tokenizer(policy), []
     for job in plan.jobs:
         if job.kind == "pretrain":
             continue
@@ -159,3 +161,15 @@ def continuation(plan: Plan, earlier: Path) -> tuple[list[str], list[str], int]:
         if job.kind == "reward_model" and reward_ckpt is not None:
             overrides.append(f"stages.{job.name}.init_from={reward_ckpt.resolve()}")
     return overrides, stages, run_round(earlier) + 1
+
+
+def _same_tokenizer(policy: Path | None) -> list[str]:
+    """Overrides that make the data stage tokenize with the tokenizer the policy was trained with."""
+    if policy is None:
+        return []
+    tokenizer = read_json(policy / "meta.json").get("tokenizer", {})
+    path = Path(str(tokenizer.get("path", "")))
+    if not path.is_file():
+        raise EngineError(f"--continue-from: the tokenizer {path} that {policy} was trained with is gone; "
+                          "the next round must tokenize with it: restore it, or run from the folder the run was made in")  # fmt: skip
+    return ["~tokenizer", f"tokenizer={{kind: file, path: {json.dumps(str(path.resolve()))}}}"]

@@ -40,7 +40,10 @@ def _finish(plan_dir: Path, overrides: tuple[str, ...], round_: int, parents: di
         out = Path(job.outputs[0].path)
         if job.outputs[0].kind == "checkpoint":
             (out / "step_00000002").mkdir(parents=True)
-            meta = {"parents": parents.get(job.name, [])}
+            tokenizer = plan_dir / "data" / "tokenizer" / "tokenizer.json"
+            tokenizer.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.write_text("{}")
+            meta = {"parents": parents.get(job.name, []), "tokenizer": {"path": str(tokenizer)}}
             (out / "step_00000002" / "meta.json").write_text(json.dumps(meta))
             (out / "latest").write_text("step_00000002")
         _write_metrics(out.parent, {"step": 2, "val_loss": 1.0})
@@ -54,7 +57,10 @@ def test_continuation_starts_from_the_earlier_policy_and_reward_model(tmp_path: 
     plan = compile_with()
     overrides, stages, round_ = continuation(plan, first)
     assert round_ == 2 and stages == ["data", "sft", "reward", "ppo"]
+    tokenizer = (first / "data" / "tokenizer" / "tokenizer.json").resolve()
     assert overrides == [
+        "~tokenizer",  # the next round tokenizes with round 1's tokenizer, not one trained anew
+        f'tokenizer={{kind: file, path: "{tokenizer}"}}',
         f"stages.sft.init_from={(first / 'ppo/checkpoints/step_00000002').resolve()}",
         f"stages.reward.init_from={(first / 'reward/checkpoints/step_00000002').resolve()}",
     ]

@@ -308,12 +308,12 @@ def test_ppo_resumes_after_sigkill_as_if_uninterrupted(run_dir: Path, tmp_path: 
 
 def test_a_second_round_continues_from_the_first_with_new_data(run_dir: Path, tmp_path: Path) -> None:
     """`--continue-from`: round 2 starts SFT from round 1's policy and the reward model from round 1's
-    reward model (its head kept), adds a prompt source, skips pretraining, versions its artifacts v2
+    reward model (its head kept), adds a text source (tokenized with round 1's tokenizer), skips pretraining, versions its artifacts v2
     and records their lineage back to round 1; running it again skips every finished stage."""
     round2 = tmp_path / "tiny-r2"
     args = ["run", str(TINY), "--continue-from", str(run_dir), f"run_dir={round2}",
-            "stages.data.sources+={name: more_questions, plugin: arithmetic, records: prompt, "
-            "params: {max_operand: 30, num_samples: 500, seed: 9}}",
+            "stages.data.sources+={name: more_equations, plugin: arithmetic, records: text, "
+            "params: {max_operand: 30, num_samples: 200, seed: 9}}",
             "stages.sft.training.steps=20", "stages.sft.training.eval_interval=10",
             "stages.reward.training.steps=20", "stages.reward.training.eval_interval=10",
             "stages.ppo.training.steps=2", "stages.ppo.eval_prompts=16"]  # fmt: skip
@@ -328,7 +328,10 @@ def test_a_second_round_continues_from_the_first_with_new_data(run_dir: Path, tm
     # head included, its step-0 accuracy is round 1's final accuracy.
     assert metrics(round2, "reward")[0]["val_accuracy"] == pytest.approx(metrics(run_dir, "reward")[-1]["val_accuracy"])
     manifest = json.loads((round2 / "data" / "data" / "manifest.json").read_text())
-    assert "more_questions" in manifest["sources"]
+    assert "more_equations" in manifest["sources"]
+    # New text changes the corpus a tokenizer would be trained on: the round keeps round 1's tokenizer.
+    first = json.loads((run_dir / "data" / "data" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
     lineage = engine("lineage", str(round2 / "ppo"))
     assert lineage.returncode == 0, lineage.stderr
     versions = [line.split("│")[1].strip() for line in lineage.stdout.splitlines() if line.startswith("│ v")]
