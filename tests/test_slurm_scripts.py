@@ -55,7 +55,15 @@ def test_cli_prints_scripts_and_refuses_a_local_cluster() -> None:
 
 @pytest.mark.parametrize(
     ("limit", "expected"),
-    [("30", 30), ("90:30", 91), ("04:00:00", 240), ("01:00:01", 61), ("2-00:00:00", 2880), ("1-12", 2160), ("1-0:30", 1470)],
+    [
+        ("30", 30),
+        ("90:30", 91),
+        ("04:00:00", 240),
+        ("01:00:01", 61),
+        ("2-00:00:00", 2880),
+        ("1-12", 2160),
+        ("1-0:30", 1470),
+    ],
 )
 def test_time_limits_in_minutes(limit: str, expected: int) -> None:
     assert minutes(limit) == expected
@@ -90,7 +98,7 @@ def test_unsafe_run_directories_are_refused(evil: str) -> None:
 def test_environment_values_reach_the_script_quoted(tmp_path: Path) -> None:
     """Values with shell syntax are exported literally: running the setup lines creates no file."""
     marker = tmp_path / "pwned"
-    evil = {"A": f"$(touch {marker})", "B": f"`touch {marker}`; echo", "C": "it's \"quoted\" & <more>"}
+    evil = {"A": f"$(touch {marker})", "B": f"`touch {marker}`; echo", "C": 'it\'s "quoted" & <more>'}
     plan = compile_with(f"cluster={_profile(tmp_path, env=evil)}")
     job = plan.jobs[1]
     assert script_problems(plan, [job], folder_root="/p") == []
@@ -106,3 +114,11 @@ def test_control_characters_and_bad_names_in_the_environment_are_refused(tmp_pat
     plan = compile_with(f"cluster={profile}")
     problems = script_problems(plan, [plan.jobs[0]], folder_root="/p")
     assert sorted(p.path for p in problems) == ["cluster(dev).env", "cluster(dev).env", "cluster(dev).env.GOOD"]
+
+
+def test_submitting_without_slurm_is_one_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}  # no sbatch anywhere
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "recipes/tiny.yaml", "cluster=dev",
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=REPO, env=env)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "submits to Slurm, but sbatch is not on PATH" in done.stderr

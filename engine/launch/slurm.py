@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -180,6 +181,9 @@ def submit(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str, s
     """Submit the jobs in DAG order, each depending (afterok) on its upstream jobs of this run."""
     import submitit
 
+    if shutil.which("sbatch") is None:
+        raise EngineError(f"cluster={plan.cluster.name!r} submits to Slurm, but sbatch is not on PATH; run from a Slurm "
+                          "login node (`engine plan --show-scripts` shows what would be submitted)")  # fmt: skip
     root = os.getcwd()
     problems = script_problems(plan, jobs, folder_root=root)
     if problems:
@@ -212,10 +216,17 @@ def submit(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str, s
         folder = job_folder(root, plan, job)
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
         ex.update_parameters(**sbatch_parameters(plan, job, folder_root=root, dependency=afterok(upstream)))
-        submitted = ex.submit(SlurmWorker(plan=plan_path, job=job.name, workdir=root))
+        try:
+            submitted = ex.submit(SlurmWorker(plan=plan_path, job=job.name, workdir=root))
+        except Exception as exc:  # sbatch's refusal (bad partition, no cluster): its own words
+            done_ids = ", ".join(f"{n}={i}" for n, i in ids.items()) or "none"
+            raise EngineError(f"sbatch refused stage {job.name!r}: {str(exc).strip()[-600:]}; jobs already submitted: "
+                              f"{done_ids} (`engine cancel {run_dir}` removes them)") from None  # fmt: skip
         ids[job.name] = str(submitted.job_id)
         log = str(folder / f"{submitted.job_id}_0_log.out")
         record.append({"name": job.name, "job_id": ids[job.name], "log": log, "skipped": ""})
+        # After every submission, so that `engine cancel` finds a chain that stopped half-way.
+        write_json_atomic(run_dir / SLURM_RECORD, {"cluster": plan.cluster.name, "jobs": record})
         print(f"==> {job.name} ({job.kind}): Slurm job {submitted.job_id}"
               + (f", after {', '.join(upstream)}" if upstream else "") + f"; log {log}", flush=True)  # fmt: skip
     write_json_atomic(run_dir / SLURM_RECORD, {"cluster": plan.cluster.name, "jobs": record})
