@@ -2,7 +2,7 @@
 
 Stages refer to earlier stages by name (`init_from: sft`, `data: data`); the compiler checks that each
 reference exists, comes earlier in the recipe and has the right kind. The `init_from` of a pretrain,
-SFT or reward-model stage may instead be a path to a checkpoint directory (one with meta.json: the output of `engine
+SFT or reward-model stage, and a PPO stage's `policy`, may instead be a path to a checkpoint directory (one with meta.json: the output of `engine
 import`, or another run's `<stage>/checkpoints/step_N`). A value that contains "/" or starts with "."
 is a path; stage names can contain neither.
 """
@@ -155,7 +155,10 @@ class PpoStage(_TrainingStage):
     """Stage 4b: RLHF with PPO against the reward model and/or reward functions."""
 
     kind: Literal["ppo"] = Field(description="PPO")
-    policy: str = Field(description="sft or pretrain stage the actor (and the frozen reference) start from")
+    policy: str = Field(
+        description="sft, pretrain or ppo stage the actor (and the frozen reference) start from, or a checkpoint "
+        "directory (a path: contains '/' or starts with '.'), such as an earlier round's policy"
+    )
     reward_model: str | None = Field(
         default=None, description="reward_model stage scoring responses; none: reward functions only"
     )

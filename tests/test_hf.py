@@ -72,6 +72,15 @@ def test_another_tokenizer_file_is_refused(tmp_path: Path) -> None:
 
 def test_other_references_take_no_paths(tmp_path: Path) -> None:
     ckpt = str(_checkpoint(tmp_path / "imported"))
-    err = problems_of(f"stages.ppo.reward_model={ckpt}", f"stages.ppo.policy={ckpt}")
-    assert sorted(err.paths()) == ["stages.ppo.policy", "stages.ppo.reward_model"]
-    assert "only the init_from of pretrain, sft and reward_model stages accepts" in err.render()
+    err = problems_of(f"stages.ppo.reward_model={ckpt}", f"stages.ppo.critic_from={ckpt}")
+    assert sorted(err.paths()) == ["stages.ppo.critic_from", "stages.ppo.reward_model"]
+    assert "only the init_from of pretrain, sft and reward_model stages and a ppo stage's policy accept" in err.render()
+
+
+def test_a_ppo_policy_may_be_a_checkpoint_directory(tmp_path: Path) -> None:
+    ckpt = str(_checkpoint(tmp_path / "imported"))
+    plan = compile_with(f"stages.ppo.policy={ckpt}")
+    ppo = next(j for j in plan.jobs if j.kind == "ppo")
+    assert "sft" not in ppo.depends_on and ppo.config["policy"] == ckpt
+    err = problems_of(f"stages.ppo.policy={tmp_path / 'missing'}")
+    assert err.paths() == ["stages.ppo.policy"] and "is not a checkpoint directory" in err.render()

@@ -101,7 +101,7 @@ def _references(recipe: Recipe) -> Iterator[Problem]:
         earlier = {n: recipe.stages[n].kind for n in names[:index]}
         for field, kinds in REFERENCES[stage.kind].items():
             value = getattr(stage, field)
-            if value is None or (isinstance(stage, PATH_STAGES) and field == "init_from" and is_checkpoint_path(value)):
+            if value is None or (path_field(stage) == field and is_checkpoint_path(value)):
                 continue  # a checkpoint directory: _checkpoint_paths
             yield from _reference(f"stages.{name}.{field}", value, kinds, earlier, names)
         if not isinstance(stage, DataStage):
@@ -116,7 +116,11 @@ def _reference(
         ("earlier stages that fit: " + ", ".join(fitting)) if fitting else f"add a {' or '.join(kinds)} stage before it"
     )
     if value not in names and is_checkpoint_path(value):
-        yield Problem(path, f"={value!r} is a path, which only the init_from of pretrain, sft and reward_model stages accepts", hint)
+        yield Problem(
+            path,
+            f"={value!r} is a path, which only the init_from of pretrain, sft and reward_model stages and a ppo stage's policy accept",
+            hint,
+        )
     elif value not in names:
         yield Problem(path, f"={value!r} names no stage", did_you_mean(value, fitting) if fitting else hint)
     elif value not in earlier:
@@ -127,6 +131,15 @@ def _reference(
 
 # init_from of these kinds may also name a checkpoint directory (an imported model, another run's step).
 PATH_STAGES = (PretrainStage, SftStage, RewardModelStage)
+
+
+def path_field(stage: object) -> str | None:
+    """The field of a stage that may name a checkpoint directory instead of a stage."""
+    if isinstance(stage, PATH_STAGES):
+        return "init_from"
+    return "policy" if isinstance(stage, PpoStage) else None
+
+
 CHECKPOINT_FIX = (
     "give a checkpoint directory (relative paths: from the working directory): "
     "the output of `engine import`, or <run>/<stage>/checkpoints/step_N"
@@ -134,12 +147,14 @@ CHECKPOINT_FIX = (
 
 
 def _checkpoint_paths(recipe: Recipe, model: ResolvedModel | None) -> Iterator[Problem]:
-    """An init_from path must be a checkpoint whose architecture and tokenizer fit this recipe."""
+    """A checkpoint path (init_from, a PPO policy) must be a checkpoint whose architecture and tokenizer
+    fit this recipe."""
     for name, stage in recipe.stages.items():
-        value = stage.init_from if isinstance(stage, PATH_STAGES) else None
-        if value is None or not is_checkpoint_path(value):
+        field = path_field(stage)
+        value = getattr(stage, field) if field else None
+        if not isinstance(value, str) or not is_checkpoint_path(value):
             continue
-        path, meta_path = f"stages.{name}.init_from", Path(value) / "meta.json"
+        path, meta_path = f"stages.{name}.{field}", Path(value) / "meta.json"
         try:
             meta: Any = json.loads(meta_path.read_text(encoding="utf-8"))
             theirs, tok = dict(meta["architecture"]), dict(meta["tokenizer"])

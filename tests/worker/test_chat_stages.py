@@ -273,11 +273,14 @@ def test_ppo_raises_heldout_reward_and_accuracy_above_sft_within_a_kl_bound(run_
 
 def test_rloo_trains_without_a_critic(run_dir: Path, tmp_path: Path) -> None:
     """ppo.advantage=rloo: the leave-one-out baseline over each prompt's responses replaces the critic,
-    so no critic is built or saved, and the policy still improves on the held-out prompts."""
+    so no critic is built or saved, and the policy still improves on the held-out prompts. The policy
+    is given as a checkpoint directory (as a later round gives an earlier round's policy)."""
     copy = _ppo_copy(run_dir, tmp_path)
+    policy = latest_checkpoint(copy / "sft" / "checkpoints")
     done = engine("run", str(TINY), "--stages", "ppo", f"run_dir={copy}", "stages.ppo.ppo.advantage=rloo",
-                  "stages.ppo.training.steps=10")  # fmt: skip
+                  "stages.ppo.training.steps=10", f"stages.ppo.policy={policy}")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert read_meta(latest_checkpoint(copy / "ppo" / "checkpoints"))["parents"][0] == str(policy)  # type: ignore[arg-type]
     lines = metrics(copy, "ppo")
     start, end = lines[0], lines[-1]
     assert end["step"] == 10 and end["val_sampled_reward"] > start["val_sampled_reward"], (start, end)
