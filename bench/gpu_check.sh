@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (Python 3.12 with torch, no network, no Megatron-Core):
+# The one command for a bare GPU machine (Python 3.12 with torch, no network, no Megatron-Core):
 # install the carried wheels that bench/gpu_wheels.sh downloaded, then run bench/gpu_check.py, whose
 # JSON, markdown and logs land in $OUT (bench/results when unset). Arguments go to gpu_check.py.
 #

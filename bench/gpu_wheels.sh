@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the cp312 wheels the engine's pretrain worker needs on a GPU machine that has Python 3.12
 # and torch (with numpy, PyYAML, psutil, tqdm, rich, packaging, setuptools) but no network, no
-# Megatron-Core and no pydantic/omegaconf. The folder travels with the device call (`carry`), and
+# Megatron-Core and no pydantic/omegaconf. The folder is copied to that machine with the checkout, and
 # bench/gpu_check.sh installs it with `pip install --no-index`. Versions are this repo's .venv pins;
 # about 5.6 MB in all.
 #
