@@ -121,8 +121,9 @@ def run(
     overrides = list(overrides or [])
     round_ = 1
     if continue_from is not None:
-        overrides, stages, round_ = _next_round(recipe, overrides, force, continue_from, stages)
-    _, p = _compile(recipe, overrides, force)
+        overrides, stages, round_, p = _next_round(recipe, overrides, force, continue_from, stages)
+    else:
+        _, p = _compile(recipe, overrides, force)
     out.print(plan_table(p))
     if dry_run and p.cluster.launcher == "slurm":
         from .launch.slurm import show_scripts as scripts
@@ -153,8 +154,8 @@ def run(
 
 def _next_round(
     recipe: Path, overrides: list[str], force: bool, earlier: Path, stages: str | None
-) -> tuple[list[str], str, int]:
-    """Overrides and stages that make this recipe the round after the run `earlier`, and its round."""
+) -> tuple[list[str], str, int, Plan]:
+    """Overrides and stages that make this recipe the round after the run `earlier`, its round and plan."""
     from .lineage import continuation, next_run_dir
 
     _, first = _compile(recipe, overrides, force)
@@ -170,7 +171,7 @@ def _next_round(
         raise _fail(EngineError(f"run_dir={p.run_dir!r} is the run being continued; the next round needs its own "
                                 "run directory: drop the run_dir override or give another"))  # fmt: skip
     out.print(f"round {round_}: continuing from {earlier} into {p.run_dir}", markup=False)
-    return combined, stages or ",".join(names), round_
+    return combined, stages or ",".join(names), round_, p
 
 
 def finished_table(rows: list[dict[str, str]]) -> Table:
@@ -204,10 +205,10 @@ RunArg = Annotated[Path, typer.Argument(help="a run directory (runs/<name>)", sh
 @app.command()
 def status(run_dir: RunArg) -> None:
     """Show each job of a run: its state and where its log is."""
-    from .launch import slurm
+    from .launch import local, slurm
 
     try:
-        states = slurm.status(run_dir) if (run_dir / slurm.SLURM_RECORD).is_file() else _local_status(run_dir)
+        states = slurm.status(run_dir) if (run_dir / slurm.SLURM_RECORD).is_file() else local.status(run_dir)
     except EngineError as exc:
         raise _fail(exc) from None
     _show_status(run_dir, states)
@@ -261,30 +262,15 @@ def lineage(
     out.print(table)
 
 
-def _local_status(run_dir: Path) -> list[dict[str, str]]:
-    from .artifacts import is_done
-    from .compile import Plan
-
-    plan_path = run_dir / "plan.json"
-    if not plan_path.is_file():
-        raise EngineError(f"{run_dir} is not a run directory (no plan.json); give runs/<name>")
-    p = Plan.model_validate_json(plan_path.read_text(encoding="utf-8"))
-    rows = []
-    for job in p.jobs:
-        stage_dir = Path(job.outputs[0].path).parent
-        state = "COMPLETED" if is_done(stage_dir, job.cache_key) else ("STARTED" if stage_dir.exists() else "NOT RUN")
-        rows.append({"name": job.name, "job_id": "", "state": state, "exit_code": "", "skipped": "",
-                     "log": str(stage_dir / "logs" / "launch.log")})  # fmt: skip
-    return rows
-
-
 def _show_status(run_dir: Path, jobs: list[dict[str, str]]) -> None:
+    from .launch.slurm import FAILED
+
     table = Table("stage", "job", "state", "exit", "log", title=f"run {run_dir}", title_justify="left")
     for j in jobs:
         table.add_row(j["name"], j["job_id"] or "-", j["state"], j.get("exit_code") or "-", j["log"] or "-")
     out.print(table)
     for j in jobs:
-        if j["state"] in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+        if j["state"] in FAILED:
             out.print(f"failed: {j['name']} (Slurm job {j['job_id']}, {j['state']}); its log: {j['log']}", markup=False)
 
 

@@ -16,7 +16,6 @@ stage names) is HTML-escaped. Nothing here imports torch.
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +25,8 @@ from .artifacts import is_done, read_json
 from .compile import Job, Plan
 from .compile.estimate import human_bytes, human_count
 from .errors import EngineError
+from .summary import load_run_plan as load_plan
+from .summary import read_metrics_file as read_metrics
 
 Row = dict[str, float]
 esc = html.escape
@@ -94,38 +95,6 @@ font-variant-numeric:tabular-nums}.kind{color:#666;font-weight:normal;font-size:
 svg text{font-size:12px;fill:#333}svg .title{font-size:14px;font-weight:600}.grid{stroke:#eee}
 .axis{stroke:#555}.latest{font-size:13px;color:#444}pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:12px}
 """
-
-
-def load_plan(run_dir: Path) -> Plan:
-    path = run_dir / "plan.json"
-    if not path.is_file():
-        raise EngineError(f"{run_dir} is not a run directory (no plan.json); give runs/<name>")
-    try:
-        return Plan.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EngineError(f"{path} is not a plan.json this engine version reads ({reason})") from None
-
-
-def read_metrics(path: Path) -> list[Row]:
-    """One row per step, sorted by step, of the numeric values in metrics.jsonl; a step's later line wins."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    by_step: dict[int, Row] = {}
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # the torn last line of a killed job
-        if isinstance(record, dict) and _is_number(record.get("step")):
-            by_step[int(record["step"])] = {str(k): float(v) for k, v in record.items() if _is_number(v)}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def points(rows: Sequence[Row], key: str) -> list[tuple[float, float]]:

@@ -13,18 +13,47 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .compile import Plan
+from .errors import EngineError
 
-def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
-    """The stage's metric lines in step order, one per step."""
-    path = stage_dir / "metrics.jsonl"
-    if not path.is_file():
+
+def read_metrics_file(path: Path) -> list[dict[str, float]]:
+    """One row per step, sorted by step, of the numeric values in a metrics.jsonl; a step's later line
+    wins, and a torn line (the last line of a killed job) is skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
         return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    by_step: dict[int, dict[str, float]] = {}
+    for line in lines:
+        try:
             record = json.loads(line)
-            by_step[int(record.get("step", 0))] = record
+        except ValueError:
+            continue
+        if isinstance(record, dict) and _is_number(record.get("step")):
+            by_step[int(record["step"])] = {str(k): float(v) for k, v in record.items() if _is_number(v)}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def read_metrics(stage_dir: Path) -> list[dict[str, float]]:
+    """The stage's metric lines in step order, one per step."""
+    return read_metrics_file(stage_dir / "metrics.jsonl")
+
+
+def load_run_plan(run_dir: Path) -> Plan:
+    """A run directory's plan.json, or one user error saying what is wrong with it."""
+    path = run_dir / "plan.json"
+    if not path.is_file():
+        raise EngineError(f"{run_dir} is not a run directory (no plan.json); give runs/<name>")
+    try:
+        return Plan.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineError(f"{path} is not a plan.json this engine version reads ({reason})") from None
 
 
 def _evals(lines: list[dict[str, Any]], key: str) -> tuple[float, float] | None:

@@ -6,6 +6,9 @@ side effect of the whole pipeline.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..artifacts import claim_stage, is_done, write_json_atomic
 from ..compile import Job, Plan
 from ..errors import Problem
 
@@ -55,3 +58,25 @@ def render_local(job: Job) -> list[str]:
         "engine.worker",
         *worker,
     ]
+
+
+def write_run_files(plan: Plan, recipe_text: str) -> Path:
+    """The run directory with the plan and the resolved recipe, before any job starts."""
+    run_dir = Path(plan.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "plan.json", plan.model_dump(mode="json"))
+    (run_dir / "recipe.resolved.yaml").write_text(recipe_text, encoding="utf-8")
+    return run_dir
+
+
+def needs_running(job: Job) -> bool:
+    """False for a stage that finished with this job's cache key; otherwise the stage folder is claimed
+    for this key (another key's work moved aside, never deleted) and the job must run."""
+    stage_dir = Path(job.outputs[0].path).parent
+    if is_done(stage_dir, job.cache_key):
+        print(f"==> {job.name} ({job.kind}): finished earlier with the same inputs; skipped", flush=True)
+        return False
+    moved = claim_stage(stage_dir, job.cache_key)
+    if moved is not None:
+        print(f"==> {job.name}: the recipe or an upstream stage changed; earlier work kept in {moved}", flush=True)
+    return True

@@ -16,11 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..artifacts import claim_stage, is_done, write_json_atomic
+from ..artifacts import is_done
 from ..compile import Job, Plan
 from ..errors import EngineError
-from ..summary import stage_row
-from . import render_local
+from ..summary import load_run_plan, stage_row
+from . import needs_running, render_local, write_run_files
 
 USER_ERROR = "error: "  # how a worker's rank 0 reports a user error (engine.worker.main), one line
 
@@ -56,21 +56,13 @@ def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str
     missing = missing_inputs(jobs)
     if missing:
         raise EngineError("; ".join(missing) + "; run those stages first (nothing was launched)")
-    run_dir = Path(plan.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "plan.json", plan.model_dump(mode="json"))
-    (run_dir / "recipe.resolved.yaml").write_text(recipe_text, encoding="utf-8")
+    write_run_files(plan, recipe_text)
     done: list[dict[str, str]] = []
     for job in jobs:
-        stage_dir = Path(job.outputs[0].path).parent
-        if is_done(stage_dir, job.cache_key):
-            print(f"==> {job.name} ({job.kind}): finished earlier with the same inputs; skipped", flush=True)
+        if not needs_running(job):
             done.append(summary(job))
             continue
-        moved = claim_stage(stage_dir, job.cache_key)
-        if moved is not None:
-            print(f"==> {job.name}: the recipe or an upstream stage changed; earlier work kept in {moved}", flush=True)
-        logs = stage_dir / "logs"
+        logs = Path(job.outputs[0].path).parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **job.env}
         if job.layout is not None and job.resources.processes_per_node > 1:
@@ -95,3 +87,14 @@ def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str
             raise EngineError(f"stage {job.name!r} failed with exit code {code}; its log: {logs / 'launch.log'}")
         done.append(summary(job))
     return done
+
+
+def status(run_dir: Path) -> list[dict[str, str]]:
+    """Each job of a local run: finished (with its cache key), started, or not run; where its log is."""
+    rows = []
+    for job in load_run_plan(run_dir).jobs:
+        stage_dir = Path(job.outputs[0].path).parent
+        state = "COMPLETED" if is_done(stage_dir, job.cache_key) else ("STARTED" if stage_dir.exists() else "NOT RUN")
+        rows.append({"name": job.name, "job_id": "", "state": state, "exit_code": "", "skipped": "",
+                     "log": str(stage_dir / "logs" / "launch.log")})  # fmt: skip
+    return rows

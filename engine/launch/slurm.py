@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import claim_stage, is_done, read_json, write_json_atomic
+from ..artifacts import read_json, write_json_atomic
 from ..compile import Job, Plan
 from ..errors import EngineError, Problem
+from . import needs_running, write_run_files
 from .local import missing_inputs
 
 SLURM_RECORD = "slurm.json"
@@ -194,24 +195,20 @@ def submit(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str, s
     if missing:
         raise EngineError("; ".join(missing) + "; run those stages first (nothing was submitted)")
     run_dir = Path(plan.run_dir)
-    queued = [j for j in _read_record(run_dir) if j["state"] in ACTIVE]
+    queued = [j for j in status(run_dir) if j["state"] in ACTIVE]
     if queued:
         listed = ", ".join(f"{j['name']}={j['job_id']}" for j in queued)
         raise EngineError(f"run {run_dir} still has Slurm jobs queued or running ({listed}); wait for them, or "
                           f"`engine cancel {run_dir}` first")  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "plan.json", plan.model_dump(mode="json"))
-    (run_dir / "recipe.resolved.yaml").write_text(recipe_text, encoding="utf-8")
+    write_run_files(plan, recipe_text)
     plan_path = str(Path(root) / run_dir / "plan.json")
     ids: dict[str, str] = {}
     record = []
     for job in jobs:
-        if is_done(Path(job.outputs[0].path).parent, job.cache_key):
+        if not needs_running(job):
             record.append({"name": job.name, "job_id": "", "log": "", "skipped": "finished earlier"})
+            write_json_atomic(run_dir / SLURM_RECORD, {"cluster": plan.cluster.name, "jobs": record})
             continue
-        moved = claim_stage(Path(job.outputs[0].path).parent, job.cache_key)
-        if moved is not None:
-            print(f"==> {job.name}: the recipe or an upstream stage changed; earlier work kept in {moved}", flush=True)
         upstream = [ids[d] for d in job.depends_on if d in ids]
         folder = job_folder(root, plan, job)
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
@@ -229,14 +226,13 @@ def submit(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str, s
         write_json_atomic(run_dir / SLURM_RECORD, {"cluster": plan.cluster.name, "jobs": record})
         print(f"==> {job.name} ({job.kind}): Slurm job {submitted.job_id}"
               + (f", after {', '.join(upstream)}" if upstream else "") + f"; log {log}", flush=True)  # fmt: skip
-    write_json_atomic(run_dir / SLURM_RECORD, {"cluster": plan.cluster.name, "jobs": record})
     return record
 
 
 # Slurm job states (sacct's first word) by what they mean for the chain.
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}  # fmt: skip
-FAILED = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FAILED = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 def sacct_states(ids: list[str]) -> dict[str, tuple[str, str]]:
@@ -255,7 +251,7 @@ def sacct_states(ids: list[str]) -> dict[str, tuple[str, str]]:
     return states
 
 
-def _read_record(run_dir: Path) -> list[dict[str, str]]:
+def status(run_dir: Path) -> list[dict[str, str]]:
     """The run's Slurm jobs with their current state (empty when the run was never submitted)."""
     path = run_dir / SLURM_RECORD
     if not path.is_file():
@@ -267,13 +263,9 @@ def _read_record(run_dir: Path) -> list[dict[str, str]]:
     return jobs
 
 
-def status(run_dir: Path) -> list[dict[str, str]]:
-    return _read_record(run_dir)
-
-
 def cancel(run_dir: Path) -> list[str]:
     """scancel every job of the run that is still queued or running; the ids cancelled."""
-    ids = [j["job_id"] for j in _read_record(run_dir) if j["state"] in ACTIVE]
+    ids = [j["job_id"] for j in status(run_dir) if j["state"] in ACTIVE]
     if ids:
         done = subprocess.run(["scancel", *ids], capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -285,7 +277,7 @@ def wait(run_dir: Path, *, poll_s: float = 5.0, timeout_s: float | None = None) 
     """Poll until no job of the run is queued or running; the final states."""
     began = time.monotonic()
     while True:
-        jobs = _read_record(run_dir)
+        jobs = status(run_dir)
         if not any(j["state"] in ACTIVE or (j["state"] == "UNKNOWN" and j["job_id"]) for j in jobs):
             return jobs
         if timeout_s is not None and time.monotonic() - began > timeout_s:
