@@ -106,3 +106,22 @@ def claim_stage(stage_dir: Path, cache_key: str) -> Path | None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage_dir / JOB, {"cache_key": cache_key})
     return moved
+
+
+def run_of(path: Path) -> Path | None:
+    """The run directory holding a path (a run, a stage, runs/<run>/<stage>/checkpoints/step_N), if any."""
+    for parent in [path, *list(path.resolve().parents)[:3]]:
+        if (parent / "plan.json").is_file():
+            return parent
+    return None
+
+
+def inside_run(run: Path | None, recorded: str) -> Path:
+    """A path recorded at training time, read relative to the run when the run has moved or been copied."""
+    path = Path(recorded)
+    if run is None or path.is_absolute() or path.exists():
+        return path
+    try:
+        return run / path.relative_to(read_json(run / "plan.json")["run_dir"])
+    except (KeyError, ValueError, OSError):
+        return path

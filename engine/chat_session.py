@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import read_json
+from .artifacts import inside_run, read_json, run_of
 from .chat import SpecialIds, render
 from .errors import EngineError
 from .hf.to_hf import resolve_checkpoint, tokenizer_file
@@ -43,9 +43,13 @@ class Options:
 
 @dataclass(frozen=True)
 class Target:
+    """A policy checkpoint to sample from (chat, the feedback app), its meta.json, its tokenizer and the
+    run directory it belongs to, if any."""
+
     checkpoint: Path
     meta: dict[str, Any]
     tokenizer: Path
+    run: Path | None = None
 
 
 def newest_policy(run: Path) -> Path:
@@ -62,42 +66,23 @@ def newest_policy(run: Path) -> Path:
     )
 
 
-def _run_of(ckpt: Path) -> Path | None:
-    """The run directory holding a checkpoint (runs/<run>/<stage>/checkpoints/step_N), if any."""
-    for parent in list(ckpt.resolve().parents)[:3]:
-        if (parent / PLAN).is_file():
-            return parent
-    return None
-
-
-def _run_tokenizer(run: Path | None, meta: dict[str, Any]) -> Path | None:
-    """The tokenizer inside the run directory, where meta.json's path points when the run is moved or copied."""
-    recorded = Path(meta.get("tokenizer", {}).get("path", ""))
-    if run is None or recorded.is_absolute():
-        return None
-    try:
-        inside = run / recorded.relative_to(read_json(run / PLAN)["run_dir"])
-    except (KeyError, ValueError):
-        return None
-    return inside if inside.is_file() else None
-
-
 def locate(target: Path, tokenizer: Path | None = None) -> Target:
-    """The checkpoint to chat with, its meta.json and its tokenizer; a scalar-head model is refused."""
+    """The checkpoint to sample from, its meta.json and its tokenizer; a scalar-head model is refused."""
     if not target.exists():
         raise EngineError(
             f"{target} does not exist; give a run directory (runs/<name>), a stage's folder or a checkpoint"
         )
     run = target if (target / PLAN).is_file() else None
     ckpt = newest_policy(target) if run is not None else resolve_checkpoint(target)
+    run = run or run_of(ckpt)
     meta = checkpoint.read_meta(ckpt)
     if "head" in meta:
         raise EngineError(
             f"{ckpt} is a {meta.get('model', 'scalar-head')} checkpoint (a scalar head, no language-model output); "
-            "chat with a pretrain, sft or ppo stage instead"
+            "use a pretrain, sft or ppo stage instead"
         )
-    found = tokenizer_file(meta, tokenizer or _run_tokenizer(run or _run_of(ckpt), meta))
-    return Target(checkpoint=ckpt, meta=meta, tokenizer=found)
+    found = tokenizer_file(meta, tokenizer or inside_run(run, meta.get("tokenizer", {}).get("path", "")))
+    return Target(checkpoint=ckpt, meta=meta, tokenizer=found, run=run)
 
 
 @dataclass

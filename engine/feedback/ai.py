@@ -17,10 +17,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EngineError
-from .sampler import PromptSet, SamplingOptions, Target, open_sampler
+from .sampler import PromptSet, SamplingOptions, model_version, open_sampler
+
+if TYPE_CHECKING:
+    from ..chat_session import Target
 from .store import NewItem, Store, check_reviewer
 
 
@@ -93,7 +96,7 @@ def run_ai_feedback(target: Target, prompts: PromptSet, *, db: Path, rewards: Se
         first = store.next_prompt_index(prompts.name, "ai")
         rows = list(enumerate(prompts.rows))[first : first + limit]
         with open_sampler(target, options) as sampler:
-            model_id = store.model_id(target.version)
+            model_id = store.model_id(model_version(target))
             for start in range(0, len(rows), batch):
                 encoded = [(i, row, sampler.encode(row.prompt)) for i, row in rows[start : start + batch]]
                 chunk = [(i, row, tokens) for i, row, tokens in encoded if tokens is not None]

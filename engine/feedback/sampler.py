@@ -22,13 +22,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..artifacts import read_json
+from ..artifacts import inside_run, read_json
 from ..errors import EngineError
 from .store import ModelVersion
 
-POLICY_KINDS = ("pretrain", "sft", "ppo")
+if TYPE_CHECKING:  # chat_session builds models: imported where a model is located, not at start-up
+    from ..chat_session import Target
+
 PLAN = "plan.json"
 
 
@@ -44,17 +46,10 @@ class PromptSet:
     rows: list[PromptRow]
 
 
-@dataclass(frozen=True)
-class Target:
-    checkpoint: Path
-    meta: dict[str, Any]
-    tokenizer: Path
-    run: Path | None
-
-    @property
-    def version(self) -> ModelVersion:
-        sha = hashlib.sha256((self.checkpoint / "meta.json").read_bytes()).hexdigest()
-        return ModelVersion(str(self.checkpoint), self.meta.get("step"), sha)
+def model_version(target: Target) -> ModelVersion:
+    """What the store records of the model behind a response: its checkpoint, step and meta.json's hash."""
+    sha = hashlib.sha256((target.checkpoint / "meta.json").read_bytes()).hexdigest()
+    return ModelVersion(str(target.checkpoint), target.meta.get("step"), sha)
 
 
 @dataclass(frozen=True)
@@ -64,59 +59,6 @@ class SamplingOptions:
     top_p: float = 1.0
     max_new_tokens: int | None = None  # None: half the model's sequence length, at most 256
     seed: int = 0
-
-
-def _run_of(path: Path) -> Path | None:
-    for parent in [path, *list(path.resolve().parents)[:3]]:
-        if (parent / PLAN).is_file():
-            return parent
-    return None
-
-
-def _inside(run: Path | None, recorded: str) -> Path:
-    """A path recorded at training time, read relative to the run when the run has moved."""
-    path = Path(recorded)
-    if run is None or path.is_absolute() or path.exists():
-        return path
-    try:
-        return run / path.relative_to(read_json(run / PLAN)["run_dir"])
-    except (KeyError, ValueError, OSError):
-        return path
-
-
-def _newest_policy(run: Path) -> Path:
-    from ..worker import checkpoint
-
-    for job in reversed(read_json(run / PLAN).get("jobs", [])):
-        if job.get("kind") in POLICY_KINDS:
-            found = checkpoint.latest_checkpoint(run / job["name"] / "checkpoints")
-            if found is not None:
-                return found
-    raise EngineError(f"{run} has no complete checkpoint of a ppo, sft or pretrain stage; train one first")
-
-
-def locate(target: Path, tokenizer: Path | None = None) -> Target:
-    """The policy checkpoint to sample from, its meta.json and tokenizer; a scalar-head model is refused."""
-    from ..hf.to_hf import resolve_checkpoint
-    from ..worker import checkpoint
-
-    if not target.exists():
-        raise EngineError(
-            f"{target} does not exist; give a run directory (runs/<name>), a stage's folder or a checkpoint"
-        )
-    ckpt = _newest_policy(target) if (target / PLAN).is_file() else resolve_checkpoint(target)
-    meta = checkpoint.read_meta(ckpt)
-    if "head" in meta:
-        raise EngineError(f"{ckpt} is a {meta.get('model', 'scalar-head')} checkpoint, which cannot write responses; "
-                          "give a pretrain, sft or ppo stage")  # fmt: skip
-    run = _run_of(target) or _run_of(ckpt)
-    path = tokenizer or _inside(run, meta.get("tokenizer", {}).get("path", ""))
-    want = meta.get("tokenizer", {}).get("sha256")
-    if not path.is_file():
-        raise EngineError(f"the checkpoint's tokenizer {str(path)!r} is not found; pass --tokenizer PATH")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != want:
-        raise EngineError(f"{path} is not the tokenizer {ckpt} was trained with (sha256 {want}); pass --tokenizer PATH")
-    return Target(checkpoint=ckpt, meta=meta, tokenizer=path, run=run)
 
 
 # ---- prompt sets ------------------------------------------------------------------------------------
@@ -157,7 +99,7 @@ def run_prompts(run: Path | None, split: str = "train") -> PromptSet:
     for job in plan.get("jobs", []):
         if job.get("kind") != "data":
             continue
-        data = next(_inside(run, a["path"]) for a in job["outputs"] if a["kind"] == "dataset")
+        data = next(inside_run(run, a["path"]) for a in job["outputs"] if a["kind"] == "dataset")
         if (data / "manifest.json").is_file():
             rows += [PromptRow(r["prompt_text"], r.get("reference")) for r in _prompt_shards(data, split)]
     return _named(f"run:{run.resolve()}:{split}", rows)
@@ -184,6 +126,8 @@ def _prompt_shards(root: Path, split: str) -> Iterator[dict[str, Any]]:
 def setup(target: Path, prompts: Path | None, split: str, db: Path | None,
           tokenizer: Path | None = None) -> tuple[Target, PromptSet, Path]:  # fmt: skip
     """The model to sample, the prompt set (a file, else the run's) and the database (default: RUN/feedback/)."""
+    from ..chat_session import locate
+
     found = locate(target, tokenizer)
     prompt_set = prompts_file(prompts) if prompts is not None else run_prompts(found.run, split)
     default_db = (found.run / "feedback" if found.run is not None else Path(".")) / "feedback.db"

@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -40,7 +40,10 @@ from starlette.routing import Route
 
 from ..errors import EngineError
 from .agreement import agreement
-from .sampler import PromptSet, Sampler, SamplingOptions, Target, open_sampler
+from .sampler import PromptSet, Sampler, SamplingOptions, model_version, open_sampler
+
+if TYPE_CHECKING:
+    from ..chat_session import Target
 from .store import NewItem, Store, check_reviewer
 
 PAGE = Path(__file__).with_name("page.html")
@@ -256,7 +259,7 @@ def serve(target: Target, prompts: PromptSet, *, db: Path, host: str, port: int,
     store = Store(db)
     try:
         with open_sampler(target, options) as sampler:
-            producer = Producer(store, sampler, prompts, store.model_id(target.version), k, ahead=ahead,
+            producer = Producer(store, sampler, prompts, store.model_id(model_version(target)), k, ahead=ahead,
                                 batch=max(1, min(ahead, 16 // k or 1)), overlap=overlap)  # fmt: skip
             producer.thread.start()
             app = create_app(store, producer=producer, token=token, loopback=is_loopback(host))
