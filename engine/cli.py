@@ -236,8 +236,12 @@ def runs(
     """List the runs under a folder: round, the run each continued from, finished stages."""
     from .lineage import list_runs
 
+    try:
+        found = list_runs(root)
+    except EngineError as exc:
+        raise _fail(exc) from None
     table = Table("run", "recipe", "round", "continued from", "finished", "started", title=f"runs in {root}")
-    for r in list_runs(root):
+    for r in found:
         run = str(Path(r["run_dir"]).relative_to(root))
         table.add_row(run, r["name"], str(r["round"]), r["continued_from"] or "-", r["finished"], r["started"])
     out.print(table)

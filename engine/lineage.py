@@ -114,12 +114,17 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     """Every run directory directly under root, oldest first."""
     runs = []
     for record_path in sorted(root.glob(f"*/{RUN_RECORD}")):
-        record = read_json(record_path)
         run_dir = record_path.parent
         plan_path = run_dir / "plan.json"
-        stages = [j["name"] for j in read_json(plan_path)["jobs"]] if plan_path.is_file() else []
+        try:
+            record = read_json(record_path)
+            fields = {k: record[k] for k in ("name", "round", "continued_from", "started")}
+            stages = [j["name"] for j in read_json(plan_path)["jobs"]] if plan_path.is_file() else []
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EngineError(f"{run_dir}: its {RUN_RECORD} or plan.json cannot be read ({type(exc).__name__}: "
+                              f"{exc}); restore or remove that run directory") from None  # fmt: skip
         done = [s for s in stages if (run_dir / s / "done.json").is_file()]
-        runs.append({**record, "run_dir": str(run_dir), "finished": f"{len(done)}/{len(stages)}"})
+        runs.append({**fields, "run_dir": str(run_dir), "finished": f"{len(done)}/{len(stages)}"})
     return sorted(runs, key=lambda r: str(r.get("started", "")))
 
 

@@ -119,3 +119,14 @@ def test_a_changed_cache_key_moves_earlier_work_aside(tmp_path: Path) -> None:
     assert sorted(p.name for p in stage.iterdir()) == ["job.json"]
     # Killed before finishing, then changed again: job.json alone tells whose work the folder holds.
     assert claim_stage(stage, "c" * 64) == tmp_path / f"sft.superseded-{'b' * 12}"
+
+
+def test_a_corrupt_run_record_is_one_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{not json")
+    done = subprocess.run([sys.executable, "-m", "engine", "runs", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{tmp_path / 'broken'}: its run.json or plan.json cannot be read" in done.stderr.replace("\n", "")
