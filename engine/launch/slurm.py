@@ -265,7 +265,8 @@ def status(run_dir: Path) -> list[dict[str, str]]:
 
 def cancel(run_dir: Path) -> list[str]:
     """scancel every job of the run that is still queued or running; the ids cancelled."""
-    ids = [j["job_id"] for j in status(run_dir) if j["state"] in ACTIVE]
+    # A job sacct does not know yet (just submitted, accounting lagging) counts as queued.
+    ids = [j["job_id"] for j in status(run_dir) if j["state"] in ACTIVE or (j["state"] == "UNKNOWN" and j["job_id"])]
     if ids:
         done = subprocess.run(["scancel", *ids], capture_output=True, text=True, check=False)
         if done.returncode != 0:
