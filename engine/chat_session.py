@@ -24,9 +24,10 @@ from .artifacts import inside_run, read_json, run_of
 from .chat import SpecialIds, render
 from .errors import EngineError
 from .hf.to_hf import resolve_checkpoint, tokenizer_file
+from .kinds import either, producing
 from .worker import checkpoint
 
-POLICY_KINDS = ("pretrain", "sft", "ppo")
+POLICY_KINDS = producing("policy")  # pretrain, sft, ppo: the kinds whose checkpoints chat can sample
 PLAN = "plan.json"
 Message = tuple[str, str]
 
@@ -53,7 +54,8 @@ class Target:
 
 
 def newest_policy(run: Path) -> Path:
-    """The newest complete checkpoint of the run's last policy stage (ppo, then sft, then pretrain)."""
+    """The newest complete checkpoint of the run's last policy stage in plan order (usually ppo, else sft,
+    else pretrain)."""
     plan = read_json(run / PLAN)
     for job in reversed(plan.get("jobs", [])):
         if job.get("kind") in POLICY_KINDS:
@@ -61,7 +63,7 @@ def newest_policy(run: Path) -> Path:
             if found is not None:
                 return found
     raise EngineError(
-        f"{run} has no complete checkpoint of a ppo, sft or pretrain stage; "
+        f"{run} has no complete checkpoint of a {either(POLICY_KINDS[::-1])} stage; "
         f"train one first (engine run RECIPE --stages ...)"
     )
 
@@ -79,7 +81,7 @@ def locate(target: Path, tokenizer: Path | None = None) -> Target:
     if "head" in meta:
         raise EngineError(
             f"{ckpt} is a {meta.get('model', 'scalar-head')} checkpoint (a scalar head, no language-model output); "
-            "use a pretrain, sft or ppo stage instead"
+            f"use a {either(POLICY_KINDS)} stage instead"
         )
     found = tokenizer_file(meta, tokenizer or inside_run(run, meta.get("tokenizer", {}).get("path", "")))
     return Target(checkpoint=ckpt, meta=meta, tokenizer=found, run=run)

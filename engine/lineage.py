@@ -24,6 +24,7 @@ from typing import Any
 from .artifacts import read_json, write_json_atomic
 from .compile import Job, Plan
 from .errors import EngineError
+from .kinds import KINDS, either
 from .summary import held_out, read_metrics
 
 RUN_RECORD = "run.json"
@@ -140,31 +141,34 @@ def continuation(plan: Plan, earlier: Path) -> tuple[list[str], list[str], int]:
     """(overrides, stages to run, round) that make this recipe the round after the run `earlier`.
 
     The tokenizer is the earlier run's (a model's vocabulary cannot change between rounds, and a
-    tokenizer trained anew on a corpus with new sources would differ). The SFT stages start from the earlier run's final policy (its last PPO stage, else its last SFT),
-    the reward-model stages from its last reward model; pretraining is not run again. Data stages run
-    (with whatever sources the recipe now has), and so does everything downstream.
+    tokenizer trained anew on a corpus with new sources would differ). What happens to each stage is its
+    kind's `next_round` (engine.kinds): pretraining is not run again; SFT stages start from the earlier
+    run's final policy (its last finished stage that produces a policy and runs every round: PPO, else
+    SFT), reward-model stages from its last reward model. Data stages run (with whatever sources the
+    recipe now has), and so does everything downstream.
     """
     path = earlier / "plan.json"
     if not path.is_file():
         raise EngineError(f"--continue-from {earlier}: not a run directory (no plan.json); give runs/<name>")
     before = Plan.model_validate(read_json(path))
-    finished = {j.kind: j for j in before.jobs if (Path(j.outputs[0].path).parent / "done.json").is_file()}
-    policy_job = finished.get("ppo") or finished.get("sft")
-    if policy_job is None:
-        raise EngineError(f"--continue-from {earlier}: the run has no finished ppo or sft stage to continue from; "
-                          "finish it first (`engine run` it again)")  # fmt: skip
-    policy = final_checkpoint(Path(policy_job.outputs[0].path))
-    reward = finished.get("reward_model")
-    reward_ckpt = final_checkpoint(Path(reward.outputs[0].path)) if reward else None
-    overrides, stages = _same_tokenizer(policy), []
+    finished = [j for j in before.jobs if j.kind in KINDS and (Path(j.outputs[0].path).parent / "done.json").is_file()]
+    final: dict[str, Path | None] = {}
+    for what in ("policy", "reward_model"):
+        last = [j for j in finished if KINDS[j.kind].produces == what and not KINDS[j.kind].next_round.skip]
+        final[what] = final_checkpoint(Path(last[-1].outputs[0].path)) if last else None
+    if not any(KINDS[j.kind].produces == "policy" and not KINDS[j.kind].next_round.skip for j in finished):
+        kinds = [k.name for k in reversed(KINDS.values()) if k.produces == "policy" and not k.next_round.skip]
+        raise EngineError(f"--continue-from {earlier}: the run has no finished {either(kinds)} stage to continue "
+                          "from; finish it first (`engine run` it again)")  # fmt: skip
+    overrides, stages = _same_tokenizer(final["policy"]), []
     for job in plan.jobs:
-        if job.kind == "pretrain":
+        rule = KINDS[job.kind].next_round
+        if rule.skip:
             continue
         stages.append(job.name)
-        if job.kind == "sft" and policy is not None:
-            overrides.append(f"stages.{job.name}.init_from={policy.resolve()}")
-        if job.kind == "reward_model" and reward_ckpt is not None:
-            overrides.append(f"stages.{job.name}.init_from={reward_ckpt.resolve()}")
+        start = final[rule.start_from] if rule.start_from else None
+        if start is not None:
+            overrides.append(f"stages.{job.name}.init_from={start.resolve()}")
     return overrides, stages, run_round(earlier) + 1
 
 

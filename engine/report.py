@@ -25,6 +25,8 @@ from .artifacts import is_done, read_json
 from .compile import Job, Plan
 from .compile.estimate import human_bytes, human_count
 from .errors import EngineError
+from .kinds import KINDS
+from .kinds.base import LOSS, LR, HeldOut
 from .summary import load_run_plan as load_plan
 from .summary import read_metrics_file as read_metrics
 
@@ -43,41 +45,6 @@ class Stage(NamedTuple):
     rows: list[Row]
 
 
-# Per stage kind: the charts (title, y-axis label, metric keys) and the held-out summary (label, key, transform).
-Chart = tuple[str, str, tuple[str, ...]]
-LOSS: Chart = ("loss", "loss", ("loss", "val_loss"))
-LR: Chart = ("learning rate", "lr", ("lr",))
-CHARTS: dict[str, tuple[Chart, ...]] = {
-    "pretrain": (LOSS, LR),
-    "sft": (LOSS, LR),
-    "reward_model": (LOSS, ("accuracy", "accuracy", ("accuracy", "val_accuracy")), LR),
-    "ppo": (
-        ("reward", "reward", ("reward", "val_reward", "val_sampled_reward")),
-        ("KL to the reference", "KL", ("kl",)),
-        ("held-out accuracy", "accuracy", ("val_accuracy", "val_sampled_accuracy")),
-        ("KL coefficient", "β", ("kl_coef",)),
-        ("losses", "loss", ("policy_loss", "value_loss")),
-        LR,
-    ),
-}
-Summary = tuple[str, str, Callable[[float], float] | None]
-
-
-def _perplexity(val_loss: float) -> float:
-    return math.exp(min(val_loss, 700.0))  # exp overflows a float past ~709
-
-
-SUMMARY: dict[str, tuple[Summary, ...]] = {
-    "pretrain": (("val loss", "val_loss", None), ("perplexity exp(val loss)", "val_loss", _perplexity)),
-    "sft": (("val loss", "val_loss", None),),
-    "reward_model": (("val accuracy", "val_accuracy", None), ("val loss", "val_loss", None)),
-    "ppo": (
-        ("val reward (greedy)", "val_reward", None),
-        ("val accuracy (greedy)", "val_accuracy", None),
-        ("val reward (sampled)", "val_sampled_reward", None),
-        ("val accuracy (sampled)", "val_sampled_accuracy", None),
-    ),
-}
 W, H = 540, 280
 LEFT, RIGHT, TOP, BOTTOM = 78, 18, 46, 44
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
@@ -228,22 +195,28 @@ def _thead(cols: Sequence[str]) -> str:
     return "<tr>" + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>"
 
 
+def _held_out(kind: str) -> tuple[HeldOut, ...]:
+    found = KINDS.get(kind)
+    return found.held_out if found is not None else ()
+
+
 def _summary_section(stages: Sequence[Stage]) -> str:
     """Held-out metrics per stage at its first and at its last evaluation."""
     rows = []
     for st in stages:
-        specs, name = SUMMARY.get(st.job.kind, ()), esc(st.job.name)
+        specs, name = _held_out(st.job.kind), esc(st.job.name)
         if specs and not st.rows:
             rows.append(f'<tr><td>{name}</td><td colspan="3" class="missing">not run</td></tr>')
             continue
-        for label, key, f in specs:
+        for metric in specs:
+            label, key = metric.label, metric.key
             evals = [r for r in st.rows if key in r and math.isfinite(r[key])]
             if not evals:
                 rows.append(
                     f'<tr><td>{name}</td><td>{esc(label)}</td><td colspan="2" class="missing">no eval yet</td></tr>'
                 )
                 continue
-            first, last = ((r["step"], f(r[key]) if f else r[key]) for r in (evals[0], evals[-1]))
+            first, last = ((r["step"], metric.value(r[key])) for r in (evals[0], evals[-1]))
             rows.append(
                 f"<tr><td>{name}</td><td>{esc(label)}</td><td class='num'>{num(first[1])} (step {num(first[0])})</td>"
                 f"<td class='num'>{num(last[1])} (step {num(last[0])})</td></tr>"
@@ -256,12 +229,13 @@ def _stage_section(run_dir: Path, st: Stage) -> str:
     j = st.job
     state = f'<span class="state {st.state.replace(" ", "-")}">{st.state}</span>'
     head = f'<section id="stage-{esc(j.name)}"><h2>{esc(j.name)} <span class="kind">{esc(j.kind)}</span>{state}</h2>'
-    if j.kind == "data":
+    kind = KINDS.get(j.kind)
+    if kind is not None and kind.produces == "data":
         return head + _data_records(run_dir / j.name / "data" / "manifest.json") + "</section>"
     if not st.rows:
         return head + '<p class="missing">not run: no metrics yet</p></section>'
-    charts = (svg_chart(title, [Series(k, points(st.rows, k)) for k in keys], y_label=y_label)
-              for title, y_label, keys in CHARTS.get(j.kind, (LOSS, LR)))  # fmt: skip
+    charts = (svg_chart(c.title, [Series(k, points(st.rows, k)) for k in c.keys], y_label=c.y_label)
+              for c in (kind.charts if kind is not None else (LOSS, LR)))  # fmt: skip
     last = st.rows[-1]
     values = " · ".join(f"{esc(k)} {num(v)}" for k, v in last.items() if k != "step")
     return (

@@ -1,20 +1,22 @@
 """What a run shows at its end: each stage's held-out metrics, from its first evaluation to its last.
 
 Read from `<stage>/metrics.jsonl` (a step logged twice, after a resume, counts once: the later line).
-Per kind: pretraining's validation loss and perplexity; SFT's validation loss on assistant tokens;
-the reward model's held-out pair accuracy; PPO's held-out reward and exact-match accuracy, greedy and
-sampled, before → after. Nothing here imports torch.
+Which metrics a kind shows is its `held_out` declaration (engine.kinds): pretraining's validation loss
+and perplexity; SFT's validation loss on assistant tokens; the reward model's held-out pair accuracy;
+PPO's held-out reward and exact-match accuracy, greedy and sampled, before → after. Nothing here
+imports torch.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from .compile import Plan
 from .errors import EngineError
+from .kinds import KINDS
+from .kinds.base import HeldOut
 
 
 def read_metrics_file(path: Path) -> list[dict[str, float]]:
@@ -62,32 +64,21 @@ def _evals(lines: list[dict[str, Any]], key: str) -> tuple[float, float] | None:
     return (float(values[0]), float(values[-1])) if values else None
 
 
-def _arrow(name: str, pair: tuple[float, float] | None, digits: int = 3) -> str | None:
-    if pair is None:
+def _shown(metric: HeldOut, pair: tuple[float, float] | None) -> str | None:
+    """`label first → last` (or `label last` when it did not change, or for a metric shown by its last value)."""
+    if pair is None or metric.summary is None:
         return None
-    first, last = pair
-    return f"{name} {first:.{digits}f} → {last:.{digits}f}" if first != last else f"{name} {last:.{digits}f}"
+    first, last = (metric.value(v) for v in pair)
+    d = metric.digits
+    if metric.change and first != last:
+        return f"{metric.summary} {first:.{d}f} → {last:.{d}f}"
+    return f"{metric.summary} {last:.{d}f}"
 
 
 def held_out(kind: str, lines: list[dict[str, Any]]) -> str:
     """One line of the stage's held-out results."""
-    parts: list[str | None] = []
-    if kind == "pretrain":
-        loss = _evals(lines, "val_loss")
-        if loss is not None:
-            parts = [f"val loss {loss[1]:.3f}", f"perplexity {math.exp(min(loss[1], 50.0)):.2f}"]
-    elif kind == "sft":
-        parts = [_arrow("val loss", _evals(lines, "val_loss"))]
-    elif kind == "reward_model":
-        parts = [_arrow("pair accuracy", _evals(lines, "val_accuracy"))]
-    elif kind == "ppo":
-        parts = [
-            _arrow("reward", _evals(lines, "val_reward")),
-            _arrow("accuracy", _evals(lines, "val_accuracy")),
-            _arrow("sampled reward", _evals(lines, "val_sampled_reward")),
-            _arrow("sampled accuracy", _evals(lines, "val_sampled_accuracy")),
-        ]
-    shown = [p for p in parts if p]
+    metrics = KINDS[kind].held_out if kind in KINDS else ()
+    shown = [p for m in metrics if (p := _shown(m, _evals(lines, m.key)))]
     return " · ".join(shown) if shown else "-"
 
 

@@ -18,7 +18,6 @@ from .data import (
 from .model import PRESETS, ModelSpec
 from .recipe import Recipe
 from .stages import (
-    STAGE_KINDS,
     DataStage,
     PpoSpec,
     PpoStage,
@@ -36,7 +35,6 @@ __all__ = [
     "FP8_RECIPES_BY_GPU",
     "LOCAL",
     "PRESETS",
-    "STAGE_KINDS",
     "Checkpointing",
     "CleaningSpec",
     "ClusterProfile",

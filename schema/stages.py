@@ -46,8 +46,8 @@ def is_checkpoint_path(value: str) -> bool:
     return "/" in value or value.startswith(".")
 
 
-class _TrainingStage(Spec):
-    """Fields every training stage has. Not a stage kind itself."""
+class TrainingStage(Spec):
+    """Fields every training stage has: the base of the training kinds' models, not a stage kind itself."""
 
     parallelism: Parallelism = Field(default_factory=Parallelism, description="parallel layout")
     precision: Precision = Field(default_factory=Precision, description="numeric format")
@@ -56,7 +56,7 @@ class _TrainingStage(Spec):
     resources: Resources = Field(default_factory=Resources, description="what the job asks for")
 
 
-class PretrainStage(_TrainingStage):
+class PretrainStage(TrainingStage):
     """Stage 2: next-token prediction on the data stage's text sources."""
 
     kind: Literal["pretrain"] = Field(description="pretraining")
@@ -71,7 +71,7 @@ class PretrainStage(_TrainingStage):
     )
 
 
-class SftStage(_TrainingStage):
+class SftStage(TrainingStage):
     """Stage 3: supervised fine-tuning on conversations; loss on assistant tokens only."""
 
     kind: Literal["sft"] = Field(description="supervised fine-tuning")
@@ -85,7 +85,7 @@ class SftStage(_TrainingStage):
     )
 
 
-class RewardModelStage(_TrainingStage):
+class RewardModelStage(TrainingStage):
     """Stage 4a: a scalar head on the backbone, trained on ranked pairs (Bradley–Terry)."""
 
     kind: Literal["reward_model"] = Field(description="reward model")
@@ -151,7 +151,7 @@ class PpoSpec(Spec):
     )
 
 
-class PpoStage(_TrainingStage):
+class PpoStage(TrainingStage):
     """Stage 4b: RLHF with PPO against the reward model and/or reward functions."""
 
     kind: Literal["ppo"] = Field(description="PPO")
@@ -173,12 +173,5 @@ class PpoStage(_TrainingStage):
     eval_prompts: int = Field(default=64, gt=0, description="held-out prompts scored before and after")
 
 
+# Every stage kind's recipe model; engine.kinds declares what else each kind is.
 Stage = Annotated[DataStage | PretrainStage | SftStage | RewardModelStage | PpoStage, Field(discriminator="kind")]
-TrainingStage = PretrainStage | SftStage | RewardModelStage | PpoStage
-STAGE_KINDS: dict[str, type[Spec]] = {
-    "data": DataStage,
-    "pretrain": PretrainStage,
-    "sft": SftStage,
-    "reward_model": RewardModelStage,
-    "ppo": PpoStage,
-}

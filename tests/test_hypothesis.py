@@ -29,15 +29,16 @@ from omegaconf import OmegaConf
 
 from engine.compile import Plan, compile_recipe
 from engine.errors import RecipeError
+from engine.kinds import KINDS
 from engine.load import parse_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = sorted(RECIPES_DIR.rglob("*.yaml"))
 EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "60"))
 
-# Stages' references to other stages, and the stage kinds.
-REF_FIELDS = ("data", "init_from", "policy", "reward_model", "prompts", "critic_from")
-STAGE_KINDS = ("data", "pretrain", "sft", "reward_model", "ppo")
+# Stages' references to other stages, and the stage kinds: every registered one.
+REF_FIELDS = tuple(dict.fromkeys(r.field for k in KINDS.values() for r in k.references))
+STAGE_KINDS = tuple(KINDS)
 BAD_VALUES: tuple[Any, ...] = (
     None,
     -1,

@@ -30,16 +30,19 @@ FLOPs per token are counted as Megatron does: every GEMM once forward and twice 
 multiply-add), SwiGLU's three MLP matrices, causal attention's score and value products halved, and
 the logits' 6hV. Time = FLOPs / (GPUs × peak × assumed MFU from the cluster profile).
 
-PPO keeps up to four models resident (actor and, with GAE, critic with optimizer states; reference
-and reward model weights only); its peak is the states plus the larger of the training activations and the rollout's
-KV cache, since rollout and training take turns on the same GPUs.
+What differs between stage kinds comes from the kind's `Workload` (engine.kinds): the trained sequence
+length and samples per step, how many training and forward-only passes a step makes, how many models
+hold optimizer states and how many only weights (PPO: actor and critic; reference and reward model),
+and the rows a rollout generates with a KV cache. The peak is the states plus the larger of the
+training activations and the KV cache, since rollout and training take turns on the same GPUs.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..schema import ClusterProfile, PpoStage, TrainingStage
+from ..kinds import Workload
+from ..schema import ClusterProfile, TrainingStage
 from .resolve import Frozen, Layout, ResolvedModel, ResolvedPrecision
 
 GIB = 1024**3
@@ -182,6 +185,7 @@ def activation_bytes(
 def estimate_job(
     *,
     stage: TrainingStage,
+    workload: Workload,
     model: ResolvedModel,
     layout: Layout,
     precision: ResolvedPrecision,
@@ -189,13 +193,12 @@ def estimate_job(
     steps: int,
 ) -> Estimate:
     counts = count_params(model)
-    t = stage.training
-    ppo = stage if isinstance(stage, PpoStage) else None
-    seq = min(model.seq_length, ppo.rollout.max_prompt_tokens + ppo.rollout.max_new_tokens) if ppo else model.seq_length
+    t, w = stage.training, workload
+    seq = w.seq_length
     microbatches = max(1, t.global_batch_size // (t.micro_batch_size * layout.dp))
     act_bytes = 4 if precision.dtype == "fp32" else 2
     first_p, last_p = _stage_params(model, counts, layout)
-    w, g, o = _state_bytes(precision, layout)
+    wb, gb, ob = _state_bytes(precision, layout)
     recompute = "selective" if cluster.device == "cuda" and t.recompute == "none" else t.recompute
     first_a, last_a = activation_bytes(
         model,
@@ -207,43 +210,28 @@ def estimate_job(
         act_bytes=act_bytes,
     )
     # The busiest stage: compare totals, keep that stage's breakdown.
-    params, acts = max(((first_p, first_a), (last_p, last_a)), key=lambda pa: pa[0] * (w + g + o) + pa[1])
-    critic = ppo is not None and ppo.ppo.advantage == "gae"
-    trained = 2 if critic else 1  # PPO with GAE trains actor and critic
-    kv_cache = frozen = 0.0
-    if ppo:
-        ro = ppo.rollout
+    params, acts = max(((first_p, first_a), (last_p, last_a)), key=lambda pa: pa[0] * (wb + gb + ob) + pa[1])
+    trained = w.trained_models
+    kv_cache = 0.0
+    if w.kv_cache_rows:
         kv_heads = max(1, model.num_query_groups // layout.tp)
-        kv_cache = (
-            2
-            * max(layout.stage_layers(model.num_layers))
-            * kv_heads
-            * model.kv_channels
-            * seq
-            * ro.batch_size
-            * act_bytes
-        )
-        frozen = params * act_bytes * (1 + (1 if ppo.reward_model else 0))  # reference + reward model
+        layers = max(layout.stage_layers(model.num_layers))
+        kv_cache = 2 * layers * kv_heads * model.kv_channels * seq * w.kv_cache_rows * act_bytes
+    frozen = params * act_bytes * w.frozen_models
     overhead = CUDA_OVERHEAD_BYTES if cluster.device == "cuda" else 0
     memory = Memory(
-        weights=int(params * w * trained),
-        gradients=int(params * g * trained),
-        optimizer=int(params * o * trained),
+        weights=int(params * wb * trained),
+        gradients=int(params * gb * trained),
+        optimizer=int(params * ob * trained),
         activations=int(acts),
         kv_cache=int(kv_cache),
         frozen_models=int(frozen),
         overhead=overhead,
-        total=int(params * (w + g + o) * trained + max(acts, kv_cache) + frozen + overhead),
+        total=int(params * (wb + gb + ob) * trained + max(acts, kv_cache) + frozen + overhead),
     )
-    tokens_per_step = t.global_batch_size * seq
+    tokens_per_step = w.samples * seq
     fpt = flops_per_token(model, seq)
-    flops_step = tokens_per_step * fpt
-    if ppo:
-        # Per iteration: actor (and critic) train `epochs` times over the rollouts; sampling, reference,
-        # reward and old log-prob (and value) passes are forward-only (a third of a training pass each).
-        rollout_tokens = ppo.rollout.prompts_per_iteration * ppo.rollout.responses_per_prompt * seq
-        flops_step = rollout_tokens * fpt * (trained * ppo.ppo.epochs + (4 + int(critic)) / 3)
-        tokens_per_step = rollout_tokens
+    flops_step = tokens_per_step * fpt * (w.passes + w.forward_passes / 3)
     peak = cluster.peak_tflops_bf16 * 1e12
     step_time = flops_step / (layout.world_size * peak * cluster.assumed_mfu)
     return Estimate(

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from .. import __version__
 from ..errors import EngineError, Problem, RecipeError
-from ..schema import ClusterProfile, DataStage, Recipe, TrainingStage, TrainTokenizer
+from ..kinds import KINDS
+from ..schema import ClusterProfile, Recipe, Stage, TrainingStage, TrainTokenizer
 from ..schema.stages import is_checkpoint_path
 from .estimate import GIB, Estimate, estimate_job, fits, human_bytes
 from .resolve import (
@@ -29,7 +30,7 @@ from .resolve import (
     resolve_steps,
     resolve_vocab,
 )
-from .validate import REFERENCES, validate
+from .validate import validate
 
 PLAN_FORMAT = 1
 
@@ -125,14 +126,15 @@ def compile_recipe(recipe: Recipe, *, force: bool = False, source: str = "") -> 
     )
 
 
-def _references(stage: DataStage | TrainingStage) -> list[str]:
+def _references(stage: Stage) -> list[str]:
     """The earlier stages this one reads; a checkpoint directory given as init_from is no stage."""
-    return [v for f in REFERENCES[stage.kind] if isinstance(v := getattr(stage, f), str) and not is_checkpoint_path(v)]
+    refs = KINDS[stage.kind].references
+    return [v for r in refs if isinstance(v := getattr(stage, r.field), str) and not is_checkpoint_path(v)]
 
 
 def _job(
     name: str,
-    stage: DataStage | TrainingStage,
+    stage: Stage,
     recipe: Recipe,
     cluster: ClusterProfile,
     model: ResolvedModel,
@@ -140,9 +142,10 @@ def _job(
     earlier: dict[str, Job],
 ) -> Job:
     refs = _references(stage)
-    tokenizer_stage = next((n for n, s in recipe.stages.items() if isinstance(s, DataStage)), None)
+    kind = KINDS[stage.kind]
+    tokenizer_stage = next((n for n, s in recipe.stages.items() if KINDS[s.kind].produces == "data"), None)
     trains_tokenizer = isinstance(recipe.tokenizer, TrainTokenizer)
-    if not isinstance(stage, DataStage) and trains_tokenizer and tokenizer_stage and tokenizer_stage not in refs:
+    if kind.produces != "data" and trains_tokenizer and tokenizer_stage and tokenizer_stage not in refs:
         refs.append(tokenizer_stage)
     depends = tuple(dict.fromkeys(refs))
     inputs = tuple(a for r in depends for a in earlier[r].outputs)
@@ -157,7 +160,7 @@ def _job(
     common: dict[str, Any] = dict(
         name=name, kind=stage.kind, depends_on=depends, inputs=inputs, argv=argv, config=config
     )
-    if isinstance(stage, DataStage):
+    if not isinstance(stage, TrainingStage):
         outputs = [Artifact(stage=name, kind="dataset", path=f"{run_dir}/{name}/data")]
         if trains_tokenizer and name == tokenizer_stage:
             outputs.append(Artifact(stage=name, kind="tokenizer", path=f"{run_dir}/{name}/tokenizer"))
@@ -176,7 +179,10 @@ def _job(
     layout = resolve_layout(stage, cluster)
     precision = resolve_precision(stage, cluster)
     steps = resolve_steps(stage, model)
-    estimate = estimate_job(stage=stage, model=model, layout=layout, precision=precision, cluster=cluster, steps=steps)
+    assert kind.workload is not None  # a training kind declares what its job computes
+    workload = kind.workload(stage, model)
+    estimate = estimate_job(stage=stage, workload=workload, model=model, layout=layout, precision=precision,
+                            cluster=cluster, steps=steps)  # fmt: skip
     key_material |= {"model": model.model_dump(mode="json"), "tokenizer": recipe.tokenizer.model_dump(mode="json")}
     gpn = layout.world_size // stage.resources.nodes
     resources = JobResources(

@@ -11,35 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import ValidationError
-
-from .. import plugin
-from ..errors import PluginError, Problem, did_you_mean
-from ..schema import (
-    ClusterProfile,
-    DataStage,
-    FileTokenizer,
-    PpoStage,
-    PretrainStage,
-    Recipe,
-    RewardModelStage,
-    SftStage,
-    TrainingStage,
-    TrainTokenizer,
-)
+from ..errors import Problem, did_you_mean
+from ..kinds import KINDS, RuleContext, checkpoint_fields
+from ..kinds.base import Reference
+from ..schema import ClusterProfile, DataStage, FileTokenizer, Recipe, TrainingStage, TrainTokenizer
 from ..schema.stages import is_checkpoint_path
 from .resolve import ResolvedModel, gpus_per_node
 
 # A byte-level BPE starts from the 256 byte symbols; the chat template adds its special tokens.
 MIN_BPE_VOCAB = 256 + 16
-
-# What each reference may point at.
-NEEDS_RECORDS = {"pretrain": "text", "sft": "conversation", "reward_model": "preference", "ppo": "prompt"}
 
 
 def validate(recipe: Recipe, cluster: ClusterProfile | None, model: ResolvedModel | None) -> list[Problem]:
@@ -49,18 +33,16 @@ def validate(recipe: Recipe, cluster: ClusterProfile | None, model: ResolvedMode
     problems += _checkpoint_paths(recipe, model)
     if model is not None:
         problems += _model(model)
+    ctx = RuleContext(recipe=recipe, cluster=cluster, model=model)
     for name, stage in recipe.stages.items():
         where = f"stages.{name}"
-        if isinstance(stage, DataStage):
-            problems += _data_stage(where, stage)
-            continue
-        problems += _training(where, stage)
-        if cluster is not None:
-            problems += _hardware(where, stage, cluster)
-        if model is not None:
-            problems += _layout(where, stage, model, cluster)
-        if isinstance(stage, PpoStage):
-            problems += _ppo(where, stage, model)
+        if isinstance(stage, TrainingStage):
+            problems += _training(where, stage)
+            if cluster is not None:
+                problems += _hardware(where, stage, cluster)
+            if model is not None:
+                problems += _layout(where, stage, model, cluster)
+        problems += KINDS[stage.kind].rules(where, stage, ctx)
     return problems
 
 
@@ -80,32 +62,18 @@ def _tokenizer(recipe: Recipe) -> Iterator[Problem]:
 
 
 # ---- references between stages ---------------------------------------------------------------
-# What each stage kind's references may point at: field → allowed kinds of the referenced stage.
-REFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
-    "data": {},
-    "pretrain": {"data": ("data",), "init_from": ("pretrain",)},
-    "sft": {"data": ("data",), "init_from": ("pretrain", "sft")},
-    "reward_model": {"data": ("data",), "init_from": ("sft", "pretrain", "reward_model")},
-    "ppo": {
-        "prompts": ("data",),
-        "policy": ("sft", "pretrain", "ppo"),
-        "reward_model": ("reward_model",),
-        "critic_from": ("reward_model",),
-    },
-}
-
-
 def _references(recipe: Recipe) -> Iterator[Problem]:
     names = list(recipe.stages)
     for index, (name, stage) in enumerate(recipe.stages.items()):
         earlier = {n: recipe.stages[n].kind for n in names[:index]}
-        for field, kinds in REFERENCES[stage.kind].items():
-            value = getattr(stage, field)
-            if value is None or (path_field(stage) == field and is_checkpoint_path(value)):
+        for ref in KINDS[stage.kind].references:
+            value = getattr(stage, ref.field)
+            if value is None or (ref.checkpoint_ok and is_checkpoint_path(value)):
                 continue  # a checkpoint directory: _checkpoint_paths
-            yield from _reference(f"stages.{name}.{field}", value, kinds, earlier, names)
-        if not isinstance(stage, DataStage):
-            yield from _records_available(recipe, f"stages.{name}", stage)
+            yield from _reference(f"stages.{name}.{ref.field}", value, ref.kinds, earlier, names)
+        for ref in KINDS[stage.kind].references:
+            if ref.records is not None:
+                yield from _records_available(recipe, f"stages.{name}", getattr(stage, ref.field), ref)
 
 
 def _reference(
@@ -116,11 +84,7 @@ def _reference(
         ("earlier stages that fit: " + ", ".join(fitting)) if fitting else f"add a {' or '.join(kinds)} stage before it"
     )
     if value not in names and is_checkpoint_path(value):
-        yield Problem(
-            path,
-            f"={value!r} is a path, which only the init_from of pretrain, sft and reward_model stages and a ppo stage's policy accept",
-            hint,
-        )
+        yield Problem(path, f"={value!r} is a path, which only {_path_fields()} accept", hint)
     elif value not in names:
         yield Problem(path, f"={value!r} names no stage", did_you_mean(value, fitting) if fitting else hint)
     elif value not in earlier:
@@ -129,15 +93,18 @@ def _reference(
         yield Problem(path, f"={value!r} is a {earlier[value]} stage; it must be {' or '.join(kinds)}", hint)
 
 
-# init_from of these kinds may also name a checkpoint directory (an imported model, another run's step).
-PATH_STAGES = (PretrainStage, SftStage, RewardModelStage)
+def _path_fields() -> str:
+    """Which fields take a checkpoint directory, in words: "the init_from of pretrain and sft stages and a
+    ppo stage's policy"."""
 
+    def kinds(names: Sequence[str]) -> str:
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
-def path_field(stage: object) -> str | None:
-    """The field of a stage that may name a checkpoint directory instead of a stage."""
-    if isinstance(stage, PATH_STAGES):
-        return "init_from"
-    return "policy" if isinstance(stage, PpoStage) else None
+    parts = [
+        f"a {names[0]} stage's {field}" if len(names) == 1 else f"the {field} of {kinds(names)} stages"
+        for field, names in checkpoint_fields().items()
+    ]
+    return kinds(parts)
 
 
 CHECKPOINT_FIX = (
@@ -147,150 +114,52 @@ CHECKPOINT_FIX = (
 
 
 def _checkpoint_paths(recipe: Recipe, model: ResolvedModel | None) -> Iterator[Problem]:
-    """A checkpoint path (init_from, a PPO policy) must be a checkpoint whose architecture and tokenizer
+    """A checkpoint path (an init_from, a PPO policy) must be a checkpoint whose architecture and tokenizer
     fit this recipe."""
     for name, stage in recipe.stages.items():
-        field = path_field(stage)
-        value = getattr(stage, field) if field else None
-        if not isinstance(value, str) or not is_checkpoint_path(value):
-            continue
-        path, meta_path = f"stages.{name}.{field}", Path(value) / "meta.json"
-        try:
-            meta: Any = json.loads(meta_path.read_text(encoding="utf-8"))
-            theirs, tok = dict(meta["architecture"]), dict(meta["tokenizer"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            why = "it has no meta.json" if Path(value).is_dir() else "no such directory"
-            why = f"cannot read its meta.json ({type(exc).__name__}: {exc})" if meta_path.is_file() else why
-            yield Problem(path, f"={value!r} is not a checkpoint directory: {why}", CHECKPOINT_FIX)
-            continue
-        ours = model.model_dump(mode="json") if model is not None else {}
-        if diff := ", ".join(f"{k}: {theirs.get(k)} vs {v}" for k, v in ours.items() if theirs.get(k) != v):
-            yield Problem(
-                path,
-                f"={value!r} has another architecture than model (checkpoint vs recipe: {diff})",
-                "set model.* to the checkpoint's values (its meta.json 'architecture'), or start from another checkpoint",
-            )
-        file = Path(recipe.tokenizer.path) if isinstance(recipe.tokenizer, FileTokenizer) else None
-        if file and file.is_file() and (sha := hashlib.sha256(file.read_bytes()).hexdigest()) != tok.get("sha256"):
-            yield Problem(
-                path,
-                f"={value!r} was trained with tokenizer {tok.get('sha256')}, tokenizer.path={str(file)!r} is {sha}",
-                f"set tokenizer.path to the checkpoint's tokenizer ({tok.get('path')})",
-            )
+        for ref in KINDS[stage.kind].references:
+            value = getattr(stage, ref.field) if ref.checkpoint_ok else None
+            if isinstance(value, str) and is_checkpoint_path(value):
+                yield from _checkpoint_path(recipe, f"stages.{name}.{ref.field}", value, model)
 
 
-def _records_available(recipe: Recipe, where: str, stage: TrainingStage) -> Iterator[Problem]:
-    field = "prompts" if isinstance(stage, PpoStage) else "data"
-    target = recipe.stages.get(getattr(stage, field))
+def _checkpoint_path(recipe: Recipe, path: str, value: str, model: ResolvedModel | None) -> Iterator[Problem]:
+    meta_path = Path(value) / "meta.json"
+    try:
+        meta: Any = json.loads(meta_path.read_text(encoding="utf-8"))
+        theirs, tok = dict(meta["architecture"]), dict(meta["tokenizer"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = "it has no meta.json" if Path(value).is_dir() else "no such directory"
+        why = f"cannot read its meta.json ({type(exc).__name__}: {exc})" if meta_path.is_file() else why
+        yield Problem(path, f"={value!r} is not a checkpoint directory: {why}", CHECKPOINT_FIX)
+        return
+    ours = model.model_dump(mode="json") if model is not None else {}
+    if diff := ", ".join(f"{k}: {theirs.get(k)} vs {v}" for k, v in ours.items() if theirs.get(k) != v):
+        yield Problem(
+            path,
+            f"={value!r} has another architecture than model (checkpoint vs recipe: {diff})",
+            "set model.* to the checkpoint's values (its meta.json 'architecture'), or start from another checkpoint",
+        )
+    file = Path(recipe.tokenizer.path) if isinstance(recipe.tokenizer, FileTokenizer) else None
+    if file and file.is_file() and (sha := hashlib.sha256(file.read_bytes()).hexdigest()) != tok.get("sha256"):
+        yield Problem(
+            path,
+            f"={value!r} was trained with tokenizer {tok.get('sha256')}, tokenizer.path={str(file)!r} is {sha}",
+            f"set tokenizer.path to the checkpoint's tokenizer ({tok.get('path')})",
+        )
+
+
+def _records_available(recipe: Recipe, where: str, data_stage: str, ref: Reference) -> Iterator[Problem]:
+    """The data stage a reference names must have a source of the records the stage reads."""
+    target = recipe.stages.get(data_stage)
     if not isinstance(target, DataStage):
         return
-    needed = NEEDS_RECORDS[stage.kind]
-    have = [s.name for s in target.sources if s.records == needed]
-    if not have:
+    if not any(s.records == ref.records for s in target.sources):
         yield Problem(
-            f"{where}.{field}",
-            f"data stage {getattr(stage, field)!r} has no source with records: {needed}",
-            f"add a source with `records: {needed}` to it",
+            f"{where}.{ref.field}",
+            f"data stage {data_stage!r} has no source with records: {ref.records}",
+            f"add a source with `records: {ref.records}` to it",
         )
-    if isinstance(stage, PretrainStage) and stage.mixture:
-        for key in stage.mixture:
-            if key not in have:
-                yield Problem(
-                    f"{where}.mixture.{key}", "names no text source of the data stage", did_you_mean(key, have)
-                )
-        for key, w in stage.mixture.items():
-            if w < 0:
-                yield Problem(f"{where}.mixture.{key}", f"={w} is negative", "use a weight ≥ 0")
-
-
-# ---- data stage ------------------------------------------------------------------------------
-def _data_stage(where: str, stage: DataStage) -> Iterator[Problem]:
-    sources = plugin_table(where, plugin.data_sources)
-    if isinstance(sources, Problem):
-        yield sources
-        sources = {}
-    seen: set[str] = set()
-    for i, src in enumerate(stage.sources):
-        path = f"{where}.sources[{i}]"
-        if src.name in seen:
-            yield Problem(f"{path}.name", f"={src.name!r} is used by another source", "give each source a unique name")
-        seen.add(src.name)
-        found = yield from _installed(f"{path}.plugin", src.plugin, sources, "data source")
-        if found is None:
-            continue
-        if src.records not in found.kinds:
-            yield Problem(
-                f"{path}.records",
-                f"={src.records!r} is not produced by plugin {src.plugin!r}",
-                f"it yields: {', '.join(sorted(found.kinds))}",
-            )
-        yield from plugin_params(f"{path}.params", found.params, src.params)
-    s = stage.splits
-    if not math.isclose(s.train + s.valid + s.test, 1.0, abs_tol=1e-6):
-        yield Problem(
-            f"{where}.splits",
-            f"train+valid+test = {s.train}+{s.valid}+{s.test} = {s.train + s.valid + s.test:g}",
-            "make the fractions add up to 1",
-        )
-    if s.train <= 0:
-        yield Problem(f"{where}.splits.train", "=0 leaves nothing to train on", "give it a positive fraction")
-    for i, pattern in enumerate(stage.cleaning.blocklist):
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            yield Problem(
-                f"{where}.cleaning.blocklist[{i}]", f"={pattern!r} is not a regular expression: {exc}", "fix it"
-            )
-    if stage.cleaning.max_chars is not None and stage.cleaning.max_chars < stage.cleaning.min_chars:
-        yield Problem(
-            f"{where}.cleaning.max_chars",
-            f"={stage.cleaning.max_chars} < min_chars={stage.cleaning.min_chars}",
-            "raise it",
-        )
-
-
-T = TypeVar("T")
-
-
-def plugin_table(where: str, loader: Callable[[], Mapping[str, T]]) -> dict[str, T] | Problem:
-    """The installed plugins of one group, or the problem that kept them from loading."""
-    try:
-        return dict(loader())
-    except PluginError as exc:
-        return Problem(where, str(exc), "fix or uninstall the plugin")
-
-
-def _installed(path: str, name: str, table: Mapping[str, T], what: str) -> Generator[Problem, None, T | None]:
-    """The named plugin, or a problem with a did-you-mean (none when the table failed to load)."""
-    found = table.get(name)
-    if found is None and table:
-        yield Problem(path, f"={name!r} is not an installed {what}", did_you_mean(name, table))
-    return found
-
-
-def plugin_params(path: str, model: type, params: dict[str, object]) -> Iterator[Problem]:
-    from ..load import problems_from_validation
-
-    yield from _non_finite(path, params)
-    try:
-        model.model_validate(params)  # type: ignore[attr-defined]
-    except ValidationError as exc:
-        for p in problems_from_validation(exc, model, params):
-            yield Problem(f"{path}.{p.path}" if p.path else path, p.message, p.fix)
-    except Exception as exc:  # a third-party validator that raises something other than ValueError
-        yield Problem(path, f"the plugin's parameter check failed: {type(exc).__name__}: {exc}", "fix the parameters")
-
-
-def _non_finite(path: str, value: object) -> Iterator[Problem]:
-    """NaN and infinity have no place in plan.json (strict JSON readers reject them)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        yield Problem(path, f"={value} is not a finite number", "use a finite value")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _non_finite(f"{path}.{k}", v)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _non_finite(f"{path}[{i}]", v)
 
 
 # ---- training stages -------------------------------------------------------------------------
@@ -300,8 +169,6 @@ def _training(where: str, stage: TrainingStage) -> Iterator[Problem]:
         yield Problem(
             f"{where}.training", "set exactly one of steps and tokens", f"got steps={t.steps}, tokens={t.tokens}"
         )
-    if isinstance(stage, PpoStage) and t.tokens is not None:
-        yield Problem(f"{where}.training.tokens", "PPO counts iterations, not tokens", "set training.steps instead")
     if t.min_lr > t.lr:
         yield Problem(f"{where}.training.min_lr", f"={t.min_lr} exceeds lr={t.lr}", f"use min_lr ≤ {t.lr}")
     if t.steps is not None and t.warmup_steps >= t.steps and t.warmup_steps > 0:
@@ -466,48 +333,4 @@ def _layout(where: str, stage: TrainingStage, m: ResolvedModel, cluster: Cluster
             f"{where}.training.global_batch_size",
             f"gives {t.global_batch_size // per_step} microbatches; the interleaved schedule needs a multiple of pp={par.pp}",
             f"use a multiple of {per_step * par.pp}",
-        )
-
-
-def _ppo(where: str, stage: PpoStage, m: ResolvedModel | None) -> Iterator[Problem]:
-    if stage.reward_model is None and not stage.rewards:
-        yield Problem(
-            f"{where}.rewards",
-            "no reward source: neither reward_model nor rewards is set",
-            "name a reward_model stage or add a reward plugin",
-        )
-    funcs = plugin_table(f"{where}.rewards", plugin.rewards)
-    if isinstance(funcs, Problem):
-        yield funcs
-        funcs = {}
-    for i, r in enumerate(stage.rewards):
-        found = yield from _installed(f"{where}.rewards[{i}].plugin", r.plugin, funcs, "reward function")
-        if found is None:
-            continue
-        yield from plugin_params(f"{where}.rewards[{i}].params", found.params, r.params)
-    ro = stage.rollout
-    if m is not None and ro.max_prompt_tokens + ro.max_new_tokens > m.seq_length:
-        yield Problem(
-            f"{where}.rollout",
-            f"max_prompt_tokens + max_new_tokens = {ro.max_prompt_tokens}+{ro.max_new_tokens} exceeds model.seq_length={m.seq_length}",
-            "shorten them",
-        )
-    if stage.ppo.advantage == "rloo" and ro.responses_per_prompt < 2:
-        yield Problem(
-            f"{where}.rollout.responses_per_prompt",
-            f"={ro.responses_per_prompt} with ppo.advantage=rloo: the leave-one-out baseline needs other responses to the same prompt",
-            "sample at least 2 responses per prompt, or use ppo.advantage=gae",
-        )
-    if stage.ppo.advantage == "rloo" and stage.critic_from is not None:
-        yield Problem(
-            f"{where}.critic_from",
-            f"={stage.critic_from!r} with ppo.advantage=rloo, which trains no critic",
-            "remove critic_from, or use ppo.advantage=gae",
-        )
-    samples = ro.prompts_per_iteration * ro.responses_per_prompt
-    if samples % stage.training.global_batch_size:
-        yield Problem(
-            f"{where}.training.global_batch_size",
-            f"={stage.training.global_batch_size} does not divide the {samples} rollouts per iteration (prompts_per_iteration×responses_per_prompt)",
-            "make the minibatch divide the rollouts",
         )

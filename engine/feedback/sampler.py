@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..artifacts import inside_run, read_json
 from ..errors import EngineError
+from ..kinds import producing
 from .store import ModelVersion
 
 if TYPE_CHECKING:  # chat_session builds models: imported where a model is located, not at start-up
@@ -97,7 +98,7 @@ def run_prompts(run: Path | None, split: str = "train") -> PromptSet:
     plan = read_json(run / PLAN)
     rows: list[PromptRow] = []
     for job in plan.get("jobs", []):
-        if job.get("kind") != "data":
+        if job.get("kind") not in producing("data"):
             continue
         data = next(inside_run(run, a["path"]) for a in job["outputs"] if a["kind"] == "dataset")
         if (data / "manifest.json").is_file():

@@ -11,9 +11,7 @@ from pathlib import Path
 from ..artifacts import claim_stage, is_done, write_json_atomic
 from ..compile import Job, Plan
 from ..errors import Problem
-
-# Stage kinds whose worker exists. `engine run` refuses a plan with any other kind before it starts.
-RUNNABLE_KINDS: frozenset[str] = frozenset({"data", "pretrain", "sft", "reward_model", "ppo"})
+from ..kinds import KINDS
 
 
 def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]]:
@@ -23,6 +21,8 @@ def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]
     if unknown:
         return [], [Problem("--stages", f"names no stage: {', '.join(unknown)}", f"stages: {', '.join(names)}")]
     jobs = [j for j in plan.jobs if only is None or j.name in only]
+    # A plan written by another engine version may name kinds this one does not know, or layouts its
+    # workers cannot run yet; `engine run` refuses it before anything starts.
     problems = [
         Problem(
             f"stages.{job.name}",
@@ -30,18 +30,12 @@ def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]
             "run the other stages with --stages; `engine run --dry-run` shows what it will do",
         )
         for job in jobs
-        if job.kind not in RUNNABLE_KINDS
+        if job.kind not in KINDS
     ]
-    problems += [
-        Problem(
-            f"stages.{job.name}.parallelism.pp",
-            f"={job.layout.pp}: the PPO worker of engine {plan.engine_version} runs rollouts without pipeline "
-            "parallelism, so the run cannot start",
-            "use pp: 1 and split the model with tp (the plan itself is valid for later versions)",
-        )
-        for job in jobs
-        if job.kind == "ppo" and job.layout is not None and job.layout.pp > 1
-    ]
+    for job in jobs:
+        kind = KINDS.get(job.kind)
+        if kind is not None and kind.run_problems is not None:
+            problems += kind.run_problems(job)
     return jobs, problems
 
 
