@@ -78,12 +78,12 @@ warnings.filterwarnings("ignore")
 from engine.compile import compile_recipe
 from engine.load import load_recipe
 from engine.worker.env import rank_info
-from engine.worker.main import Context
-from engine.worker.stages import data
+from engine.worker.context import Context, job_spec
+from engine.worker.stages import collect
 plan = compile_recipe(load_recipe(sys.argv[1], ["run_dir=" + sys.argv[2]]))
 ctx = Context(plan=plan, job=plan.job("data"), info=rank_info({}), device="cpu")
 began = time.perf_counter()
-data.run(ctx)
+collect.run(ctx, job_spec(ctx.job))
 print(json.dumps({"seconds": time.perf_counter() - began, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -105,8 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     sys.path.insert(0, str(REPO))
-    from engine.data.tokenizer import train_bpe
-    from engine.worker.stages.data import write_text
+    from engine.corpus.tokenizer import train_bpe
+    from engine.worker.stages.collect import write_text
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)

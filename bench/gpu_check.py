@@ -271,10 +271,11 @@ def memory_check(plan: Any, engine_peak: int | None, bare_peak: int | None, prox
 
 def config_differences(plan: Any) -> list[str]:
     """Where the bare loop's TransformerConfig arguments differ from the engine's."""
+    from engine.worker.context import job_spec
     from engine.worker.mcore import config_kwargs
 
     job = plan.job("pretrain")
-    ours = config_kwargs(job, plan.model, device=job.resources.device)
+    ours = config_kwargs(job, plan.model, device=job.resources.device, recompute=job_spec(job).training.recompute)
     theirs = bare_config(plan.model.model_dump(), job.layout.model_dump(), job.resources.device == "cuda",
                          job.precision.dtype != "fp32")  # fmt: skip
     keys = sorted(set(ours) | set(theirs))

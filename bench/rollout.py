@@ -40,9 +40,9 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29571")
     from engine.compile import compile_recipe
     from engine.load import load_recipe
+    from engine.worker.context import Context, init_distributed, shutdown
     from engine.worker.env import rank_info
     from engine.worker.generate import Sampling, generate
-    from engine.worker.main import Context, init_distributed, shutdown
     from engine.worker.mcore import build_chunks, config_kwargs, init_layout_independent
 
     seq = 16 + args.new
@@ -55,11 +55,11 @@ def main() -> None:
         plan = compile_recipe(recipe)
         job = plan.job("pretrain")
         if first:
-            init_distributed(Context(plan=plan, job=job, info=rank_info({}), device="cpu"))
+            init_distributed(Context(plan=plan, job=job, info=rank_info({}), device="cpu"), seed=0)
             first = False
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu"))
+        config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu", recompute="none"))
         (model,) = build_chunks(job, plan.model, config, device="cpu")
         init_layout_independent([model], seed=0, std=0.02, num_layers=plan.model.num_layers)
         params = sum(p.numel() for p in model.parameters())

@@ -29,6 +29,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import EngineError
+
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
 
@@ -36,6 +38,15 @@ MANIFEST = "manifest.json"
 def text_prefix(dataset_dir: str | Path, source: str, split: str) -> str:
     """Path prefix (without .bin/.idx) of one text source's split."""
     return str(Path(dataset_dir) / source / split)
+
+
+def read_manifest(dataset_dir: Path) -> dict[str, Any]:
+    """A data stage's manifest.json; a missing one is a user error (the data stage has not run)."""
+    manifest = dataset_dir / MANIFEST
+    if not manifest.is_file():
+        raise EngineError(f"no dataset at {dataset_dir}: {manifest} is missing; run the data stage first")
+    data: dict[str, Any] = read_json(manifest)
+    return data
 
 
 def read_json(path: str | Path) -> Any:

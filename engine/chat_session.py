@@ -166,7 +166,7 @@ class Chat:
 @contextmanager
 def open_chat(target: Target, options: Options, notify: Callable[[str], None]) -> Iterator[Chat]:
     """The target's model built and loaded once; Megatron's start-up chatter goes to stderr."""
-    from .data.tokenizer import load as load_tokenizer
+    from .corpus.tokenizer import load as load_tokenizer
     from .hf import session
 
     arch = target.meta["architecture"]

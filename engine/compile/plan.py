@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from .. import __version__
@@ -85,6 +86,13 @@ class Plan(Frozen):
             if j.name == name:
                 return j
         raise EngineError(f"plan {self.recipe!r} has no job {name!r}; jobs: {', '.join(j.name for j in self.jobs)}")
+
+    def dataset(self, stage: str) -> Path:
+        """The dataset folder of the data stage named `stage`."""
+        found = next((a.path for a in self.job(stage).outputs if a.kind == "dataset"), None)
+        if found is None:
+            raise EngineError(f"stage {stage!r} of plan {self.recipe!r} is not a data stage: it has no dataset")
+        return Path(found)
 
 
 def _digest(data: Any) -> str:

@@ -189,7 +189,7 @@ class Sampler:
 @contextmanager
 def open_sampler(target: Target, options: SamplingOptions) -> Iterator[Sampler]:
     """The target's model built and loaded once in this process; Megatron's start-up chatter goes to stderr."""
-    from ..data.tokenizer import load as load_tokenizer
+    from ..corpus.tokenizer import load as load_tokenizer
     from ..hf import session
 
     tok = load_tokenizer(target.tokenizer)

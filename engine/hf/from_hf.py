@@ -23,12 +23,12 @@ import torch
 
 from ..artifacts import read_json, write_json_atomic
 from ..chat import SPECIAL_TOKENS
-from ..data.tokenizer import describe
-from ..data.tokenizer import load as load_tokenizer
+from ..corpus.tokenizer import describe
+from ..corpus.tokenizer import load as load_tokenizer
 from ..errors import EngineError
 from ..schema.stages import is_checkpoint_path
 from ..worker import checkpoint
-from ..worker.train import meta_for
+from ..worker.handoff import meta_for
 from . import convert, session
 
 INDEX = "model.safetensors.index.json"

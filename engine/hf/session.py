@@ -26,8 +26,8 @@ from ..compile.resolve import Layout, ResolvedModel, ResolvedPrecision
 from ..errors import EngineError
 from ..schema import LOCAL
 from ..worker import checkpoint
+from ..worker.context import Context, init_distributed, shutdown
 from ..worker.env import RankInfo
-from ..worker.main import Context, init_distributed, shutdown
 from ..worker.mcore import Built, build_chunks, config_kwargs
 
 ONE_PROCESS = Layout(
@@ -52,7 +52,7 @@ def one_process_plan(name: str, model: ResolvedModel) -> tuple[Plan, Job]:
         resources=JobResources(device="cpu", nodes=1, gpus_per_node=0, processes_per_node=1,
                                time_limit=LOCAL.default_time_limit),
         layout=ONE_PROCESS, precision=ResolvedPrecision(dtype="fp32", fp8_recipe=None, fp8_param_gather=False),
-        config={"training": {"seed": 0, "recompute": "none"}},
+        config={},
     )  # fmt: skip
     plan = Plan(
         format=PLAN_FORMAT, engine_version=__version__, recipe=name, description="", recipe_hash="", run_dir="",
@@ -84,9 +84,9 @@ def megatron(name: str, architecture: dict[str, Any]) -> Iterator[Session]:
         raise EngineError(f"cannot build the model of this architecture: {exc}") from None
     plan, job = one_process_plan(name, model)
     ctx = Context(plan=plan, job=job, info=RankInfo(0, 1, 0, "127.0.0.1", _free_port()), device="cpu")
-    init_distributed(ctx)
+    init_distributed(ctx, seed=0)
     try:
-        config = TransformerConfig(**config_kwargs(job, model, device="cpu"))
+        config = TransformerConfig(**config_kwargs(job, model, device="cpu", recompute="none"))
         (gpt,) = build_chunks(job, model, config, device="cpu")
         gpt.eval()
         yield Session(ctx=ctx, model=gpt, built=Built(chunks=[gpt], optimizer=None, scheduler=None, config=config))

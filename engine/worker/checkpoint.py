@@ -17,6 +17,7 @@ import queue
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -193,3 +194,8 @@ def load(
         _set_rng_state(loaded["rng"])
     progress = loaded["progress"]
     return int(progress["step"]), int(progress["consumed_samples"])
+
+
+def load_weights(path: Path, chunks: list[Any], *, layout: dict[str, Any], fresh: tuple[str, ...] = ()) -> None:
+    """A checkpoint's weights into model chunks that have no optimizer (frozen models, a critic's start)."""
+    load(path, SimpleNamespace(chunks=chunks), layout=layout, model_only=True, fresh=fresh)

@@ -1,97 +1,29 @@
 """The worker: `python -m engine.worker <plan.json> --job NAME`, on every rank of a job.
 
-Started by torchrun locally or by srun under Slurm. It reads its job from the plan, sets up
-torch.distributed (gloo on CPU, NCCL on GPUs) and Megatron-Core's parallel state with the job's
-TP/PP/VPP/CP, seeds the RNGs, and hands over to the stage's function from one explicit table.
+Started by torchrun locally or by srun under Slurm. It reads its job from the plan, re-validates the
+job's config into its kind's recipe model (once: stage code takes that typed spec), sets up
+torch.distributed and Megatron-Core's parallel state for training jobs (engine.worker.context), and
+hands over to the stage module its kind names in the registry (engine.kinds): `run(ctx, spec)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Sequence
 from pathlib import Path
 
-from ..artifacts import mark_done, read_json
-from ..compile import Job, Plan
+from ..artifacts import mark_done
 from ..errors import EXIT_USER_ERROR, EngineError
+from ..kinds import kind_of
 from ..lineage import write_lineage
+from ..schema import TrainingStage
 from . import preempt
-from .env import RankInfo, rank_info
-
-
-@dataclass(frozen=True)
-class Context:
-    plan: Plan
-    job: Job
-    info: RankInfo
-    device: str
-
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.job.outputs[0].path).parent
-
-    @property
-    def is_logger(self) -> bool:
-        return self.info.rank == 0
-
-
-def _stages() -> dict[str, Callable[[Context], None]]:
-    from .stages import data, ppo, pretrain, reward, sft
-
-    return {"data": data.run, "pretrain": pretrain.run, "sft": sft.run, "reward_model": reward.run, "ppo": ppo.run}
-
-
-def load_plan(path: Path) -> Plan:
-    try:
-        return Plan.model_validate(read_json(path))
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"cannot read the plan {path}: {exc}") from None
-
-
-def init_distributed(ctx: Context) -> None:
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    info, lay = ctx.info, ctx.job.layout
-    assert lay is not None
-    if ctx.device == "cpu":
-        from . import cpu_compat
-
-        cpu_compat.apply()
-        backend = "gloo"
-    else:
-        torch.cuda.set_device(info.local_rank)
-        backend = "nccl"
-    os.environ.setdefault("MASTER_ADDR", info.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(info.master_port))
-    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timedelta(minutes=30))
-    if info.world_size != lay.world_size:
-        raise EngineError(f"job {ctx.job.name} expects {lay.world_size} processes, got {info.world_size}")
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=lay.tp,
-        pipeline_model_parallel_size=lay.pp,
-        virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
-        context_parallel_size=lay.cp,
-    )
-    seed = int(ctx.job.config["training"]["seed"])
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-
-
-def shutdown() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if dist.is_initialized():
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
+from .context import Context, init_distributed, job_spec, load_plan, shutdown
+from .env import rank_info
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,14 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = load_plan(args.plan)
         job = plan.job(args.job)
-        stage = _stages().get(job.kind)
-        if stage is None:
-            raise EngineError(f"stage kind {job.kind!r} has no worker yet")
+        stage = importlib.import_module(kind_of(job.kind).worker)
+        spec = job_spec(job)
         ctx = Context(plan=plan, job=job, info=info, device=job.resources.device)
         preempt.install()
-        if job.layout is not None:  # training jobs; a data job is one process without a process group
-            init_distributed(ctx)
-        stage(ctx)
+        if isinstance(spec, TrainingStage):  # a data job is one process without a process group
+            init_distributed(ctx, seed=spec.training.seed)
+        stage.run(ctx, spec)
         if info.rank == 0:
             write_lineage(plan, job)
             mark_done(ctx.stage_dir, job.cache_key)

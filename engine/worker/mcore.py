@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..compile import Job
 from ..compile.resolve import ResolvedModel
 from ..errors import EngineError
+from ..schema import Training
 
 FP8_FORMAT = "hybrid"  # e4m3 forward, e5m2 backward (Micikevicius et al. 2022)
 LAYER_SPEC_ENV = "ENGINE_LAYER_SPEC"  # "local" in a job's env: Megatron's PyTorch layers on GPUs too
@@ -50,15 +51,15 @@ class Built:
     config: Any
 
 
-def config_kwargs(job: Job, model: ResolvedModel, *, device: str) -> dict[str, Any]:
-    """TransformerConfig arguments for a job: architecture, layout, precision and fusions."""
+def config_kwargs(job: Job, model: ResolvedModel, *, device: str, recompute: str) -> dict[str, Any]:
+    """TransformerConfig arguments for a job: architecture, layout, precision, fusions and the stage's
+    activation recomputation (none, selective or full)."""
     lay, prec = job.layout, job.precision
     if lay is None or prec is None:
         raise ValueError(f"job {job.name} is not a training job")
     gpu = device == "cuda"
     te = uses_transformer_engine(job, device=device)
     dtype = torch.float32 if prec.dtype == "fp32" else torch.bfloat16
-    recompute = job.config["training"]["recompute"]
     kwargs: dict[str, Any] = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -253,7 +254,9 @@ def init_layout_independent(chunks: list[Any], *, seed: int, std: float, num_lay
                 raise RuntimeError(f"layout-independent init did not reach: {missing}")
 
 
-def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int, lr: float | None = None) -> Built:
+def wrap_and_optimize(
+    job: Job, chunks: list[Any], config: Any, *, training: Training, steps: int, lr: float | None = None
+) -> Built:
     """DDP-wrap the chunks; Megatron's optimizer; warmup + decay schedule. `lr` replaces the stage's
     learning rate (min_lr scales with it): PPO's critic has its own."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -261,9 +264,8 @@ def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int, l
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     assert job.layout is not None and job.precision is not None
-    t = dict(job.config["training"])
-    if lr is not None:
-        t["min_lr"], t["lr"] = t["min_lr"] * lr / t["lr"], lr
+    t = training
+    peak, floor = (lr, t.min_lr * lr / t.lr) if lr is not None else (t.lr, t.min_lr)
     bf16 = job.precision.dtype != "fp32"
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=bf16,
@@ -277,13 +279,13 @@ def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int, l
     ]
     opt_config = OptimizerConfig(
         optimizer="adam",
-        lr=t["lr"],
-        min_lr=t["min_lr"],
-        weight_decay=t["weight_decay"],
-        adam_beta1=t["adam_beta1"],
-        adam_beta2=t["adam_beta2"],
-        adam_eps=t["adam_eps"],
-        clip_grad=t["grad_clip"] or 0.0,
+        lr=peak,
+        min_lr=floor,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.grad_clip or 0.0,
         bf16=bf16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=job.layout.distributed_optimizer,
@@ -294,17 +296,18 @@ def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int, l
     # the first and last pipeline stages, sequence-parallel layer norms); losses are scaled for fp16.
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    decay = max(1, steps - t["warmup_steps"]) if t["lr_schedule"] != "constant" else 1
+    constant = t.lr_schedule == "constant"
+    decay = max(1, steps - t.warmup_steps) if not constant else 1
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=t["lr"],
-        min_lr=t["min_lr"] if t["lr_schedule"] != "constant" else t["lr"],
-        lr_warmup_steps=t["warmup_steps"],
-        lr_decay_steps=decay + t["warmup_steps"],
-        lr_decay_style=t["lr_schedule"] if t["lr_schedule"] != "constant" else "constant",
-        start_wd=t["weight_decay"],
-        end_wd=t["weight_decay"],
+        max_lr=peak,
+        min_lr=floor if not constant else peak,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=decay + t.warmup_steps,
+        lr_decay_style=t.lr_schedule,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
         wd_incr_steps=max(1, steps),
         wd_incr_style="constant",
     )
@@ -312,25 +315,25 @@ def wrap_and_optimize(job: Job, chunks: list[Any], config: Any, *, steps: int, l
 
 
 def build_job(
-    job: Job, model: ResolvedModel, *, device: str, steps: int, head: str = "lm", lr: float | None = None
-) -> Built:
+    job: Job, model: ResolvedModel, *, training: Training, device: str, steps: int, head: str = "lm",
+    lr: float | None = None,
+) -> Built:  # fmt: skip
     """Config, model chunks (initialised), DDP, optimizer and schedule for a training job."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(**config_kwargs(job, model, device=device))
+    config = TransformerConfig(**config_kwargs(job, model, device=device, recompute=training.recompute))
     chunks = build_chunks(job, model, config, device=device, head=head)
     if device == "cpu":
-        seed = int(job.config["training"]["seed"])
-        init_layout_independent(chunks, seed=seed, std=model.init_method_std, num_layers=model.num_layers)
-    return wrap_and_optimize(job, chunks, config, steps=steps, lr=lr)
+        init_layout_independent(chunks, seed=training.seed, std=model.init_method_std, num_layers=model.num_layers)
+    return wrap_and_optimize(job, chunks, config, training=training, steps=steps, lr=lr)
 
 
-def build_frozen(job: Job, model: ResolvedModel, *, device: str, head: str = "lm") -> list[Any]:
-    """Model chunks that are only evaluated (PPO's reference policy and reward model): no DDP, no
-    optimizer, no gradients; their weights come from a checkpoint."""
+def build_frozen(job: Job, model: ResolvedModel, *, device: str, recompute: str, head: str = "lm") -> list[Any]:
+    """Model chunks that are only evaluated (a reference policy, a reward model): no DDP, no optimizer,
+    no gradients; their weights come from a checkpoint."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(**config_kwargs(job, model, device=device))
+    config = TransformerConfig(**config_kwargs(job, model, device=device, recompute=recompute))
     chunks = build_chunks(job, model, config, device=device, head=head)
     for chunk in chunks:
         chunk.eval()

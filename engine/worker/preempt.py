@@ -53,7 +53,9 @@ def requested() -> bool:
 
     flag = torch.tensor([1.0 if _flag else 0.0])
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        from .comm import all_reduce
+
+        flag = all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
 
 

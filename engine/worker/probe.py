@@ -21,14 +21,17 @@ from typing import Any
 
 import torch
 
+from ..artifacts import read_manifest
 from ..errors import EXIT_USER_ERROR, EngineError
+from ..kinds import KINDS
+from ..schema import DataStage, PretrainStage, RewardModelStage, TrainingStage
 from . import checkpoint
-from .chat_data import ChatData
-from .data import build_datasets, dataset_dir, microbatches, read_manifest
+from .batches import ChatBatches, PairRows
+from .context import Context, init_distributed, load_plan, shutdown
 from .env import rank_info
-from .loop import pair_scores
-from .main import Context, init_distributed, load_plan, shutdown
+from .gpt_datasets import build_datasets, microbatches
 from .mcore import build_job
+from .objectives import pair_scores
 
 
 def _forward(data: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[torch.Tensor, Any]:
@@ -57,25 +60,37 @@ def probe(ctx: Context, out: Path) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    job, lay = ctx.job, ctx.job.layout
+    job, lay, plan = ctx.job, ctx.job.layout, ctx.plan
     assert lay is not None
-    reward = job.kind == "reward_model"
-    built = build_job(job, ctx.plan.model, device=ctx.device, steps=1, head="scalar" if reward else "lm")
+    spec = ctx.spec_of(job.name, TrainingStage)
+    reward = KINDS[job.kind].produces == "reward_model"
+    built = build_job(job, plan.model, training=spec.training, device=ctx.device, steps=1,
+                      head="scalar" if reward else "lm")  # fmt: skip
     latest = checkpoint.latest_checkpoint(Path(job.outputs[0].path))
     if latest is None:
         raise EngineError(f"stage {job.name!r} has no checkpoint to probe")
     checkpoint.load(latest, built, layout=lay.model_dump(), model_only=True)
-    mbs = int(job.config["training"]["micro_batch_size"])
+    mbs = spec.training.micro_batch_size
     dp_rank = ps.get_data_parallel_rank()
-    if reward:
-        pad = int(read_manifest(dataset_dir(ctx.plan, job))["tokenizer"]["pad"])
-        make, seq, _ = ChatData(ctx.plan, job, pairs=True, pad=pad).valid_batches(dp_rank)[0]
+    ref = KINDS[job.kind].data_reference
+    if ref is None:
+        raise EngineError(f"stage {job.name!r} ({job.kind}) reads no data stage to probe with")
+    data_stage: str = getattr(spec, ref.field)
+    root = plan.dataset(data_stage)
+    if isinstance(spec, RewardModelStage):
+        pad = int(read_manifest(root)["tokenizer"]["pad"])
+        data = ChatBatches(plan, job, data=data_stage, training=spec.training, batching=spec.batching,
+                           shape=PairRows(pad=pad))  # fmt: skip
+        make, seq, _ = data.valid_batches(dp_rank)[0]
         forward, rows = _scores, 2 * mbs
     else:
-        _, valid, _ = build_datasets(ctx.plan, job, train_samples=1, valid_samples=mbs * lay.dp, seed=0,
-                                     cache=ctx.stage_dir / "cache")  # fmt: skip
+        mixture = spec.mixture if isinstance(spec, PretrainStage) else None
+        sources = ctx.spec_of(data_stage, DataStage).sources
+        _, valid, _ = build_datasets(root, sources=sources, mixture=mixture, stage=job.name,
+                                     seq_length=plan.model.seq_length, train_samples=1, valid_samples=mbs * lay.dp,
+                                     seed=0, cache=ctx.stage_dir / "cache")  # fmt: skip
         make = partial(microbatches, valid, start=0, num=1, mbs=mbs, dp=lay.dp, dp_rank=dp_rank)
-        forward, rows, seq = _forward, mbs, ctx.plan.model.seq_length
+        forward, rows, seq = _forward, mbs, plan.model.seq_length
     for chunk in built.chunks:
         chunk.eval()
     with torch.no_grad():
@@ -105,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = load_plan(args.plan)
         job = plan.job(args.job)
         ctx = Context(plan=plan, job=job, info=info, device=job.resources.device)
-        init_distributed(ctx)
+        init_distributed(ctx, seed=ctx.spec_of(job.name, TrainingStage).training.seed)
         probe(ctx, args.out)
     except EngineError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)

@@ -1,115 +1,91 @@
 """The training loop every training stage shares: pretraining, SFT and the reward model.
 
-A stage describes itself as a `Task` (its objective, its batches, its validation set, its tokenizer)
-and `train` does the rest, identically for all of them: Megatron's schedules, gradient clipping,
-Adam and the warmup + decay schedule; validation every `eval_interval` steps and at the end;
-atomic checkpoints every `checkpointing.interval` steps and at the end; metrics to metrics.jsonl,
-TensorBoard and the console.
+A stage describes itself as a `Task`: its objective (engine.worker.objectives: forward step, loss
+reduction, metric keys, head, frozen auxiliary models), its batches, its validation set, its tokenizer
+and the stage it starts from. `train` does the rest, identically for all of them: Megatron's schedules,
+gradient clipping, Adam and the warmup + decay schedule; the objective's frozen models built, loaded and
+run ahead of every pass; validation every `eval_interval` steps and at the end; atomic checkpoints
+every `checkpointing.interval` steps and at the end; metrics to metrics.jsonl, TensorBoard and the
+console.
 
 Start-up order: the stage's own newest complete checkpoint (an interrupted or killed run resumes
-exactly: model, optimizer, schedule, data position and RNG states); otherwise `init_from`'s newest
-checkpoint (or the checkpoint directory it names: an imported model), weights only, after checking
-the hand-off contract (architecture, tokenizer hash and special tokens), and then a validation pass
-logged as step 0, the starting point the stage is measured against; otherwise a fresh model.
+exactly: model, optimizer, schedule, data position and RNG states); otherwise the task's `init_from`
+stage's newest checkpoint (or the checkpoint directory it names: an imported model), weights only,
+after checking the hand-off contract (engine.worker.handoff), and then a validation pass logged as
+step 0, the starting point the stage is measured against; otherwise a fresh model.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from .. import __version__
-from ..errors import EngineError
-from ..schema.stages import is_checkpoint_path
+from ..schema import Checkpointing, Training
 from . import checkpoint, preempt
+from .context import Context
 from .faults import maybe_kill
-from .loop import Batch, ForwardStep, evaluate, summarise, train_step
-from .main import Context
+from .handoff import checked_parent, meta_for
+from .loop import MakeIter, evaluate, forward_outputs, train_step
+from .mcore import build_frozen
 from .metrics import Metrics
+from .objectives import Batch, FrozenModel, Objective
 
-MakeIter = Callable[[], Iterator[Batch]]
-SPECIAL_FIELDS = ("pad", "bos", "eod", "end", "roles")
+Schedule = dict[str, Any]
 
 
 @dataclass
 class Task:
     """What a training stage brings to the shared loop."""
 
-    forward_step: ForwardStep
-    keys: Sequence[str]  # the values its loss function reports
+    objective: Objective
     # consumed samples → (micro-batch factory for this rank, sequence length, extra values to log)
     train_batches: Callable[[int], tuple[MakeIter, int, dict[str, float]]]
     # the validation set in schedule calls: (micro-batch factory, sequence length, micro-batches) each
     valid_batches: Callable[[], list[tuple[MakeIter, int, int]]]
     tokenizer: dict[str, Any]
-    rows_per_sample: int = 1  # rows the schedule sees per sample: 2 for preference pairs
-    fresh: tuple[str, ...] = ()  # parameter prefixes a parent checkpoint cannot provide
-    meta: dict[str, Any] = field(default_factory=dict)  # extra fields for every checkpoint's meta.json
+    init_from: str | None  # the stage (or checkpoint directory) a fresh run starts from; None: random init
 
 
-def meta_for(ctx: Context, tokenizer: dict[str, Any], parents: list[str]) -> dict[str, Any]:
-    job, plan = ctx.job, ctx.plan
-    assert job.layout is not None
-    return {
-        "format": 1,
-        "engine_version": __version__,
-        "stage": job.name,
-        "kind": job.kind,
-        "recipe": plan.recipe,
-        "recipe_hash": plan.recipe_hash,
-        "cache_key": job.cache_key,
-        "architecture": plan.model.model_dump(mode="json"),
-        "tokenizer": tokenizer,
-        "layout": job.layout.model_dump(mode="json"),
-        "parents": parents,
-    }
+@dataclass(frozen=True)
+class Frozen:
+    """A frozen auxiliary model as the loop holds it: its declaration and its model chunks."""
+
+    model: FrozenModel
+    chunks: list[Any]
 
 
-def check_contract(
-    parent: Path, meta: dict[str, Any], *, architecture: dict[str, Any], tokenizer: dict[str, Any]
-) -> None:
-    """A checkpoint handed to another stage must have the same architecture, tokenizer and special tokens."""
-    theirs_tok = meta.get("tokenizer", {})
-    theirs, ours = theirs_tok.get("sha256"), tokenizer.get("sha256")
-    if theirs != ours:
-        raise EngineError(
-            f"checkpoint {parent} was trained with tokenizer {theirs}, this stage uses {ours}; "
-            "start from a checkpoint trained on this recipe's data stage, or rerun its pretraining"
-        )
-    special = [k for k in SPECIAL_FIELDS if k in tokenizer and theirs_tok.get(k) != tokenizer[k]]
-    if special:
-        pairs = ", ".join(f"{k}: {theirs_tok.get(k)} vs {tokenizer[k]}" for k in special)
-        raise EngineError(f"checkpoint {parent} has other special token ids ({pairs})")
-    diff = sorted(k for k in architecture if meta.get("architecture", {}).get(k) != architecture[k])
-    if diff:
-        pairs = ", ".join(f"{k}: {meta['architecture'].get(k)} vs {architecture[k]}" for k in diff)
-        raise EngineError(f"checkpoint {parent} has another architecture ({pairs})")
+def build_frozen_models(ctx: Context, objective: Objective, *, recompute: str) -> list[Frozen]:
+    """The objective's frozen models, each built for this job's layout, loaded (weights only), and frozen."""
+    assert ctx.job.layout is not None
+    out = []
+    for spec in objective.frozen:
+        chunks = build_frozen(ctx.job, ctx.plan.model, device=ctx.device, head=spec.head, recompute=recompute)
+        checkpoint.load_weights(spec.checkpoint, chunks, layout=ctx.job.layout.model_dump())
+        out.append(Frozen(spec, chunks))
+    return out
 
 
-def parent_checkpoint(ctx: Context, stage: str) -> Path:
-    """The newest checkpoint of an earlier stage, or the checkpoint directory that `stage` names."""
-    if is_checkpoint_path(stage):
-        if not (Path(stage) / checkpoint.META).is_file():
-            raise EngineError(f"stage {ctx.job.name!r} starts from {stage!r}, which is not a checkpoint (no meta.json)")
-        return Path(stage)
-    root = Path(ctx.plan.job(stage).outputs[0].path)
-    parent = checkpoint.latest_checkpoint(root)
-    if parent is None:
-        raise EngineError(f"stage {ctx.job.name!r} starts from {stage!r}, which has no checkpoint in {root}")
-    return parent
+def with_frozen_outputs(frozen: list[Frozen], make: MakeIter, *, num_microbatches: int, seq_length: int,
+                        mbs: int) -> MakeIter:  # fmt: skip
+    """Micro-batches that also carry each frozen model's outputs (as batch[name]), computed for this pass."""
+    if not frozen:
+        return make
+    outputs = {
+        f.model.name: forward_outputs(f.chunks, make, forward_step=f.model.forward_step,
+                                      num_microbatches=num_microbatches, seq_length=seq_length, mbs=mbs)
+        for f in frozen
+    }  # fmt: skip
 
+    def carrying() -> Any:
+        for m, batch in enumerate(make()):
+            yield {**batch, **{name: out[m] for name, out in outputs.items()}}
 
-def checked_parent(ctx: Context, stage: str, tokenizer: dict[str, Any]) -> Path:
-    """The newest checkpoint of `stage`, after checking that it fits this job (check_contract)."""
-    parent = parent_checkpoint(ctx, stage)
-    architecture = ctx.plan.model.model_dump(mode="json")
-    check_contract(parent, checkpoint.read_meta(parent), architecture=architecture, tokenizer=tokenizer)
-    return parent
+    return carrying
 
 
 def start(ctx: Context, built: Any, root: Path, task: Task) -> tuple[int, int, list[str]]:
@@ -126,74 +102,77 @@ def start(ctx: Context, built: Any, root: Path, task: Task) -> tuple[int, int, l
         if ctx.is_logger:
             print(f"[{ctx.job.name}] resuming from step {step} ({own})", flush=True)
         return step, consumed, list(meta.get("parents", []))
-    parent_stage = ctx.job.config.get("init_from")
-    if parent_stage is None:
+    if task.init_from is None:
         return 0, 0, []
-    parent = checked_parent(ctx, parent_stage, task.tokenizer)
-    # A parent that has the task's head (a reward model continuing from a reward model) keeps it.
-    fresh = task.fresh if "head" not in checkpoint.read_meta(parent) else ()
+    parent = checked_parent(ctx, task.init_from, task.tokenizer)
+    # A parent that has the objective's head (a reward model continuing from a reward model) keeps it.
+    fresh = task.objective.fresh if "head" not in checkpoint.read_meta(parent) else ()
     checkpoint.load(parent, built, layout=layout, model_only=True, fresh=fresh)
     return 0, 0, [str(parent)]
 
 
-def validate(built: Any, task: Task, schedule: dict[str, Any]) -> dict[str, float]:
+def validate(built: Any, task: Task, frozen: list[Frozen], schedule: Schedule) -> dict[str, float]:
     """Validation metrics (`val_` prefixed) over the task's held-out batches."""
     batches = task.valid_batches()
     if not batches:
         return {}
     totals: dict[str, float] = {}
     for make, seq, num in batches:
+        make = with_frozen_outputs(frozen, make, num_microbatches=num, seq_length=seq, mbs=schedule["mbs"])
         values = evaluate(built, make, num_microbatches=num, seq_length=seq, **schedule)
         for k, v in values.items():
             totals[k] = totals.get(k, 0.0) + v / len(batches)
-    return summarise(totals, "val_")
+    return task.objective.summarise(totals, "val_")
 
 
-def train(ctx: Context, built: Any, task: Task) -> None:
-    job = ctx.job
+def train(ctx: Context, built: Any, task: Task, *, training: Training, checkpointing: Checkpointing) -> None:
+    job, objective = ctx.job, task.objective
     lay, est = job.layout, job.estimate
     assert lay is not None and est is not None
-    t, ck = job.config["training"], job.config["checkpointing"]
     steps = est.steps
-    gbs, mbs = int(t["global_batch_size"]), int(t["micro_batch_size"])
+    gbs, mbs = training.global_batch_size, training.micro_batch_size
     nmb = gbs // (mbs * lay.dp)
-    eval_every = t["eval_interval"] or steps
-    save_every = ck["interval"] or steps
-    schedule: dict[str, Any] = dict(forward_step=task.forward_step, mbs=mbs * task.rows_per_sample, keys=task.keys)
-    pairs = task.rows_per_sample == 2
+    eval_every = training.eval_interval or steps
+    save_every = checkpointing.interval or steps
+    rows = mbs * objective.rows_per_sample
+    schedule: Schedule = dict(forward_step=objective.forward_step, mbs=rows, keys=objective.keys)
 
     root = Path(job.outputs[0].path)
     step, consumed, parents = start(ctx, built, root, task)
-    meta = {**meta_for(ctx, task.tokenizer, parents), **task.meta}
+    frozen = build_frozen_models(ctx, objective, recompute=training.recompute)
+    meta = {**meta_for(ctx, task.tokenizer, parents), **objective.meta}
     metrics = Metrics(ctx.stage_dir, name=job.name, total_steps=steps, start_step=step, enabled=ctx.is_logger)
-    if ck["async_save"] and ctx.is_logger:
+    if checkpointing.async_save and ctx.is_logger:
         print(f"[{job.name}] note: checkpointing.async_save is not implemented yet; saving synchronously", flush=True)
     try:
         if step == 0 and parents:
-            metrics.log(0, validate(built, task, schedule))
+            metrics.log(0, validate(built, task, frozen, schedule))
         loop_start = time.perf_counter()
         while step < steps:
             began = time.perf_counter()
             make, seq, extra = task.train_batches(consumed)
+            make = with_frozen_outputs(frozen, make, num_microbatches=nmb, seq_length=seq, mbs=rows)
             result = train_step(built, make, num_microbatches=nmb, seq_length=seq, **schedule)
             step, consumed = step + 1, consumed + gbs
             values: dict[str, float] = {"loss": result.loss}
-            if pairs:
-                values |= {k: v for k, v in summarise(result.values).items() if k != "loss"}
+            values |= {k: v for k, v in objective.summarise(result.values).items() if k != "loss"}
             values |= {
                 "grad_norm": result.grad_norm, "lr": result.lr,
-                "tokens_per_s": gbs * task.rows_per_sample * seq / (time.perf_counter() - began),
+                "tokens_per_s": gbs * objective.rows_per_sample * seq / (time.perf_counter() - began),
                 "consumed_samples": consumed, **extra,
             }  # fmt: skip
             if step % eval_every == 0 or step == steps:
-                values |= validate(built, task, schedule)
+                values |= validate(built, task, frozen, schedule)
             values["elapsed_s"] = time.perf_counter() - loop_start
             metrics.log(step, values)
             maybe_kill("after_step", step)
             stop = preempt.requested()
             if stop or step % save_every == 0 or step == steps:
-                checkpoint.save(root, built, step=step, consumed=consumed, meta=meta, keep_last=ck["keep_last"])
+                checkpoint.save(root, built, step=step, consumed=consumed, meta=meta, keep_last=checkpointing.keep_last)
             if stop and step < steps:
                 preempt.requeue(step)
     finally:
         metrics.close()
+
+
+__all__ = ["Batch", "Frozen", "Task", "build_frozen_models", "train", "with_frozen_outputs"]

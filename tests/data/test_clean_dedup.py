@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import random
 
-from engine.data.clean import Cleaner, duplicate_line_fraction, duplicate_ngram_fraction, normalize, top_ngram_fraction
-from engine.data.dedup import Decontaminator, Deduplicator
+from engine.corpus.clean import (
+    Cleaner,
+    duplicate_line_fraction,
+    duplicate_ngram_fraction,
+    normalize,
+    top_ngram_fraction,
+)
+from engine.corpus.dedup import Decontaminator, Deduplicator
 from engine.schema import CleaningSpec, DedupSpec
 
 WORDS = [

@@ -15,9 +15,9 @@ from engine.chat import SpecialIds, render
 from engine.compile import compile_recipe
 from engine.errors import EngineError
 from engine.load import load_recipe
+from engine.worker.context import Context, job_spec
 from engine.worker.env import rank_info
-from engine.worker.main import Context
-from engine.worker.stages import data as stage
+from engine.worker.stages import collect as stage
 
 RECIPE = """
 name: dtest
@@ -56,10 +56,10 @@ def _setup(tmp_path: Path, *overrides: str) -> Context:
 def test_outputs_manifest_and_read_back(tmp_path: Path) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from engine.data.tokenizer import load
+    from engine.corpus.tokenizer import load
 
     ctx = _setup(tmp_path)
-    stage.run(ctx)
+    stage.run(ctx, job_spec(ctx.job))
     out = tmp_path / "run" / "data" / "data"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["report"]["dedup"]["exact_duplicates"] == 1
@@ -93,18 +93,18 @@ def test_outputs_manifest_and_read_back(tmp_path: Path) -> None:
 
 def test_rerun_with_the_same_inputs_does_no_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ctx = _setup(tmp_path)
-    stage.run(ctx)
+    stage.run(ctx, job_spec(ctx.job))
     stamp = (tmp_path / "run" / "data" / "data" / "manifest.json").stat().st_mtime_ns
-    stage.run(ctx)
+    stage.run(ctx, job_spec(ctx.job))
     assert "up to date" in capsys.readouterr().out
     assert (tmp_path / "run" / "data" / "data" / "manifest.json").stat().st_mtime_ns == stamp
     # A source file that changes (same recipe) invalidates the outputs too.
     book = tmp_path / "books" / "00.txt"
     book.write_text(book.read_text() + " and an epilogue")
-    stage.run(ctx)
+    stage.run(ctx, job_spec(ctx.job))
     assert (tmp_path / "run" / "data" / "data" / "manifest.json").stat().st_mtime_ns != stamp
     changed = _setup(tmp_path, "stages.data.sources[2].params.num_samples=100")
-    stage.run(changed)
+    stage.run(changed, job_spec(changed.job))
     assert (
         json.loads((tmp_path / "run" / "data" / "data" / "manifest.json").read_text())["cache_key"]
         == changed.job.cache_key
@@ -115,7 +115,7 @@ def test_bad_records_are_counted_or_fatal_with_strict(tmp_path: Path) -> None:
     ctx = _setup(tmp_path)
     with (tmp_path / "chats.jsonl").open("a") as f:
         f.write("{not json\n")
-    stage.run(ctx)
+    stage.run(ctx, job_spec(ctx.job))
     manifest = json.loads((tmp_path / "run" / "data" / "data" / "manifest.json").read_text())
     [(message, count)] = manifest["report"]["read_errors"].items()
     assert "chats" in message and "chats.jsonl:121" in message and count == 1
@@ -123,7 +123,7 @@ def test_bad_records_are_counted_or_fatal_with_strict(tmp_path: Path) -> None:
     with (tmp_path / "chats.jsonl").open("a") as f:
         f.write("{not json\n")
     with pytest.raises(EngineError, match=r"chats\.jsonl:121"):
-        stage.run(strict)
+        stage.run(strict, job_spec(strict.job))
 
 
 def test_chat_template_masks_only_assistant_replies() -> None:
@@ -143,7 +143,7 @@ def test_worker_processes_give_the_same_outputs(tmp_path: Path) -> None:
     one = _setup(tmp_path / "one")
     two = _setup(tmp_path / "two", "stages.data.workers=2")
     for ctx in (one, two):
-        stage.run(ctx)
+        stage.run(ctx, job_spec(ctx.job))
     m1, m2 = (
         json.loads((p / "run" / "data" / "data" / "manifest.json").read_text())
         for p in (tmp_path / "one", tmp_path / "two")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from engine.worker.context import Context, init_distributed, job_spec, load_plan, shutdown
 from engine.worker.env import rank_info
 from engine.worker.generate import Sampling, generate
-from engine.worker.main import Context, init_distributed, load_plan, shutdown
+from engine.worker.logprobs import vocab_parallel_logp_entropy
 from engine.worker.mcore import build_chunks, config_kwargs, init_layout_independent
-from engine.worker.stages.ppo import vocab_parallel_logp_entropy
 
 
 def main() -> None:
@@ -26,12 +26,13 @@ def main() -> None:
     plan = load_plan(Path(sys.argv[1]))
     job = plan.job("pretrain")
     ctx = Context(plan=plan, job=job, info=rank_info(os.environ), device="cpu")
-    init_distributed(ctx)
+    training = job_spec(job).training
+    init_distributed(ctx, seed=training.seed)
     try:
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu"))
+        config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu", recompute=training.recompute))
         (model,) = build_chunks(job, plan.model, config, device="cpu")
         init_layout_independent([model], seed=3, std=0.2, num_layers=plan.model.num_layers)
         prompts = [[5, 9, 13], [7, 8, 21, 30, 31, 2], [40, 41, 42, 43]]

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from engine.chat import SpecialIds, render
-from engine.worker.chat_data import ChatData, Ragged
+from engine.worker.batches import Ragged, SequenceRows
+from engine.worker.context import Context, init_distributed, job_spec, load_plan, shutdown
 from engine.worker.env import rank_info
-from engine.worker.loop import lm_forward_step
-from engine.worker.main import Context, init_distributed, load_plan, shutdown
 from engine.worker.mcore import build_chunks, config_kwargs, init_layout_independent
+from engine.worker.objectives import LanguageModel
 
 IDS = SpecialIds(pad=0, bos=1, eos=2, end=3, roles={"system": 4, "user": 5, "assistant": 6})
 
@@ -32,15 +32,13 @@ def encode(text: str) -> list[int]:
 def batch_of(conversations: list[list[tuple[str, str]]], seq: int) -> dict[str, torch.Tensor]:
     """Rows exactly as the SFT stage builds them, from the shared chat template."""
     rendered = [render(c, encode, IDS) for c in conversations]
-    data = ChatData.__new__(ChatData)
-    data.pad = IDS.pad
     dataset = {"tokens": Ragged.of([t for t, _ in rendered]), "mask": Ragged.of([m for _, m in rendered], np.uint8)}
-    return data._sft_rows(dataset, np.arange(len(rendered)), seq)
+    return SequenceRows(pad=IDS.pad).rows(dataset, np.arange(len(rendered)), seq)
 
 
 def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    output, loss_func = lm_forward_step("cpu")(iter([batch]), model)
+    output, loss_func = LanguageModel("cpu").forward_step(iter([batch]), model)
     loss, _ = loss_func(output)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -53,11 +51,12 @@ def main() -> None:
     plan = load_plan(Path(sys.argv[1]))
     job = plan.job("pretrain")
     ctx = Context(plan=plan, job=job, info=rank_info({}), device="cpu")
-    init_distributed(ctx)
+    training = job_spec(job).training
+    init_distributed(ctx, seed=training.seed)
     try:
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu"))
+        config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu", recompute=training.recompute))
         (model,) = build_chunks(job, plan.model, config, device="cpu")
         init_layout_independent([model], seed=1, std=plan.model.init_method_std, num_layers=plan.model.num_layers)
         conversations = [

@@ -28,7 +28,7 @@ import json, math, sys
 from pathlib import Path
 from engine.artifacts import write_json_atomic
 from engine.hf import session
-from engine.worker.train import meta_for
+from engine.worker.handoff import meta_for
 ckpt, info = Path(sys.argv[1]), json.loads(sys.argv[2])
 arch = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
             ffn_hidden_size=176, seq_length=64, position_embedding="rope", rotary_base=10000.0,
@@ -45,7 +45,7 @@ REFERENCE = """
 import json, sys, torch
 from pathlib import Path
 from engine.chat import SpecialIds, render
-from engine.data.tokenizer import load
+from engine.corpus.tokenizer import load
 from engine.hf import session
 from engine.worker.checkpoint import read_meta
 from engine.worker.generate import Sampling, generate
@@ -86,7 +86,7 @@ def _chat(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[s
 def _moved_run(run: Path) -> dict[str, Any]:
     """A run directory moved since it ran (plan.json and meta.json name the old place) with its tokenizer,
     a reward model's meta.json and an unfinished ppo stage; returns meta.json's tokenizer record."""
-    from engine.data.tokenizer import describe, load, train_bpe
+    from engine.corpus.tokenizer import describe, load, train_bpe
 
     tok_path = run / "data" / "tokenizer" / "tokenizer.json"
     tok_path.parent.mkdir(parents=True)

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from engine.chat import SpecialIds, render
-from engine.data.tokenizer import train_bpe
+from engine.corpus.tokenizer import train_bpe
 from engine.errors import EngineError
 from engine.hf import convert
 

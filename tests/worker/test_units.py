@@ -9,6 +9,7 @@ import torch
 
 from engine.errors import EngineError
 from engine.worker import cpu_compat
+from engine.worker.context import job_spec
 from engine.worker.env import first_host, rank_info
 from engine.worker.mcore import FP8_FORMAT, config_kwargs, require_transformer_engine
 
@@ -68,7 +69,7 @@ def test_first_host(nodelist: str, host: str) -> None:
 def test_gpu_job_configuration_without_a_gpu() -> None:
     plan = compile_with(recipe=H100 / "llama31_405b.yaml")
     job = plan.job("pretrain")
-    kw = config_kwargs(job, plan.model, device="cuda")
+    kw = config_kwargs(job, plan.model, device="cuda", recompute=job_spec(job).training.recompute)
     assert kw["params_dtype"] is torch.bfloat16 and kw["bf16"] is True
     assert (kw["fp8"], kw["fp8_recipe"], kw["fp8_param"]) == (FP8_FORMAT, "delayed", True)
     assert kw["fp8_amax_history_len"] == 1024
@@ -78,20 +79,20 @@ def test_gpu_job_configuration_without_a_gpu() -> None:
     assert kw["account_for_embedding_in_pipeline_split"] and kw["account_for_loss_in_pipeline_split"]
     assert kw["masked_softmax_fusion"] and kw["apply_rope_fusion"]
     assert kw["num_query_groups"] == 8 and kw["ffn_hidden_size"] == 53248
-    sft = config_kwargs(plan.job("sft"), plan.model, device="cuda")
+    sft = config_kwargs(plan.job("sft"), plan.model, device="cuda", recompute=job_spec(plan.job("sft")).training.recompute)
     assert "fp8" not in sft and sft["recompute_granularity"] == "full"
 
 
 def test_gpu_fp8_recipes_reach_the_config() -> None:
     for recipe in ("tensorwise", "blockwise"):
         plan = compile_with(f"stages.pretrain.precision.fp8_recipe={recipe}", recipe=H100 / "llama3_8b.yaml")
-        kw = config_kwargs(plan.job("pretrain"), plan.model, device="cuda")
+        kw = config_kwargs(plan.job("pretrain"), plan.model, device="cuda", recompute=job_spec(plan.job("pretrain")).training.recompute)
         assert kw["fp8_recipe"] == recipe and "fp8_amax_history_len" not in kw
 
 
 def test_cpu_job_configuration() -> None:
     plan = compile_with()
-    kw = config_kwargs(plan.job("pretrain"), plan.model, device="cpu")
+    kw = config_kwargs(plan.job("pretrain"), plan.model, device="cpu", recompute=job_spec(plan.job("pretrain")).training.recompute)
     assert kw["params_dtype"] is torch.float32 and kw["bf16"] is False
     assert kw["batch_p2p_comm"] is False and kw["use_cpu_initialization"] is True
     assert not any(kw[k] for k in ("masked_softmax_fusion", "bias_dropout_fusion", "apply_rope_fusion"))
@@ -102,7 +103,7 @@ def test_transformer_config_accepts_the_gpu_arguments() -> None:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     plan = compile_with(recipe=H100 / "llama3_8b.yaml")
-    kw = config_kwargs(plan.job("sft"), plan.model, device="cuda")
+    kw = config_kwargs(plan.job("sft"), plan.model, device="cuda", recompute=job_spec(plan.job("sft")).training.recompute)
     try:
         import transformer_engine  # noqa: F401
     except ImportError:  # TransformerConfig checks that TE provides the fused RoPE kernel

@@ -37,7 +37,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,18 +44,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ... import plugin
+from ...artifacts import read_manifest
 from ...chat import SpecialIds
-from ...data.tokenizer import load as load_tokenizer
+from ...corpus.tokenizer import load as load_tokenizer
 from ...errors import EngineError
 from ...plugins import exact_match
-from .. import checkpoint, preempt
-from ..chat_data import positions, read_shards
-from ..data import dataset_dir, read_manifest
+from ...schema import PpoStage
+from .. import checkpoint, comm, preempt
+from ..batches import positions, read_shards
+from ..context import Context
 from ..faults import maybe_kill
 from ..generate import Sampling, generate
+from ..handoff import checked_parent, meta_for
+from ..logprobs import vocab_parallel_logp_entropy
 from ..loop import train_step
-from ..main import Context
 from ..mcore import SCALAR_HEAD, build_frozen, build_job
 from ..metrics import Metrics
 from ..ppo_math import (
@@ -70,37 +71,10 @@ from ..ppo_math import (
     value_loss,
     whiten,
 )
-from ..train import checked_parent, meta_for
+from ..rewards import Scorer
 
 ACTOR_KEYS = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy")
 CRITIC_KEYS = ("loss", "value_loss")
-
-
-def vocab_parallel_logp_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(label) and the entropy of π from logits split over tensor-parallel ranks ([..., vocab/tp]).
-
-    Sums over the vocabulary are all-reduced with Megatron's autograd-aware reduction (all-reduce
-    forward, identity backward), so gradients are exact and the logits are never gathered.
-    """
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as reduce
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    logits = logits.float()
-    part = logits.shape[-1]
-    top = logits.max(dim=-1, keepdim=True).values.detach()
-    if tp > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
-    z = logits - top
-    e = z.exp()
-    total = e.sum(-1)
-    start = ps.get_tensor_model_parallel_rank() * part
-    here = (labels >= start) & (labels < start + part)
-    picked = z.gather(-1, (labels - start).clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * here
-    weighted = (e * z).sum(-1)
-    if tp > 1:
-        total, picked, weighted = reduce(total), reduce(picked), reduce(weighted)
-    log_total = total.log()
-    return picked - log_total, log_total - weighted / total
 
 
 @dataclass
@@ -126,67 +100,63 @@ class Rollouts:
 
 
 class Ppo:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, spec: PpoStage) -> None:
         plan, job = ctx.plan, ctx.job
-        self.ctx, self.job, self.plan = ctx, job, plan
+        self.ctx, self.job, self.plan, self.spec = ctx, job, plan, spec
         lay, est = job.layout, job.estimate
         assert lay is not None and est is not None
         if lay.pp > 1:
             raise EngineError(f"stages.{job.name}.parallelism.pp={lay.pp}: PPO rollouts run at pp=1; use tp instead")
-        self.cfg = job.config
-        self.ro, self.hp, self.t = self.cfg["rollout"], self.cfg["ppo"], self.cfg["training"]
+        self.ro, self.hp, self.t = spec.rollout, spec.ppo, spec.training
         self.dp, self.dp_rank = lay.dp, ps.get_data_parallel_rank()
-        self.gbs, self.mbs = int(self.t["global_batch_size"]), int(self.t["micro_batch_size"])
-        self.samples = self.ro["prompts_per_iteration"] * self.ro["responses_per_prompt"]
-        if self.ro["prompts_per_iteration"] % self.dp:
+        self.gbs, self.mbs = self.t.global_batch_size, self.t.micro_batch_size
+        self.samples = self.ro.prompts_per_iteration * self.ro.responses_per_prompt
+        if self.ro.prompts_per_iteration % self.dp:
             raise EngineError(
-                f"stages.{job.name}.rollout.prompts_per_iteration={self.ro['prompts_per_iteration']} does not split "
+                f"stages.{job.name}.rollout.prompts_per_iteration={self.ro.prompts_per_iteration} does not split "
                 f"over {self.dp} data-parallel ranks; use a multiple of {self.dp}"
             )
         self.iterations = est.steps
-        self.optimizer_steps = self.iterations * self.hp["epochs"] * (self.samples // self.gbs)
+        self.optimizer_steps = self.iterations * self.hp.epochs * (self.samples // self.gbs)
 
-        manifest = read_manifest(dataset_dir(plan, job, "prompts"))
+        manifest = read_manifest(plan.dataset(spec.prompts))
         self.tokenizer = manifest["tokenizer"]
         self.tok = load_tokenizer(Path(self.tokenizer["path"]))
         self.ids = SpecialIds.lookup(self.tok.token_to_id)
         self.stop = [self.ids.end, self.ids.eos]
         self.vocab = int(self.tokenizer["vocab_size"])
         self.train_prompts = self._prompts("train")
-        self.eval_set = self._prompts("valid")[: self.cfg["eval_prompts"]]
+        self.eval_set = self._prompts("valid")[: spec.eval_prompts]
         if not self.train_prompts:
             raise EngineError(f"stage {job.name!r}: no training prompt fits rollout.max_prompt_tokens")
 
-        self.rewards = []
-        for spec in self.cfg["rewards"]:
-            found = plugin.rewards()[spec["plugin"]]
-            self.rewards.append(
-                (spec["plugin"], float(spec["weight"]), found, found.params.model_validate(spec["params"]))
-            )
-
-        model, device = plan.model, ctx.device
-        self.actor = build_job(job, model, device=device, steps=self.optimizer_steps)
-        critic_lr = self.hp["critic_lr"] or self.t["lr"]
+        model, device, t = plan.model, ctx.device, self.t
+        self.actor = build_job(job, model, training=t, device=device, steps=self.optimizer_steps)
+        critic_lr = self.hp.critic_lr or t.lr
         self.critic = (
-            build_job(job, model, device=device, steps=self.optimizer_steps, head="scalar", lr=critic_lr)
-            if self.hp["advantage"] == "gae"
+            build_job(job, model, training=t, device=device, steps=self.optimizer_steps, head="scalar", lr=critic_lr)
+            if self.hp.advantage == "gae"
             else None
         )
-        self.reference = build_frozen(job, model, device=device)
-        self.reward_model = build_frozen(job, model, device=device, head="scalar") if self.cfg["reward_model"] else None
+        self.reference = build_frozen(job, model, device=device, recompute=t.recompute)
+        self.reward_model = (
+            build_frozen(job, model, device=device, recompute=t.recompute, head="scalar") if spec.reward_model else None
+        )
+        self.scorer = Scorer(stage=job.name, rewards=spec.rewards, reward_model=self.reward_model,
+                             reward_model_weight=spec.reward_model_weight, values=self._values, tok=self.tok,
+                             ids=self.ids)  # fmt: skip
         self.root = Path(job.outputs[0].path)
         self.critic_root = self.root.parent / "critic"
 
     def _prompts(self, split: str) -> list[dict[str, Any]]:
-        rows = read_shards(self.plan, self.job, "prompt", split, key="prompts")
-        return [r for r in rows if len(r["prompt"]) <= self.ro["max_prompt_tokens"]]
+        rows = read_shards(self.plan, stage=self.job.name, data=self.spec.prompts, records="prompt", split=split)
+        return [r for r in rows if len(r["prompt"]) <= self.ro.max_prompt_tokens]
 
     # -- start-up -------------------------------------------------------------------------------
 
     def _load(self, path: Path, chunks: list[Any], fresh: tuple[str, ...] = ()) -> None:
         assert self.job.layout is not None
-        holder = SimpleNamespace(chunks=chunks)
-        checkpoint.load(path, holder, layout=self.job.layout.model_dump(), model_only=True, fresh=fresh)
+        checkpoint.load_weights(path, chunks, layout=self.job.layout.model_dump(), fresh=fresh)
 
     def start(self) -> tuple[int, float, list[str]]:
         """(iteration, KL coefficient, parents): resume, or initialise every role from its parent."""
@@ -195,10 +165,10 @@ class Ppo:
             checkpoint.remove_partial(self.root)
             checkpoint.remove_partial(self.critic_root)
         dist.barrier()
-        policy = checked_parent(self.ctx, self.cfg["policy"], self.tokenizer)
+        policy = checked_parent(self.ctx, self.spec.policy, self.tokenizer)
         self._load(policy, self.reference)
-        if self.reward_model is not None:
-            self._load(checked_parent(self.ctx, self.cfg["reward_model"], self.tokenizer), self.reward_model)
+        if self.reward_model is not None and self.spec.reward_model is not None:
+            self._load(checked_parent(self.ctx, self.spec.reward_model, self.tokenizer), self.reward_model)
         layout = self.job.layout.model_dump()
         own = checkpoint.latest_checkpoint(self.root)
         critics = {p.name for p in checkpoint.complete_checkpoints(self.critic_root)}
@@ -215,7 +185,7 @@ class Ppo:
                 checkpoint.load(self.critic_root / own.name, self.critic, layout=layout, model_only=False)
             return step, float(meta["kl_coef"]), list(meta.get("parents", []))
         self._load(policy, self.actor.chunks)
-        critic_from = self.cfg["critic_from"] or self.cfg["reward_model"]
+        critic_from = self.spec.critic_from or self.spec.reward_model
         parents = [str(policy)]
         if self.critic is None:
             pass
@@ -225,27 +195,27 @@ class Ppo:
             parents.append(str(source))
         else:
             self._load(policy, self.critic.chunks, fresh=(SCALAR_HEAD + ".",))
-        return 0, float(self.hp["kl_coef"]), parents
+        return 0, float(self.hp.kl_coef), parents
 
     # -- rollouts -------------------------------------------------------------------------------
 
     def _iteration_prompts(self, iteration: int) -> list[dict[str, Any]]:
-        n, per = len(self.train_prompts), self.ro["prompts_per_iteration"]
+        n, per = len(self.train_prompts), self.ro.prompts_per_iteration
         local = per // self.dp
         first = iteration * per + self.dp_rank * local
         out = []
         for g in range(first, first + local):
-            order = np.random.default_rng([int(self.t["seed"]), g // n]).permutation(n)
+            order = np.random.default_rng([int(self.t.seed), g // n]).permutation(n)
             out.append(self.train_prompts[int(order[g % n])])
-        return [p for p in out for _ in range(self.ro["responses_per_prompt"])]
+        return [p for p in out for _ in range(self.ro.responses_per_prompt)]
 
     def _generate(self, prompts: list[dict[str, Any]], sampling: Sampling, gen: torch.Generator) -> tuple[Any, int]:
         """Token rows (prompt + response, padded), prompt and response lengths; tokens generated."""
         rows, plens, rlens, new = [], [], [], 0
         actor = self.actor.chunks[0]
-        for i in range(0, len(prompts), self.ro["batch_size"]):
-            chunk = prompts[i : i + self.ro["batch_size"]]
-            out = generate(actor, [p["prompt"] for p in chunk], max_new=self.ro["max_new_tokens"], sampling=sampling,
+        for i in range(0, len(prompts), self.ro.batch_size):
+            chunk = prompts[i : i + self.ro.batch_size]
+            out = generate(actor, [p["prompt"] for p in chunk], max_new=self.ro.max_new_tokens, sampling=sampling,
                            stop=self.stop, pad=self.ids.pad, vocab_size=self.vocab, generator=gen)  # fmt: skip
             new += out.new_tokens
             for r in range(len(chunk)):
@@ -268,80 +238,39 @@ class Ppo:
     @torch.no_grad()
     def _logp(self, chunks: list[Any], tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = []
-        for i in range(0, len(tokens), self.ro["batch_size"]):
-            t = tokens[i : i + self.ro["batch_size"]]
-            logits = chunks[0](t, positions(*t.shape), None) / self.ro["temperature"]
-            out.append(vocab_parallel_logp_entropy(logits, labels[i : i + self.ro["batch_size"]])[0])
+        for i in range(0, len(tokens), self.ro.batch_size):
+            t = tokens[i : i + self.ro.batch_size]
+            logits = chunks[0](t, positions(*t.shape), None) / self.ro.temperature
+            out.append(vocab_parallel_logp_entropy(logits, labels[i : i + self.ro.batch_size])[0])
         return torch.cat(out)
 
     @torch.no_grad()
     def _values(self, chunks: list[Any], tokens: torch.Tensor) -> torch.Tensor:
-        size = self.ro["batch_size"]
+        size = self.ro.batch_size
         out = [chunks[0](tokens[i : i + size], positions(*tokens[i : i + size].shape), None).float()
                for i in range(0, len(tokens), size)]  # fmt: skip
         return torch.cat(out)
 
-    def _samples(self, prompts: list[dict[str, Any]], rows: list[list[int]], plens: list[int],
-                 rlens: list[int]) -> list[plugin.RewardSample]:  # fmt: skip
-        """What reward functions score: prompt text, decoded response (no stop tokens), reference."""
-        texts = [self.tok.decode([t for t in r[p : p + n] if t not in self.stop])
-                 for r, p, n in zip(rows, plens, rlens, strict=True)]  # fmt: skip
-        return [plugin.RewardSample(prompt=pr["prompt_text"], response=text, reference=pr.get("reference"))
-                for pr, text in zip(prompts, texts, strict=True)]  # fmt: skip
-
-    def _scores(
-        self, rows: list[list[int]], batch: list[plugin.RewardSample]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted sum of the reward sources per rollout, and each source's raw values."""
-        parts: dict[str, torch.Tensor] = {}
-        total = torch.zeros(len(rows))
-        if self.reward_model is not None:
-            # As the reward model was trained: prompt + response + <|end|> <|eos|>, read at the last token.
-            rm_rows = [[*r, self.ids.eos] if r[-1] == self.ids.end else r for r in rows]
-            width = max(len(r) for r in rm_rows)
-            tokens = torch.full((len(rows), width), self.ids.pad, dtype=torch.long)
-            for i, r in enumerate(rm_rows):
-                tokens[i, : len(r)] = torch.tensor(r)
-            values = self._values(self.reward_model, tokens)
-            last = torch.tensor([len(r) - 1 for r in rm_rows])
-            parts["reward_model"] = values.gather(1, last.unsqueeze(1)).squeeze(1)
-            total += float(self.cfg["reward_model_weight"]) * parts["reward_model"]
-        for i, (name, weight, found, params) in enumerate(self.rewards):
-            where = f"stages.{self.job.name}.rewards[{i}]"
-            fix = "fix the plugin or remove it from the recipe"
-            try:
-                values_list = found.score(params, batch)
-            except Exception as exc:  # a plugin's own failure: name it, no traceback
-                raise EngineError(
-                    f"{where}: reward plugin {name!r} failed: {type(exc).__name__}: {exc}; {fix}"
-                ) from None
-            if len(values_list) != len(batch) or not all(math.isfinite(v) for v in values_list):
-                raise EngineError(f"{where}: reward plugin {name!r} returned {len(values_list)} values for {len(batch)} "
-                                  f"responses, or a value that is not finite; {fix}")  # fmt: skip
-            parts[name] = torch.tensor(values_list, dtype=torch.float32)
-            total += weight * parts[name]
-        return total, parts
-
     def collect(self, iteration: int, beta: float) -> tuple[Rollouts, dict[str, float]]:
         prompts = self._iteration_prompts(iteration)
-        gen = torch.Generator().manual_seed(int(self.t["seed"]) * 1_000_003 + iteration * 1009 + self.dp_rank)
-        sampling = Sampling(self.ro["temperature"], self.ro["top_k"], self.ro["top_p"])
+        gen = torch.Generator().manual_seed(int(self.t.seed) * 1_000_003 + iteration * 1009 + self.dp_rank)
+        sampling = Sampling(self.ro.temperature, self.ro.top_k, self.ro.top_p)
         began = time.perf_counter()
         (rows, plens, rlens), new_tokens = self._generate(prompts, sampling, gen)
         rollout_s = time.perf_counter() - began
         tokens, labels, mask = self._label_space(rows, plens)
         old_logp = self._logp(self.actor.chunks, tokens, labels) * mask
         ref_logp = self._logp(self.reference, tokens, labels) * mask
-        score, parts = self._scores(rows, self._samples(prompts, rows, plens, rlens))
-        kl = kl_penalty(old_logp, ref_logp, self.hp["kl_estimator"]) * mask
+        score, parts = self.scorer.scores(rows, self.scorer.samples(prompts, rows, plens, rlens))
+        kl = kl_penalty(old_logp, ref_logp, self.hp.kl_estimator) * mask
         if self.critic is None:
             old_values = returns = torch.zeros_like(mask)
-            advantages = rloo_advantages(score, kl, mask, beta, self.ro["responses_per_prompt"])
+            advantages = rloo_advantages(score, kl, mask, beta, self.ro.responses_per_prompt)
         else:
             old_values = self._values(self.critic.chunks, tokens) * mask
             rewards = token_rewards(score, kl, mask, beta)
-            advantages, returns = gae(rewards, old_values, mask, self.hp["gamma"], self.hp["lam"])
-        if self.hp["whiten_advantages"]:
+            advantages, returns = gae(rewards, old_values, mask, self.hp.gamma, self.hp.lam)
+        if self.hp.whiten_advantages:
             sums = _dp_sum(torch.stack([(advantages * mask).sum(), (advantages.pow(2) * mask).sum(), mask.sum()]))
             mean = sums[0] / sums[2]
             advantages = whiten(advantages, mask, mean, sums[1] / sums[2] - mean.pow(2))
@@ -365,11 +294,11 @@ class Ppo:
 
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             # The policy that sampled the rollouts is softmax(logits / temperature): its log-probabilities.
-            logp, entropy = vocab_parallel_logp_entropy(logits / self.ro["temperature"], b["labels"])
+            logp, entropy = vocab_parallel_logp_entropy(logits / self.ro.temperature, b["labels"])
             pg, clip_fraction, approx_kl = policy_loss(logp, b["old_logp"], b["advantages"], b["mask"],
-                                                       self.hp["clip_eps"])  # fmt: skip
+                                                       self.hp.clip_eps)  # fmt: skip
             ent = masked_mean(entropy, b["mask"])
-            loss = pg - self.hp["entropy_coef"] * ent
+            loss = pg - self.hp.entropy_coef * ent
             report = {"loss": loss.detach().clone(), "policy_loss": pg.detach(), "clip_fraction": clip_fraction,
                       "approx_kl": approx_kl, "entropy": ent.detach()}  # fmt: skip
             return loss, report
@@ -381,7 +310,7 @@ class Ppo:
         values = model(b["tokens"], b["position_ids"], None)
 
         def loss_func(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            loss = value_loss(values.float(), b["old_values"], b["returns"], b["mask"], self.hp["value_clip"])
+            loss = value_loss(values.float(), b["old_values"], b["returns"], b["mask"], self.hp.value_clip)
             return loss, {"loss": loss.detach().clone(), "value_loss": loss.detach()}
 
         return values, loss_func
@@ -393,8 +322,8 @@ class Ppo:
         seq = rollouts.tokens.shape[1]
         totals: dict[str, float] = {}
         count, epochs_run = 0, 0
-        for epoch in range(self.hp["epochs"]):
-            gen = torch.Generator().manual_seed(int(self.t["seed"]) + 7919 * iteration + epoch)
+        for epoch in range(self.hp.epochs):
+            gen = torch.Generator().manual_seed(int(self.t.seed) + 7919 * iteration + epoch)
             order = torch.randperm(n, generator=gen)
             kls = []
             for first in range(0, n, local):
@@ -414,7 +343,7 @@ class Ppo:
                 count += 1
                 kls.append(a.values["approx_kl"])
             epochs_run += 1
-            if self.hp["kl_stop"] is not None and sum(kls) / len(kls) > self.hp["kl_stop"]:
+            if self.hp.kl_stop is not None and sum(kls) / len(kls) > self.hp.kl_stop:
                 break
         out = {k: v / count for k, v in totals.items()}
         out["epochs"] = float(epochs_run)
@@ -432,14 +361,14 @@ class Ppo:
             return {}
         out = self._evaluate(mine, Sampling(temperature=0.0), "val_")
         sampled = [p for p in mine for _ in range(4)]
-        rollout = Sampling(self.ro["temperature"], self.ro["top_k"], self.ro["top_p"])
+        rollout = Sampling(self.ro.temperature, self.ro.top_k, self.ro.top_p)
         return out | self._evaluate(sampled, rollout, "val_sampled_")
 
     def _evaluate(self, prompts: list[dict[str, Any]], sampling: Sampling, prefix: str) -> dict[str, float]:
         gen = torch.Generator().manual_seed(12345 + self.dp_rank)
         (rows, plens, rlens), _ = self._generate(prompts, sampling, gen)
-        samples = self._samples(prompts, rows, plens, rlens)
-        score, _ = self._scores(rows, samples)
+        samples = self.scorer.samples(prompts, rows, plens, rlens)
+        score, _ = self.scorer.scores(rows, samples)
         checkable = [s for s in samples if s.reference is not None]
         correct = sum(exact_match.score(exact_match.ExactMatchParams(), checkable))
         sums = _dp_sum(torch.tensor([float(score.sum()), float(len(prompts)), correct, float(len(checkable)),
@@ -453,13 +382,13 @@ class Ppo:
 
     def run(self) -> None:
         ctx, job = self.ctx, self.job
-        ck = self.cfg["checkpointing"]
+        ck = self.spec.checkpointing
         iteration, beta, parents = self.start()
         meta = meta_for(ctx, self.tokenizer, parents)
         metrics = Metrics(ctx.stage_dir, name=job.name, total_steps=self.iterations, start_step=iteration,
                           enabled=ctx.is_logger)  # fmt: skip
-        eval_every = self.t["eval_interval"] or self.iterations
-        save_every = ck["interval"] or self.iterations
+        eval_every = self.t.eval_interval or self.iterations
+        save_every = ck.interval or self.iterations
         if ctx.is_logger:
             print(f"[{job.name}] {len(self.train_prompts)} training prompts, {len(self.eval_set)} held out; "
                   f"{self.samples} rollouts per iteration, {self.optimizer_steps} optimizer steps", flush=True)  # fmt: skip
@@ -472,7 +401,7 @@ class Ppo:
                 values |= self.optimize(rollouts, iteration)
                 iteration += 1
                 values["kl_coef"] = beta
-                beta = adapt_kl_coef(beta, values["kl"], self.hp["kl_target"], self.hp["kl_horizon"], self.samples)
+                beta = adapt_kl_coef(beta, values["kl"], self.hp.kl_target, self.hp.kl_horizon, self.samples)
                 if iteration % eval_every == 0 or iteration == self.iterations:
                     values |= self.evaluate()
                 values["elapsed_s"] = time.perf_counter() - loop_start
@@ -487,7 +416,7 @@ class Ppo:
             metrics.close()
 
     def save(self, iteration: int, beta: float, meta: dict[str, Any]) -> None:
-        keep = self.cfg["checkpointing"]["keep_last"]
+        keep = self.spec.checkpointing.keep_last
         if self.critic is not None:
             critic_meta = {
                 **meta,
@@ -501,9 +430,7 @@ class Ppo:
 
 
 def _dp_sum(x: torch.Tensor) -> torch.Tensor:
-    x = x.double().clone()
-    dist.all_reduce(x, group=ps.get_data_parallel_group())
-    return x
+    return comm.all_reduce(x, group=ps.get_data_parallel_group())
 
 
 def _dp_means(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -518,5 +445,5 @@ def _dp_std(x: torch.Tensor) -> float:
     return math.sqrt(max(float(s[1] / s[2]) - mean * mean, 0.0))
 
 
-def run(ctx: Context) -> None:
-    Ppo(ctx).run()
+def run(ctx: Context, spec: PpoStage) -> None:
+    Ppo(ctx, spec).run()

@@ -3,27 +3,29 @@
 The backbone comes from an SFT (or pretrain) checkpoint after checking the hand-off contract; the
 head (hidden → 1, tensor-parallel, on the last pipeline stage: engine.worker.mcore.scalar_model_class)
 starts fresh. Each pair is scored at the last real token of prompt + chosen and of prompt + rejected,
-and the loss is Bradley–Terry, −log σ(r_chosen − r_rejected − margin). Training and validation log
-the loss, the accuracy (how often r_chosen > r_rejected) and the mean margin; validation is logged at
-step 0 too. Every checkpoint's meta.json says `"model": "reward_model"` with its head.
+and the objective is Bradley–Terry, −log σ(r_chosen − r_rejected − margin) (engine.worker.objectives).
+Training and validation log the loss, the accuracy (how often r_chosen > r_rejected) and the mean
+margin; validation is logged at step 0 too. Every checkpoint's meta.json says `"model": "reward_model"`
+with its head.
 """
 
 from __future__ import annotations
 
 from megatron.core import parallel_state as ps
 
+from ...artifacts import read_manifest
 from ...errors import EngineError
-from ..chat_data import ChatData
-from ..data import dataset_dir, read_manifest
-from ..loop import PAIR_KEYS, pair_forward_step
-from ..main import Context
+from ...schema import RewardModelStage
+from ..batches import ChatBatches, PairRows
+from ..context import Context
 from ..mcore import SCALAR_HEAD, build_job
+from ..objectives import PairwisePreference
 from ..train import Task, train
 
 META = {"model": "reward_model", "head": {"name": SCALAR_HEAD, "outputs": 1, "read_at": "last_token"}}
 
 
-def run(ctx: Context) -> None:
+def run(ctx: Context, spec: RewardModelStage) -> None:
     plan, job = ctx.plan, ctx.job
     assert job.estimate is not None and job.layout is not None
     if job.layout.cp > 1:
@@ -31,21 +33,21 @@ def run(ctx: Context) -> None:
             f"stages.{job.name}.parallelism.cp={job.layout.cp}: the reward model reads each sequence's last "
             "token, which context parallelism splits across ranks; use cp: 1 for this stage"
         )
-    tokenizer = read_manifest(dataset_dir(plan, job))["tokenizer"]
-    data = ChatData(plan, job, pairs=True, pad=int(tokenizer["pad"]))
+    tokenizer = read_manifest(plan.dataset(spec.data))["tokenizer"]
+    data = ChatBatches(plan, job, data=spec.data, training=spec.training, batching=spec.batching,
+                       shape=PairRows(pad=int(tokenizer["pad"])))  # fmt: skip
     if ctx.is_logger:
         print(f"[{job.name}] {data.describe()}", flush=True)
-    built = build_job(job, plan.model, device=ctx.device, steps=job.estimate.steps, head="scalar")
+    objective = PairwisePreference(ctx.device, margin=spec.margin, fresh=(SCALAR_HEAD + ".",), meta=META)
+    built = build_job(job, plan.model, training=spec.training, device=ctx.device, steps=job.estimate.steps,
+                      head=objective.head)  # fmt: skip
     dp_rank = ps.get_data_parallel_rank()
 
     task = Task(
-        forward_step=pair_forward_step(ctx.device, float(job.config["margin"])),
-        keys=PAIR_KEYS,
+        objective=objective,
         train_batches=data.step_batches(dp_rank),
         valid_batches=lambda: data.valid_batches(dp_rank),
         tokenizer=tokenizer,
-        rows_per_sample=2,
-        fresh=(SCALAR_HEAD + ".",),
-        meta=META,
+        init_from=spec.init_from,
     )
-    train(ctx, built, task)
+    train(ctx, built, task, training=spec.training, checkpointing=spec.checkpointing)

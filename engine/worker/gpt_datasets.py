@@ -10,16 +10,16 @@ an uninterrupted one would have.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..artifacts import MANIFEST, read_json, text_prefix
-from ..compile import Job, Plan
+from ..artifacts import read_manifest, text_prefix
 from ..errors import EngineError
+from ..schema import SourceSpec
 
 
 @dataclass(frozen=True)
@@ -36,57 +36,45 @@ class SpecialIds:
         return {"class": "SpecialIds", "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
 
 
-def dataset_dir(plan: Plan, job: Job, key: str = "data") -> Path:
-    """The dataset artifact of the data stage that `job.config[key]` names."""
-    data_stage = job.config[key]
-    artifact = next(a for a in plan.job(data_stage).outputs if a.kind == "dataset")
-    return Path(artifact.path)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        raise EngineError(f"no dataset at {path}: {manifest} is missing; run the data stage first")
-    data: dict[str, Any] = read_json(manifest)
-    return data
-
-
-def blend(plan: Plan, job: Job, root: Path, split: str) -> tuple[list[str], list[float]]:
-    """Prefixes and mixture weights of the text sources feeding a pretrain job."""
-    data_stage = plan.job(job.config["data"]).config
-    mixture = job.config.get("mixture") or {}
+def blend(
+    sources: list[SourceSpec], mixture: Mapping[str, float] | None, root: Path, split: str, *, stage: str
+) -> tuple[list[str], list[float]]:
+    """Prefixes and mixture weights of the text sources (in recipe order) feeding the pretrain stage `stage`."""
+    mixture = mixture or {}
     prefixes, weights = [], []
-    for src in data_stage["sources"]:
-        if src["records"] != "text":
+    for src in sources:
+        if src.records != "text":
             continue
-        weight = float(mixture.get(src["name"], src["weight"]))
+        weight = float(mixture.get(src.name, src.weight))
         if weight <= 0:
             continue
-        prefix = text_prefix(root, src["name"], split)
+        prefix = text_prefix(root, src.name, split)
         if not Path(prefix + ".idx").is_file():
-            raise EngineError(f"source {src['name']!r} has no {split} split at {prefix}.idx")
+            raise EngineError(f"source {src.name!r} has no {split} split at {prefix}.idx")
         prefixes.append(prefix)
         weights.append(weight)
     if not prefixes:
-        raise EngineError(f"no text source with a positive weight feeds stage {job.name!r}")
+        raise EngineError(f"no text source with a positive weight feeds stage {stage!r}")
     return prefixes, weights
 
 
 def build_datasets(
-    plan: Plan, job: Job, *, train_samples: int, valid_samples: int, seed: int, cache: Path
-) -> tuple[Any, Any, SpecialIds]:
+    root: Path, *, sources: list[SourceSpec], mixture: Mapping[str, float] | None, stage: str, seq_length: int,
+    train_samples: int, valid_samples: int, seed: int, cache: Path,
+) -> tuple[Any, Any, SpecialIds]:  # fmt: skip
+    """Train and validation GPTDatasets over the dataset folder `root`, blended by source weight."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    root = dataset_dir(plan, job)
-    manifest = read_manifest(root)
-    tok = manifest["tokenizer"]
+    tok = read_manifest(root)["tokenizer"]
     ids = SpecialIds(vocab_size=int(tok["vocab_size"]), eod=int(tok["eod"]), pad=int(tok["pad"]))
-    assert job.layout is not None
     config = GPTDatasetConfig(
         random_seed=seed,
-        sequence_length=plan.model.seq_length,
-        blend_per_split=[blend(plan, job, root, "train"), blend(plan, job, root, "valid"), None],
+        sequence_length=seq_length,
+        blend_per_split=[
+            blend(sources, mixture, root, "train", stage=stage), blend(sources, mixture, root, "valid", stage=stage),
+            None,
+        ],
         tokenizer=ids,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -94,7 +82,7 @@ def build_datasets(
         create_attention_mask=False,
         path_to_cache=str(cache),
         mmap_bin_files=True,
-    )
+    )  # fmt: skip
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
     ).build()

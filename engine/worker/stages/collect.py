@@ -31,15 +31,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from ... import plugin
 from ...artifacts import SPLITS, read_json, write_json_atomic
 from ...chat import SpecialIds, render
-from ...data.clean import Cleaner
-from ...data.dedup import Decontaminator, Deduplicator, canonical
-from ...data.tokenizer import describe, load, train_bpe
+from ...corpus.clean import Cleaner
+from ...corpus.dedup import Decontaminator, Deduplicator, canonical
+from ...corpus.tokenizer import describe, load, train_bpe
 from ...errors import EngineError
-from ...schema import CleaningSpec, DedupSpec, SplitSpec
-from ..main import Context
+from ...schema import CleaningSpec, DataStage, SourceSpec, SplitSpec, TokenizerSpec, TrainTokenizer
+from ..context import Context
 
 KIND_ORDER = {"prompt": 0, "text": 1, "conversation": 2, "preference": 3}
 
@@ -65,20 +67,20 @@ def _fields(record: Any) -> list[str]:
     return [record.prompt]
 
 
-def _records(src: dict[str, Any], strict: bool, errors: Counter[str]) -> Iterator[Any]:
+def _records(src: SourceSpec, strict: bool, errors: Counter[str]) -> Iterator[Any]:
     """The source's records; unreadable ones are counted with file and line, or fatal when strict."""
-    found = plugin.data_sources()[src["plugin"]]
-    params = found.params.model_validate(src["params"])
+    found = plugin.data_sources()[src.plugin]
+    params = found.params.model_validate(src.params)
     try:
-        for record in found.read(params, src["records"]):
+        for record in found.read(params, src.records):
             if isinstance(record, plugin.Skip):
                 if strict:
-                    raise EngineError(f"source {src['name']!r}: {record.where}: {record.reason}")
-                errors[f"{src['name']}: {record.where}: {record.reason}"] += 1
+                    raise EngineError(f"source {src.name!r}: {record.where}: {record.reason}")
+                errors[f"{src.name}: {record.where}: {record.reason}"] += 1
                 continue
             yield record
     except OSError as exc:  # the source itself is unreadable (missing files, permissions)
-        raise EngineError(f"source {src['name']!r}: {exc}") from None
+        raise EngineError(f"source {src.name!r}: {exc}") from None
 
 
 class Progress:
@@ -103,9 +105,9 @@ class Progress:
 _worker_cleaner: Cleaner | None = None
 
 
-def _init_worker(spec: dict[str, Any]) -> None:
+def _init_worker(spec: CleaningSpec) -> None:
     global _worker_cleaner
-    _worker_cleaner = Cleaner(CleaningSpec.model_validate(spec))
+    _worker_cleaner = Cleaner(spec)
 
 
 def _clean_batch(batch: list[list[str]]) -> tuple[list[list[str | None]], Counter[str]]:
@@ -133,35 +135,33 @@ def _cleaned(
             yield from zip(batch, cleaned, strict=True)
 
 
-def collect(ctx: Context, spool: Path) -> dict[str, Any]:
+def collect(spec: DataStage, *, stage: str, spool: Path) -> dict[str, Any]:
     """Pass 1: read, clean, dedup, decontaminate and split every source into spool files."""
-    cfg = ctx.job.config
-    cleaner = Cleaner(CleaningSpec.model_validate(cfg["cleaning"]))
-    workers = int(cfg["workers"])
-    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (cfg["cleaning"],)) if workers > 1 else None
+    cleaner = Cleaner(spec.cleaning)
+    workers = spec.workers
+    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (spec.cleaning,)) if workers > 1 else None
     try:
-        return _collect(ctx, spool, cleaner, pool)
+        return _collect(spec, stage, spool, cleaner, pool)
     finally:
         if pool is not None:
             pool.terminate()
 
 
-def _collect(ctx: Context, spool: Path, cleaner: Cleaner, pool: Any) -> dict[str, Any]:
-    cfg = ctx.job.config
-    dedup_spec = DedupSpec.model_validate(cfg["dedup"])
+def _collect(spec: DataStage, stage: str, spool: Path, cleaner: Cleaner, pool: Any) -> dict[str, Any]:
+    dedup_spec = spec.dedup
     dedup = Deduplicator(dedup_spec)
     deco = Decontaminator(dedup_spec.decontamination_ngram) if dedup_spec.decontaminate else None
-    splits = SplitSpec.model_validate(cfg["splits"])
+    splits = spec.splits
     errors: Counter[str] = Counter()
     counts: dict[str, Counter[str]] = {}
-    progress = Progress(ctx.job.name)
-    for src in sorted(cfg["sources"], key=lambda s: KIND_ORDER[s["records"]]):
-        name, kind = src["name"], src["records"]
+    progress = Progress(stage)
+    for src in sorted(spec.sources, key=lambda s: KIND_ORDER[s.records]):
+        name, kind = src.name, src.records
         counts[name] = Counter()
         files = {s: (spool / f"{name}.{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
         try:
-            records = _records(src, cfg.get("strict", False), errors)
-            for record, cleaned in _cleaned(records, cleaner, pool, 2 * int(cfg["workers"])):
+            records = _records(src, spec.strict, errors)
+            for record, cleaned in _cleaned(records, cleaner, pool, 2 * spec.workers):
                 counts[name]["read"] += 1
                 progress.advance(name, sum(len(t) for t in _fields(record)))
                 if any(c is None for c in cleaned):
@@ -195,9 +195,9 @@ def _spooled(spool: Path, name: str, split: str) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-def _training_text(ctx: Context, spool: Path) -> Iterator[str]:
-    for src in ctx.job.config["sources"]:
-        for row in _spooled(spool, src["name"], "train"):
+def _training_text(sources: list[SourceSpec], spool: Path) -> Iterator[str]:
+    for src in sources:
+        for row in _spooled(spool, src.name, "train"):
             yield from _texts(row)
 
 
@@ -212,14 +212,14 @@ def _texts(row: dict[str, Any]) -> list[str]:
     return [row["prompt"], row.get("reference") or ""]
 
 
-def tokenizer(ctx: Context, spool: Path, out: Path) -> tuple[Any, dict[str, Any]]:
-    spec = ctx.plan.tokenizer
-    if spec["kind"] == "train":
-        tok = train_bpe(_training_text(ctx, spool), vocab_size=spec["vocab_size"], min_frequency=spec["min_frequency"])
+def tokenizer(ctx: Context, sources: list[SourceSpec], spool: Path, out: Path) -> tuple[Any, dict[str, Any]]:
+    spec = TypeAdapter(TokenizerSpec).validate_python(ctx.plan.tokenizer)
+    if isinstance(spec, TrainTokenizer):
+        tok = train_bpe(_training_text(sources, spool), vocab_size=spec.vocab_size, min_frequency=spec.min_frequency)
         path = out / "tokenizer.json"
         tok.save(str(path))
     else:
-        path = Path(spec["path"])
+        path = Path(spec.path)
         if not path.is_file():
             raise EngineError(f"tokenizer.path: {path} not found")
         tok = load(path)
@@ -315,22 +315,22 @@ def write_shards(
     return shards
 
 
-def input_fingerprint(sources: list[dict[str, Any]]) -> dict[str, str]:
+def input_fingerprint(sources: list[SourceSpec]) -> dict[str, str]:
     """Per source, what its plugin reads beyond the recipe (file sizes and times), for the cache."""
     out = {}
     for src in sources:
-        found = plugin.data_sources()[src["plugin"]]
+        found = plugin.data_sources()[src.plugin]
         if found.fingerprint is not None:
-            out[src["name"]] = found.fingerprint(found.params.model_validate(src["params"]))
+            out[src.name] = found.fingerprint(found.params.model_validate(src.params))
     return out
 
 
-def run(ctx: Context) -> None:
+def run(ctx: Context, spec: DataStage) -> None:
     job = ctx.job
     data_out = Path(next(a.path for a in job.outputs if a.kind == "dataset"))
     tok_out = next((Path(a.path) for a in job.outputs if a.kind == "tokenizer"), None)
     manifest_path = data_out / "manifest.json"
-    inputs = input_fingerprint(job.config["sources"])
+    inputs = input_fingerprint(spec.sources)
     if manifest_path.is_file():
         old = read_json(manifest_path)
         if old.get("cache_key") == job.cache_key and old.get("inputs") == inputs:
@@ -341,25 +341,25 @@ def run(ctx: Context) -> None:
     (build / "data").mkdir(parents=True)
     (build / "spool").mkdir()
     (build / "tokenizer").mkdir()
-    print(f"[{job.name}] reading, cleaning and deduplicating {len(job.config['sources'])} sources", flush=True)
-    report = collect(ctx, build / "spool")
-    tok, info = tokenizer(ctx, build / "spool", build / "tokenizer")
+    print(f"[{job.name}] reading, cleaning and deduplicating {len(spec.sources)} sources", flush=True)
+    report = collect(spec, stage=job.name, spool=build / "spool")
+    tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
     ids = SpecialIds.lookup(tok.token_to_id)
 
     def encode(text: str) -> list[int]:
         return list(tok.encode(text).ids)
 
     sources: dict[str, Any] = {}
-    for src in job.config["sources"]:
-        name, kind = src["name"], src["records"]
-        entry: dict[str, Any] = {"records": kind, "weight": src["weight"], "splits": {}}
+    for src in spec.sources:
+        name, kind = src.name, src.records
+        entry: dict[str, Any] = {"records": kind, "weight": src.weight, "splits": {}}
         for split in SPLITS:
             rows = _spooled(build / "spool", name, split)
             if kind == "text":
                 (build / "data" / name).mkdir(exist_ok=True)
                 entry["splits"][split] = write_text(tok, info["eod"], rows, str(build / "data" / name / split))
             else:
-                shards = write_shards(rows, build / "data" / name / split, encode, ids, job.config["shard_samples"])
+                shards = write_shards(rows, build / "data" / name / split, encode, ids, spec.shard_samples)
                 entry["splits"][split] = {
                     "samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
                     "shards": shards,

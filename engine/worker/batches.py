@@ -1,0 +1,345 @@
+"""Chat-format training batches: the data stage's webdataset shards as rows of one shape per objective.
+
+Every shard is checked against the sha256 in the data manifest, then its samples are held as flat
+token arrays with offsets (about five bytes a token), read once at start-up.
+
+Batches are addressed by sample index, like pretraining: step s covers the global samples
+[consumed, consumed + global_batch) of a per-epoch order, and data-parallel rank r takes the
+micro-batch slices r·mbs .. (r+1)·mbs of each mbs·dp block. A resumed run therefore reads exactly the
+batches an uninterrupted one would have.
+
+Length-bucketed padding (`batching: bucketed`): each epoch is a seeded permutation cut into windows of
+16 global batches; a window is sorted by length, cut into global batches, and those are shuffled. A
+step is padded only to its longest sample (rounded up to a multiple of 8 on GPUs, 16 with FP8, and
+of what context and sequence parallelism need), never across conversations, so no attention mask
+beyond the causal one is needed. `batching: padded` pads every step to the model's sequence length.
+The fraction of padded positions is logged every step as `pad_fraction`.
+
+`ChatBatches` does all of that for any row shape; a shape says which records it reads, how many rows a
+sample becomes, and how a micro-batch's rows are laid out:
+
+* `SequenceRows` (SFT): inputs are tokens[:-1], labels tokens[1:], and the loss mask is the chat
+  template's assistant mask shifted the same way;
+* `PairRows` (the reward model, preference optimisation): a micro-batch of m pairs is 2·m rows, the
+  chosen sequences (prompt + chosen) first, then the rejected ones, each with its labels, a per-token
+  mask over its response tokens (in label space: the positions whose next token is the response's),
+  and the index of its last real token; `weight` is 0 for filler pairs.
+
+Sequences longer than the model's are cut at its sequence length (counted at start-up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..artifacts import read_manifest
+from ..compile import Job, Plan
+from ..errors import EngineError
+from ..schema import RecordKind, Training
+from ..schema.stages import Batching
+
+WINDOW = 16  # global batches per length-sorting window
+Batch = dict[str, torch.Tensor]
+MakeIter = Callable[[], Iterator[Batch]]
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Variable-length integer sequences, concatenated."""
+
+    flat: np.ndarray
+    offsets: np.ndarray  # len + 1
+
+    @classmethod
+    def of(cls, seqs: list[list[int]], dtype: Any = np.int32) -> Ragged:
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in seqs], out=offsets[1:])
+        flat = np.fromiter((t for s in seqs for t in s), dtype=dtype, count=int(offsets[-1]))
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def read_shards(plan: Plan, *, stage: str, data: str, records: str, split: str) -> list[dict[str, Any]]:
+    """All samples of one record kind and split, from every source of the data stage `data` that the stage
+    `stage` reads."""
+    root = plan.dataset(data)
+    manifest = read_manifest(root)
+    samples: list[dict[str, Any]] = []
+    names = [name for name, src in manifest["sources"].items() if src["records"] == records]
+    if not names:
+        raise EngineError(
+            f"stage {stage!r} trains on {records} records, but data stage {data!r} has no "
+            f"source with records: {records}; add one to stages.{data}.sources"
+        )
+    for name in names:
+        for shard in manifest["sources"][name]["splits"].get(split, {}).get("shards", []):
+            samples += _shard_samples(root / name / split / shard["path"], shard["sha256"])
+    return samples
+
+
+def _shard_samples(path: Path, sha256: str) -> list[dict[str, Any]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise EngineError(f"cannot read shard {path}: {exc}; rerun the data stage") from None
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise EngineError(f"shard {path} does not match its sha256 in the manifest; rerun the data stage")
+    samples = []
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                f = tar.extractfile(member)
+                assert f is not None
+                samples.append(json.loads(f.read()))
+    return samples
+
+
+def step_length(longest: int, *, cap: int, multiple: int) -> int:
+    return min(cap, math.ceil(max(longest, 1) / multiple) * multiple)
+
+
+def pad_multiple(job: Job) -> int:
+    """Sequence lengths must split into 2·cp chunks and, with sequence parallelism, over TP ranks; on
+    GPUs they are multiples of 8 for tensor cores (16 for FP8 GEMMs); on CPU nothing more."""
+    lay, prec = job.layout, job.precision
+    assert lay is not None and prec is not None
+    base = 1 if job.resources.device == "cpu" else 16 if prec.dtype == "fp8" else 8
+    return math.lcm(base, 2 * lay.cp if lay.cp > 1 else 1, lay.tp if lay.sequence_parallel else 1)
+
+
+def positions(rows: int, seq: int) -> torch.Tensor:
+    """Position ids 0..seq−1 for each of `rows` rows."""
+    return torch.arange(seq, dtype=torch.int64).unsqueeze(0).expand(rows, seq).contiguous()
+
+
+@dataclass
+class Order:
+    """The per-epoch sample order, length-grouped when bucketed; deterministic in (seed, epoch)."""
+
+    lengths: np.ndarray
+    gbs: int
+    seed: int
+    bucketed: bool
+    _cache: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def epoch(self, e: int) -> np.ndarray:
+        if e not in self._cache:
+            self._cache = {e: self._build(e)}  # steps walk forward: keep one epoch
+        return self._cache[e]
+
+    def _build(self, e: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, e])
+        perm = rng.permutation(len(self.lengths))
+        if not self.bucketed:
+            return perm
+        window = self.gbs * WINDOW
+        parts = []
+        for w in range(0, len(perm), window):
+            chunk = perm[w : w + window]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches = [chunk[i : i + self.gbs] for i in range(0, len(chunk), self.gbs)]
+            parts += [batches[b] for b in rng.permutation(len(batches))]
+        return np.concatenate(parts)
+
+    def samples(self, start: int, count: int) -> np.ndarray:
+        n = len(self.lengths)
+        return np.array([self.epoch(g // n)[g % n] for g in range(start, start + count)], dtype=np.int64)
+
+
+Samples = dict[str, Any]  # "n", "lengths" (the length a sample is padded for) and the shape's token arrays
+
+
+class RowShape(Protocol):
+    """How samples of one record kind become the rows of a micro-batch."""
+
+    @property
+    def records(self) -> RecordKind:
+        """The record kind it reads from the data stage."""
+
+    @property
+    def rows_per_sample(self) -> int: ...
+
+    @property
+    def noun(self) -> str:
+        """What a sample is called in the start-up line."""
+
+    def load(self, rows: list[dict[str, Any]]) -> Samples: ...
+
+    def real_tokens(self, ds: Samples, idx: np.ndarray, seq: int) -> int: ...
+
+    def rows(self, ds: Samples, idx: np.ndarray, seq: int) -> Batch: ...
+
+
+@dataclass(frozen=True)
+class SequenceRows:
+    """One row per conversation: tokens, next-token labels and the assistant-token loss mask."""
+
+    pad: int
+    records: RecordKind = "conversation"
+    rows_per_sample: int = 1
+    noun: str = "conversations"
+
+    def load(self, rows: list[dict[str, Any]]) -> Samples:
+        tokens, mask = Ragged.of([r["tokens"] for r in rows]), Ragged.of([r["loss_mask"] for r in rows], np.uint8)
+        return {"n": len(rows), "tokens": tokens, "mask": mask, "lengths": tokens.lengths - 1}
+
+    def real_tokens(self, ds: Samples, idx: np.ndarray, seq: int) -> int:
+        return int(np.minimum(ds["lengths"][idx], seq).sum())
+
+    def rows(self, ds: Samples, idx: np.ndarray, seq: int) -> Batch:
+        tokens = np.full((len(idx), seq), self.pad, dtype=np.int64)
+        labels = np.full((len(idx), seq), self.pad, dtype=np.int64)
+        mask = np.zeros((len(idx), seq), dtype=np.float32)
+        for r, i in enumerate(idx):
+            if i < 0:
+                continue
+            t, m = ds["tokens"][i], ds["mask"][i]
+            n = min(len(t) - 1, seq)
+            tokens[r, :n], labels[r, :n], mask[r, :n] = t[:n], t[1 : n + 1], m[1 : n + 1]
+        return {
+            "tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(mask), "position_ids": positions(len(idx), seq),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """Two rows per ranked pair, chosen first: prompt + response, labels, response-token mask, last index."""
+
+    pad: int
+    records: RecordKind = "preference"
+    rows_per_sample: int = 2
+    noun: str = "pairs"
+
+    def load(self, rows: list[dict[str, Any]]) -> Samples:
+        prompt = Ragged.of([r["prompt"] for r in rows])
+        chosen, rejected = Ragged.of([r["chosen"] for r in rows]), Ragged.of([r["rejected"] for r in rows])
+        lengths = prompt.lengths + np.maximum(chosen.lengths, rejected.lengths)
+        return {"n": len(rows), "prompt": prompt, "chosen": chosen, "rejected": rejected, "lengths": lengths}
+
+    def real_tokens(self, ds: Samples, idx: np.ndarray, seq: int) -> int:
+        p = ds["prompt"].lengths[idx]  # each row of a pair has its own length
+        return int(sum(np.minimum(p + ds[k].lengths[idx], seq).sum() for k in ("chosen", "rejected")))
+
+    def rows(self, ds: Samples, idx: np.ndarray, seq: int) -> Batch:
+        m = len(idx)
+        tokens = np.full((2 * m, seq), self.pad, dtype=np.int64)
+        labels = np.full((2 * m, seq), self.pad, dtype=np.int64)
+        mask = np.zeros((2 * m, seq), dtype=np.float32)
+        last = np.zeros(2 * m, dtype=np.int64)
+        weight = (idx >= 0).astype(np.float32)
+        for r, i in enumerate(idx):
+            i = max(int(i), 0)  # a filler pair repeats sample 0 with weight 0
+            prompt = ds["prompt"][i]
+            for half, key in ((0, "chosen"), (1, "rejected")):
+                row = np.concatenate([prompt, ds[key][i]])[:seq]
+                k, n = half * m + r, len(row)
+                tokens[k, :n], labels[k, : n - 1] = row, row[1:]
+                mask[k, max(min(len(prompt), n) - 1, 0) : n - 1] = 1.0  # positions whose next token is the response's
+                last[k] = n - 1
+        return {
+            "tokens": torch.from_numpy(tokens), "position_ids": positions(2 * m, seq),
+            "labels": torch.from_numpy(labels), "loss_mask": torch.from_numpy(mask),
+            "last": torch.from_numpy(last), "weight": torch.from_numpy(weight),
+        }  # fmt: skip
+
+
+class ChatBatches:
+    """Training and validation batches of one chat stage's job, in the rows of `shape`."""
+
+    def __init__(
+        self, plan: Plan, job: Job, *, data: str, training: Training, batching: Batching, shape: RowShape
+    ) -> None:
+        assert job.layout is not None
+        self.shape, self.data = shape, data
+        self.gbs, self.mbs, self.dp = training.global_batch_size, training.micro_batch_size, job.layout.dp
+        self.cap, self.multiple = plan.model.seq_length, pad_multiple(job)
+        self.bucketed = batching == "bucketed"
+        self.train_set, self.valid_set = (
+            shape.load(read_shards(plan, stage=job.name, data=data, records=shape.records, split=split))
+            for split in ("train", "valid")
+        )
+        if self.train_set["n"] == 0:
+            raise EngineError(f"data stage {data!r} has no {shape.records} samples in its train split")
+        self.order = Order(self.train_set["lengths"], self.gbs, training.seed, self.bucketed)
+        self.eval_samples = min(self.valid_set["n"], training.eval_iters * self.gbs)
+
+    def describe(self) -> str:
+        tr = self.train_set
+        cut = int((tr["lengths"] > self.cap).sum())
+        return (f"{tr['n']} training {self.shape.noun} ({self.valid_set['n']} held out), mean length "
+                f"{tr['lengths'].mean():.1f} tokens, {cut} cut at {self.cap}; "
+                f"batching: {'length-bucketed' if self.bucketed else 'padded to seq_length'}")  # fmt: skip
+
+    def _length_of(self, dataset: Samples, idx: np.ndarray) -> int:
+        real = idx[idx >= 0]
+        if not self.bucketed or len(real) == 0:
+            return self.cap
+        return step_length(int(dataset["lengths"][real].max()), cap=self.cap, multiple=self.multiple)
+
+    def _make(self, dataset: Samples, idx: np.ndarray, seq: int, dp_rank: int) -> MakeIter:
+        """Micro-batches of this data-parallel rank from one global batch of sample indices."""
+        block = self.mbs * self.dp
+
+        def make() -> Iterator[Batch]:
+            for m in range(len(idx) // block):
+                first = m * block + dp_rank * self.mbs
+                yield self.shape.rows(dataset, idx[first : first + self.mbs], seq)
+
+        return make
+
+    def train_batches(self, consumed: int, dp_rank: int) -> tuple[MakeIter, int, float]:
+        """(micro-batch factory, sequence length, padded fraction) of the step starting at `consumed`."""
+        idx = self.order.samples(consumed, self.gbs)
+        seq = self._length_of(self.train_set, idx)
+        real = self.shape.real_tokens(self.train_set, idx, seq)
+        waste = 1.0 - float(real) / (seq * len(idx) * self.shape.rows_per_sample)
+        return self._make(self.train_set, idx, seq, dp_rank), seq, waste
+
+    def step_batches(self, dp_rank: int) -> Callable[[int], tuple[MakeIter, int, dict[str, float]]]:
+        """What the training loop asks for: consumed samples → (micro-batches, sequence length, values
+        to log: the padded fraction and the step's sequence length)."""
+
+        def batches(consumed: int) -> tuple[MakeIter, int, dict[str, float]]:
+            make, seq, waste = self.train_batches(consumed, dp_rank)
+            return make, seq, {"pad_fraction": waste, "seq_length": float(seq)}
+
+        return batches
+
+    def valid_batches(self, dp_rank: int) -> list[tuple[MakeIter, int, int]]:
+        """The held-out samples (at most eval_iters global batches), in global batches sorted by length;
+        the last one is filled with index −1, which weighs nothing."""
+        n = self.eval_samples
+        if n == 0:
+            return []
+        chosen = np.random.default_rng(0).permutation(self.valid_set["n"])[:n]
+        chosen = chosen[np.argsort(self.valid_set["lengths"][chosen], kind="stable")]
+        steps = math.ceil(n / self.gbs)
+        idx = np.full(steps * self.gbs, -1, dtype=np.int64)
+        idx[:n] = chosen
+        out = []
+        for s in range(steps):
+            batch = idx[s * self.gbs : (s + 1) * self.gbs]
+            seq = self._length_of(self.valid_set, batch)
+            out.append((self._make(self.valid_set, batch, seq, dp_rank), seq, self.gbs // (self.mbs * self.dp)))
+        return out

@@ -1,0 +1,73 @@
+"""Collectives on host values and host → device moves, in one place, for every backend.
+
+NCCL has no collectives for CPU tensors, and CUDA models reject CPU inputs; on the CPU (gloo)
+everything is on the host, so a test there cannot see either mistake. Worker code therefore never calls
+torch.distributed on its own values: it reduces, broadcasts and moves through these helpers, which put a
+tensor on the device the group's backend needs and hand host values back.
+
+`deliver_from_last_stage` is how outputs that only the last pipeline stage computes (per-token
+log-probabilities, values, scores of a forward-only schedule) reach every rank of the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+MAX_DIMS = 8  # the widest output `deliver_from_last_stage` carries: [micro-batches, *up to 7 dims]
+
+
+def _device(group: Any) -> torch.device:
+    """Where a collective over `group` needs its tensors: the current GPU for NCCL, else the host."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """A micro-batch on the job's device (a no-op on the CPU)."""
+    if device == "cpu":
+        return dict(batch)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def all_reduce(values: torch.Tensor, *, group: Any = None, op: Any = None) -> torch.Tensor:
+    """The sum (or `op`) of a tensor of host values over `group`, on the host, as float64."""
+    x = values.detach().to(torch.float64).to(_device(group)).clone()
+    dist.all_reduce(x, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+    return x.cpu()
+
+
+def deliver_from_last_stage(outputs: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The last pipeline stage's outputs (one same-shaped tensor per micro-batch) on every pipeline rank, on
+    the host. Other stages pass None. Without pipeline parallelism the outputs come back as they are."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return [t.detach().cpu() for t in outputs or []]
+    group = ps.get_pipeline_model_parallel_group()
+    src = ps.get_pipeline_model_parallel_last_rank()
+    device = _device(group)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    header = torch.zeros(MAX_DIMS + 2, dtype=torch.int64, device=device)
+    stacked = None
+    if last:
+        stacked = torch.stack([t.detach() for t in outputs or []]).to(device)
+        if stacked.dim() > MAX_DIMS:
+            raise ValueError(f"outputs of {stacked.dim()} dimensions; at most {MAX_DIMS} are delivered")
+        header[0] = stacked.dim()
+        header[1] = _DTYPES.index(stacked.dtype)
+        header[2 : 2 + stacked.dim()] = torch.tensor(stacked.shape, dtype=torch.int64)
+    dist.broadcast(header, src=src, group=group)
+    dims, dtype = int(header[0]), _DTYPES[int(header[1])]
+    shape = [int(v) for v in header[2 : 2 + dims]]
+    if stacked is None:
+        stacked = torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(stacked, src=src, group=group)
+    return list(stacked.cpu().unbind(0))
+
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool)
