@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .errors import EXIT_USER_ERROR, EngineError, RecipeError
+from .console import err, fail, finished_table, out, plan_table
+from .errors import EngineError, RecipeError
+from .feedback.cli import feedback_app
 
 if TYPE_CHECKING:
     from .compile import Job, Plan
@@ -27,9 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Wide enough for the plan table when piped to a file or a CI log, where rich would assume 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+app.add_typer(feedback_app, name="feedback")
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 OverridesArg = Annotated[
@@ -37,11 +36,6 @@ OverridesArg = Annotated[
     typer.Argument(help="overrides: key=value (dotted paths, e.g. stages.sft.training.lr=1e-5) or ~key"),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="plan jobs whose memory estimate exceeds the GPU")]
-
-
-def _fail(exc: EngineError) -> typer.Exit:
-    err.print(f"error: {exc.render()}", markup=False, style="red")
-    return typer.Exit(EXIT_USER_ERROR)
 
 
 def _compile(recipe: Path, overrides: list[str] | None, force: bool) -> tuple[Recipe, Plan]:
@@ -53,7 +47,7 @@ def _compile(recipe: Path, overrides: list[str] | None, force: bool) -> tuple[Re
         r = load_recipe(recipe, overrides or ())
         return r, compile_recipe(r, force=force, source=str(recipe))
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 @app.command()
@@ -89,7 +83,7 @@ def plan(
         from .launch.slurm import show_scripts as scripts
 
         if p.cluster.launcher != "slurm":
-            raise _fail(EngineError(f"cluster={p.cluster.name!r} runs jobs locally, without sbatch scripts; "
+            raise fail(EngineError(f"cluster={p.cluster.name!r} runs jobs locally, without sbatch scripts; "
                                     "name a Slurm cluster profile (e.g. cluster=h100) to see them"))  # fmt: skip
         sys.stdout.write(scripts(p))
         return
@@ -140,7 +134,7 @@ def run(
         return
     jobs, problems = select(p, stages.split(",") if stages else None)
     if problems:
-        raise _fail(RecipeError(problems, source=str(recipe)))
+        raise fail(RecipeError(problems, source=str(recipe)))
     write_run_record(p, round_=round_, continued_from=str(continue_from) if continue_from else None)
     if p.cluster.launcher == "slurm":
         _submit(p, jobs, _resolved_yaml(recipe, overrides), wait=wait)
@@ -148,7 +142,7 @@ def run(
     try:
         done = run_local(p, jobs, recipe_text=_resolved_yaml(recipe, overrides))
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(finished_table(done))
 
 
@@ -162,25 +156,16 @@ def _next_round(
     try:
         extra, names, round_ = continuation(first, earlier)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if not any(o.startswith("run_dir=") for o in overrides):
         extra.append(f"run_dir={next_run_dir(earlier, round_)}")
     combined = [*overrides, *extra]
     _, p = _compile(recipe, combined, force)
     if Path(p.run_dir).resolve() == earlier.resolve():
-        raise _fail(EngineError(f"run_dir={p.run_dir!r} is the run being continued; the next round needs its own "
+        raise fail(EngineError(f"run_dir={p.run_dir!r} is the run being continued; the next round needs its own "
                                 "run directory: drop the run_dir override or give another"))  # fmt: skip
     out.print(f"round {round_}: continuing from {earlier} into {p.run_dir}", markup=False)
     return combined, stages or ",".join(names), round_, p
-
-
-def finished_table(rows: list[dict[str, str]]) -> Table:
-    """Held-out results per stage and where each artifact is."""
-    table = Table("stage", "steps", "held-out results", "artifact", title="finished", title_justify="left")
-    for row in rows:
-        artifact = row["artifact"] + (f" ({row['version']})" if row.get("version") else "")
-        table.add_row(row["stage"], row["steps"], row["held_out"], artifact)
-    return table
 
 
 def _submit(p: Plan, jobs: list[Job], recipe_text: str, *, wait: bool) -> None:
@@ -193,7 +178,7 @@ def _submit(p: Plan, jobs: list[Job], recipe_text: str, *, wait: bool) -> None:
             return
         states = slurm.wait(Path(p.run_dir))
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     _show_status(Path(p.run_dir), states)
     if any(j["state"] != "COMPLETED" and not j["skipped"] for j in states):
         raise typer.Exit(1)
@@ -210,7 +195,7 @@ def status(run_dir: RunArg) -> None:
     try:
         states = slurm.status(run_dir) if (run_dir / slurm.SLURM_RECORD).is_file() else local.status(run_dir)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     _show_status(run_dir, states)
 
 
@@ -220,12 +205,12 @@ def cancel(run_dir: RunArg) -> None:
     from .launch import slurm
 
     if not (run_dir / slurm.SLURM_RECORD).is_file():
-        raise _fail(EngineError(f"{run_dir} has no Slurm submission ({slurm.SLURM_RECORD}); "
+        raise fail(EngineError(f"{run_dir} has no Slurm submission ({slurm.SLURM_RECORD}); "
                                 "a local run stops with Ctrl-C"))  # fmt: skip
     try:
         ids = slurm.cancel(run_dir)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(f"cancelled Slurm jobs {', '.join(ids)}" if ids else "nothing queued or running", markup=False)
 
 
@@ -239,7 +224,7 @@ def runs(
     try:
         found = list_runs(root)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     table = Table("run", "recipe", "round", "continued from", "finished", "started", title=f"runs in {root}")
     for r in found:
         run = str(Path(r["run_dir"]).relative_to(root))
@@ -257,7 +242,7 @@ def lineage(
     try:
         records = chain(artifact)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     table = Table("version", "stage", "kind", "artifact", "recipe", "data", "held-out results", title="lineage")
     for r in records:
         data = ", ".join(f"{Path(p).parent.name}:{h[:8]}" for p, h in r.get("data_manifests", {}).items()) or "-"
@@ -317,7 +302,7 @@ def plugins() -> None:
     try:
         sources, rewards = plugin.data_sources(), plugin.rewards()
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     table = Table("kind", "name", "records / params", "description", box=None)
     for name, source in sorted(sources.items()):
         table.add_row("data source", name, ", ".join(sorted(source.kinds)), source.description)
@@ -342,13 +327,13 @@ def export_(
     problems = [f"--format {fmt!r}: only 'hf' is supported"] if fmt != "hf" else []
     problems += [f"--dtype {dtype!r}: use fp32 or bf16"] if dtype not in ("fp32", "bf16") else []
     if problems:
-        raise _fail(EngineError("; ".join(problems)))
+        raise fail(EngineError("; ".join(problems)))
     from .hf.to_hf import export_checkpoint
 
     try:
         ckpt = export_checkpoint(artifact, out_dir, dtype=dtype, tokenizer=tokenizer)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(f"exported {ckpt} to {out_dir} (LlamaForCausalLM, {dtype})", markup=False)
 
 
@@ -376,7 +361,7 @@ def import_(
     try:
         section = import_checkpoint(hf_dir, out_dir, seq_length=seq_length, vocab_divisor=divisor)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(f"imported {hf_dir} into {out_dir}; a recipe starts from it with:", markup=False)
     sys.stdout.write(describe_import(section, out_dir))  # YAML to paste: never wrapped by the console
 
@@ -420,7 +405,7 @@ def chat(
             note("/reset clears the conversation, /exit or Ctrl-D leaves")
             interactive(session, reader(err), say, note)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -438,170 +423,8 @@ def report(
     try:
         path = write_report(run_dir, out_file)
     except EngineError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     sys.stdout.write(f"{path}\n")  # the path alone, never wrapped: `xdg-open "$(engine report runs/tiny)"`
-
-
-# ---- engine feedback: human and AI feedback for the next round -----------------------------------
-feedback_app = typer.Typer(
-    help="Human feedback: rank sampled responses in a browser, rank them with reward functions, export.",
-    no_args_is_help=True,
-)
-app.add_typer(feedback_app, name="feedback")
-FeedbackTarget = Annotated[
-    Path, typer.Argument(help="a run directory (runs/<name>), a stage's folder, or one checkpoint folder")
-]
-FeedbackDb = Annotated[
-    Path | None, typer.Option("--db", help="the feedback database (default: RUN/feedback/feedback.db)")
-]
-FeedbackPrompts = Annotated[
-    Path | None,
-    typer.Option("--prompts", help='a JSONL file of {"prompt": ..., "reference": ...} (default: the run\'s prompts)'),
-]
-FeedbackSplit = Annotated[str, typer.Option("--split", help="which split of the run's prompts: train, valid or test")]
-FeedbackTemperature = Annotated[float, typer.Option("--temperature", min=0.0, help="sampling temperature (0: greedy)")]
-FeedbackTopK = Annotated[int, typer.Option("--top-k", min=0, help="sample from the k likeliest tokens (0: all)")]
-FeedbackTopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="nucleus sampling mass (1: all)")]
-FeedbackMaxNew = Annotated[
-    int | None, typer.Option("--max-new-tokens", min=1, help="response length limit (default: half the context)")
-]
-FeedbackSeed = Annotated[int, typer.Option("--seed", help="sampling seed (with the prompt's index)")]
-FeedbackTokenizer = Annotated[
-    Path | None, typer.Option("--tokenizer", help="the run's tokenizer.json, when meta.json's path is elsewhere")
-]
-
-
-@feedback_app.command("serve")
-def feedback_serve(
-    target: FeedbackTarget,
-    db: FeedbackDb = None,
-    prompts: FeedbackPrompts = None,
-    split: FeedbackSplit = "train",
-    k: Annotated[int, typer.Option("--k", min=2, max=9, help="responses per prompt, side by side")] = 4,
-    host: Annotated[
-        str, typer.Option("--host", help="address to bind; beyond loopback a token is required")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8765,
-    token: Annotated[
-        str | None,
-        typer.Option("--token", envvar="ENGINE_FEEDBACK_TOKEN", help="access token every request must carry"),
-    ] = None,
-    overlap: Annotated[
-        float, typer.Option("--overlap", min=0.0, max=1.0, help="fraction of items given to a second reviewer")
-    ] = 0.2,
-    ahead: Annotated[
-        int, typer.Option("--ahead", min=1, max=256, help="items kept sampled ahead of the reviewers")
-    ] = 8,
-    temperature: FeedbackTemperature = 1.0,
-    top_k: FeedbackTopK = 0,
-    top_p: FeedbackTopP = 1.0,
-    max_new_tokens: FeedbackMaxNew = None,
-    seed: FeedbackSeed = 0,
-    tokenizer: FeedbackTokenizer = None,
-) -> None:
-    """Serve the review page: reviewers rank K sampled responses per prompt, flag, skip or write a better one."""
-    from .feedback.sampler import SamplingOptions, setup
-    from .feedback.server import check_binding, serve
-
-    try:
-        check_binding(host, token)
-        found, prompt_set, path = setup(target, prompts, split, db, tokenizer)
-        err.print(f"{len(prompt_set.rows)} prompts; judgments go to {path}; loading {found.checkpoint}", markup=False)
-        serve(found, prompt_set, db=path, host=host, port=port, token=token, k=k, ahead=ahead, overlap=overlap,
-              options=SamplingOptions(temperature, top_k, top_p, max_new_tokens, seed),
-              announce=lambda text: err.print(text, markup=False))  # fmt: skip
-    except EngineError as exc:
-        raise _fail(exc) from None
-
-
-@feedback_app.command("ai")
-def feedback_ai(
-    target: FeedbackTarget,
-    reward: Annotated[
-        list[str], typer.Option("--reward", help="a reward plugin, NAME or NAME:{json params} (repeat to sum several)")
-    ],
-    db: FeedbackDb = None,
-    prompts: FeedbackPrompts = None,
-    split: FeedbackSplit = "train",
-    k: Annotated[int, typer.Option("--k", min=2, max=64, help="responses per prompt")] = 4,
-    n: Annotated[int, typer.Option("--n", min=1, help="prompts to rank (after those ranked before)")] = 64,
-    temperature: FeedbackTemperature = 1.0,
-    top_k: FeedbackTopK = 0,
-    top_p: FeedbackTopP = 1.0,
-    max_new_tokens: FeedbackMaxNew = None,
-    seed: FeedbackSeed = 0,
-    tokenizer: FeedbackTokenizer = None,
-) -> None:
-    """AI feedback: sample K responses per prompt and store their ranking by reward functions."""
-    from .feedback.ai import reward_functions, run_ai_feedback
-    from .feedback.sampler import SamplingOptions, setup
-
-    try:
-        reward_functions(reward)
-        found, prompt_set, path = setup(target, prompts, split, db, tokenizer)
-        summary = run_ai_feedback(found, prompt_set, db=path, rewards=reward, k=k, limit=n,
-                                  options=SamplingOptions(temperature, top_k, top_p, max_new_tokens, seed))  # fmt: skip
-    except EngineError as exc:
-        raise _fail(exc) from None
-    out.print(f"{summary.reviewer}: ranked {summary.judgments} prompts × {k} responses into {path}; "
-              f"{summary.mixed} with differing scores (these give preference pairs), mean score {summary.mean_score:.3f}",
-              markup=False)  # fmt: skip
-
-
-@feedback_app.command("export")
-def feedback_export(
-    db: Annotated[Path, typer.Argument(help="the feedback database")],
-    out_dir: Annotated[Path, typer.Option("--out", help="the folder to write (created; its files are replaced)")],
-    pairs: Annotated[
-        str, typer.Option("--pairs", help="all: every ordered pair of a ranking; best: best vs each worse")
-    ] = "all",
-    ai: Annotated[bool, typer.Option("--ai/--no-ai", help="include AI feedback (reviewers named ai:...)")] = True,
-) -> None:
-    """Export judgments: rankings → preference pairs, written responses → conversations (JSONL)."""
-    from .feedback.export import export
-
-    if pairs not in ("all", "best"):
-        raise _fail(EngineError(f"--pairs {pairs!r}: use all or best"))
-    try:
-        manifest = export(db, out_dir, pairs="all" if pairs == "all" else "best", ai=ai)
-    except EngineError as exc:
-        raise _fail(exc) from None
-    out.print(f"{manifest['judgments']} judgments by {len(manifest['reviewers'])} reviewers → {manifest['preferences']} "
-              f"preference pairs and {manifest['conversations']} conversations in {out_dir}", markup=False)  # fmt: skip
-
-
-def plan_table(p: Plan) -> Table:
-    from .compile.estimate import human_bytes, human_count, human_time
-
-    title = f"{p.recipe} · cluster {p.cluster.name}" + (f" ({p.cluster.gpu})" if p.cluster.gpu else " (cpu)")
-    table = Table(title=title, title_justify="left")
-    for col in ("stage", "kind", "nodes×gpus", "tp/pp/cp/dp/vpp", "precision", "mem/gpu", "tokens/s", "steps", "wall"):
-        table.add_column(col, justify="right" if col in ("mem/gpu", "tokens/s", "steps", "wall") else "left")
-    for j in p.jobs:
-        if j.layout is None or j.estimate is None or j.precision is None:
-            table.add_row(j.name, j.kind, "1×cpu", "-", "-", "-", "-", "-", "-")
-            continue
-        lay, est = j.layout, j.estimate
-        device = (
-            f"{j.resources.nodes}×{j.resources.gpus_per_node}"
-            if j.resources.device == "cuda"
-            else f"{j.resources.nodes}×{j.resources.processes_per_node} cpu"
-        )
-        prec = j.precision.dtype + (f" ({j.precision.fp8_recipe})" if j.precision.fp8_recipe else "")
-        table.add_row(
-            j.name,
-            j.kind,
-            device,
-            f"{lay.tp}/{lay.pp}/{lay.cp}/{lay.dp}/{lay.vpp}",
-            prec,
-            human_bytes(est.memory.total),
-            human_count(est.tokens_per_s),
-            str(est.steps),
-            human_time(est.wall_time_s),
-        )
-    n = next((j.estimate.params.total for j in p.jobs if j.estimate), 0)
-    table.caption = f"{human_count(n)} parameters · vocab {p.model.vocab_size} (padded {p.model.padded_vocab_size}) · run dir {p.run_dir}"
-    return table
 
 
 def main() -> None:

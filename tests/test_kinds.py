@@ -19,7 +19,7 @@ from engine.schema.data import RecordKind
 from engine.schema.jsonschema import SCHEMA_PATH
 from engine.summary import held_out
 
-from .conftest import REPO, RECIPES, compile_with
+from .conftest import RECIPES, REPO, compile_with
 from .test_hypothesis import REF_FIELDS, STAGE_KINDS
 
 ENGINE = REPO / "engine"
@@ -85,7 +85,7 @@ def test_a_kind_has_a_docs_page(name: str) -> None:
 
 
 def test_the_fuzz_mutates_into_every_kind_and_reference() -> None:
-    assert STAGE_KINDS == tuple(KINDS)
+    assert tuple(KINDS) == STAGE_KINDS
     assert set(REF_FIELDS) == {r.field for k in KINDS.values() for r in k.references}
 
 
@@ -116,7 +116,7 @@ def test_every_kind_runs_and_its_held_out_metrics_are_shown() -> None:
 def test_policy_and_data_kinds_are_derived() -> None:
     from engine.chat_session import POLICY_KINDS
 
-    assert POLICY_KINDS == producing("policy")
+    assert producing("policy") == POLICY_KINDS
     assert set(producing("data")) | set(producing("policy")) | set(producing("reward_model")) == set(KINDS)
 
 

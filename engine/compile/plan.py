@@ -188,7 +188,7 @@ def _job(
     precision = resolve_precision(stage, cluster)
     steps = resolve_steps(stage, model)
     assert kind.workload is not None  # a training kind declares what its job computes
-    workload = kind.workload(stage, model)
+    workload = kind.workload(stage, model.seq_length)
     estimate = estimate_job(stage=stage, workload=workload, model=model, layout=layout, precision=precision,
                             cluster=cluster, steps=steps)  # fmt: skip
     key_material |= {"model": model.model_dump(mode="json"), "tokenizer": recipe.tokenizer.model_dump(mode="json")}

@@ -33,7 +33,7 @@ def validate(recipe: Recipe, cluster: ClusterProfile | None, model: ResolvedMode
     problems += _checkpoint_paths(recipe, model)
     if model is not None:
         problems += _model(model)
-    ctx = RuleContext(recipe=recipe, cluster=cluster, model=model)
+    ctx = RuleContext(recipe=recipe, cluster=cluster, seq_length=model.seq_length if model is not None else None)
     for name, stage in recipe.stages.items():
         where = f"stages.{name}"
         if isinstance(stage, TrainingStage):

@@ -19,8 +19,6 @@ from ..schema.base import Spec
 from ..schema.data import RecordKind
 
 if TYPE_CHECKING:
-    from ..compile.plan import Job
-    from ..compile.resolve import ResolvedModel
     from ..schema import ClusterProfile, Recipe
 
 S = TypeVar("S", bound=Spec)
@@ -106,12 +104,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class RuleContext:
-    """What a kind's rules may look at besides the stage: the whole recipe, and the cluster and the model
-    when they resolved (None otherwise: the rules that need them are skipped)."""
+    """What a kind's rules may look at besides the stage: the whole recipe, and the cluster and the model's
+    sequence length when they resolved (None otherwise: the rules that need them are skipped)."""
 
     recipe: Recipe
     cluster: ClusterProfile | None
-    model: ResolvedModel | None
+    seq_length: int | None
 
 
 Rules = Callable[[str, Any, RuleContext], Iterator[Problem]]
@@ -131,9 +129,11 @@ class StageKind(Generic[S]):
     worker: str  # the module with `run(ctx, spec)`, imported by the worker only
     references: tuple[Reference, ...] = ()
     rules: Callable[[str, S, RuleContext], Iterator[Problem]] = no_rules
-    workload: Callable[[S, ResolvedModel], Workload] | None = None  # None: no training job, no estimate
-    # Problems that keep `engine run` from starting a plan that is valid (for a later engine version).
-    run_problems: Callable[[Job], Iterator[Problem]] | None = None
+    # What a job computes and holds, from the stage and the model's sequence length; None: no training job.
+    workload: Callable[[S, int], Workload] | None = None
+    # Problems that keep `engine run` from starting a valid plan (one a later engine version runs): its
+    # workers cannot do this yet. Given the stage's dotted path and the stage.
+    run_problems: Callable[[str, S], Iterator[Problem]] | None = None
     next_round: NextRound = field(default_factory=NextRound)
     held_out: tuple[HeldOut, ...] = ()
     charts: tuple[Chart, ...] = (LOSS, LR)

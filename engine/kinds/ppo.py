@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from .. import __version__, plugin
 from ..errors import Problem
 from ..schema import PpoStage
 from .base import LR, Chart, HeldOut, Reference, RuleContext, StageKind, Workload
 from .checks import installed, plugin_params, plugin_table
-
-if TYPE_CHECKING:
-    from ..compile.plan import Job
-    from ..compile.resolve import ResolvedModel
 
 
 def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
@@ -34,11 +29,11 @@ def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
         if found is None:
             continue
         yield from plugin_params(f"{where}.rewards[{i}].params", found.params, r.params)
-    ro, m = stage.rollout, ctx.model
-    if m is not None and ro.max_prompt_tokens + ro.max_new_tokens > m.seq_length:
+    ro, seq = stage.rollout, ctx.seq_length
+    if seq is not None and ro.max_prompt_tokens + ro.max_new_tokens > seq:
         yield Problem(
             f"{where}.rollout",
-            f"max_prompt_tokens + max_new_tokens = {ro.max_prompt_tokens}+{ro.max_new_tokens} exceeds model.seq_length={m.seq_length}",
+            f"max_prompt_tokens + max_new_tokens = {ro.max_prompt_tokens}+{ro.max_new_tokens} exceeds model.seq_length={seq}",
             "shorten them",
         )
     if stage.ppo.advantage == "rloo" and ro.responses_per_prompt < 2:
@@ -62,7 +57,7 @@ def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
         )
 
 
-def workload(stage: PpoStage, model: ResolvedModel) -> Workload:
+def workload(stage: PpoStage, seq_length: int) -> Workload:
     """Per iteration: the actor (and, with GAE, the critic) train `epochs` times over the rollouts;
     sampling, the reference, the reward model and the old log-probabilities (and values) are forward
     passes. Up to four models are resident: actor and critic with optimizer states, the reference and
@@ -71,7 +66,7 @@ def workload(stage: PpoStage, model: ResolvedModel) -> Workload:
     critic = stage.ppo.advantage == "gae"
     trained = 2 if critic else 1
     return Workload(
-        seq_length=min(model.seq_length, ro.max_prompt_tokens + ro.max_new_tokens),
+        seq_length=min(seq_length, ro.max_prompt_tokens + ro.max_new_tokens),
         samples=ro.prompts_per_iteration * ro.responses_per_prompt,
         passes=trained * stage.ppo.epochs,
         forward_passes=4 + int(critic),
@@ -81,11 +76,12 @@ def workload(stage: PpoStage, model: ResolvedModel) -> Workload:
     )
 
 
-def run_problems(job: Job) -> Iterator[Problem]:
-    if job.layout is not None and job.layout.pp > 1:
+def run_problems(where: str, stage: PpoStage) -> Iterator[Problem]:
+    pp = stage.parallelism.pp
+    if pp > 1:
         yield Problem(
-            f"stages.{job.name}.parallelism.pp",
-            f"={job.layout.pp}: the PPO worker of engine {__version__} runs rollouts without pipeline parallelism, so the run cannot start",
+            f"{where}.parallelism.pp",
+            f"={pp}: the PPO worker of engine {__version__} runs rollouts without pipeline parallelism, so the run cannot start",
             "use pp: 1 and split the model with tp (the plan itself is valid for later versions)",
         )
 

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from ..errors import Problem, did_you_mean
 from ..schema import DataStage, PretrainStage, TrainingStage
 from .base import LOSS, LR, HeldOut, NextRound, Reference, RuleContext, StageKind, Workload, perplexity
 
-if TYPE_CHECKING:
-    from ..compile.resolve import ResolvedModel
 
-
-def sequence_workload(stage: TrainingStage, model: ResolvedModel) -> Workload:
+def sequence_workload(stage: TrainingStage, seq_length: int) -> Workload:
     """A global batch of sequences of the model's length, trained once per step (pretraining, SFT, reward model)."""
-    return Workload(seq_length=model.seq_length, samples=stage.training.global_batch_size)
+    return Workload(seq_length=seq_length, samples=stage.training.global_batch_size)
 
 
 def rules(where: str, stage: PretrainStage, ctx: RuleContext) -> Iterator[Problem]:

@@ -35,7 +35,7 @@ def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]
     for job in jobs:
         kind = KINDS.get(job.kind)
         if kind is not None and kind.run_problems is not None:
-            problems += kind.run_problems(job)
+            problems += kind.run_problems(f"stages.{job.name}", kind.model.model_validate(job.config))
     return jobs, problems
 
 
