@@ -190,7 +190,7 @@ def problems_from_validation(exc: ValidationError, root: type[BaseModel], data: 
     """Turn pydantic's errors into Problems whose paths read like the recipe (`stages.sft.training.lr`)."""
     out: list[Problem] = []
     for err in exc.errors(include_url=False):
-        path, parent = _walk(root, tuple(err["loc"]))
+        path, parent, at = _walk(root, tuple(err["loc"]))
         kind = err["type"]
         value = err.get("input")
         if kind == "extra_forbidden":
@@ -200,7 +200,8 @@ def problems_from_validation(exc: ValidationError, root: type[BaseModel], data: 
         elif kind == "missing":
             out.append(Problem(path, "is required", "add it" + _described(parent, err["loc"])))
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
-            out.append(Problem(path, err["msg"], "set `kind` to one of data, pretrain, sft, reward_model, ppo"))
+            tags = [str(_tag_of(m)) for m in _union_members(_unwrap(at))]
+            out.append(Problem(path, err["msg"], f"set `kind` to one of {', '.join(tags)}"))
         else:
             out.append(Problem(path, f"{err['msg']} (got {_short(value)})", "fix the value"))
     return out
@@ -218,8 +219,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
-    """Dotted path of a pydantic loc, dropping discriminator tags, and the model holding the last key."""
+def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None, Any]:
+    """Dotted path of a pydantic loc, dropping discriminator tags, the model holding the last key, and the type
+    the loc ends at."""
     path = ""
     tp: Any = root
     parent: type[BaseModel] | None = None
@@ -246,7 +248,7 @@ def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, type[BaseMo
         else:
             path = f"{path}.{item}" if path else str(item)
             tp = None
-    return path, parent
+    return path, parent, tp
 
 
 def _unwrap(tp: Any) -> Any:

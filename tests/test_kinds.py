@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -164,7 +165,35 @@ def test_no_list_of_kinds_outside_the_registry() -> None:
     assert [hit for p in sorted(files) for hit in _hard_coded_kinds(p)] == []
 
 
+def test_no_message_lists_kinds_by_hand() -> None:
+    """A message that names three kinds or more (\"a pretrain, sft or ppo stage\") is built from the registry."""
+    names = re.compile(r"\b(" + "|".join(KINDS) + r")\b")
+    found = []
+    for path in sorted(ENGINE.rglob("*.py")):
+        if path.relative_to(ENGINE).parts[0] in ("kinds", "schema", "plugins"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef) and n.body
+                      and isinstance(n.body[0], ast.Expr)}  # fmt: skip
+        strings = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        found += [f"{path.relative_to(REPO)}:{n.lineno}: {n.value[:60]}" for n in strings
+                  if id(n) not in docstrings and len(set(names.findall(n.value))) >= 3]  # fmt: skip
+    assert found == []
+
+
 def test_the_check_finds_a_list_of_kinds(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text('POLICY = ("sft", "ppo")\nif job.kind == "ppo":\n    pass\nx = {"sft": 1, "ppo": 2}\n')
     assert len(_hard_coded_kinds(sample, tmp_path)) == 3
+
+
+def test_workers_read_typed_specs_not_job_configs() -> None:
+    """Stage code reads the spec the worker validated from the job's config once (engine/worker/context.py),
+    never the config's JSON by string keys."""
+    seen = []
+    for path in sorted((ENGINE / "worker").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "config" and ast.unparse(node.value).endswith("job"):
+                seen.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert seen and all(s.startswith("engine/worker/context.py:") for s in seen), seen

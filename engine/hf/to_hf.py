@@ -22,6 +22,7 @@ import torch
 from ..artifacts import read_json
 from ..chat import BOS, END, EOS, PAD, ROLES
 from ..errors import EngineError
+from ..kinds import either, producing
 from ..worker import checkpoint
 from . import convert, session
 
@@ -98,7 +99,7 @@ def _refusals(meta: dict[str, Any]) -> list[str]:
     if "head" in meta:
         return [
             f"it is a {meta.get('model', 'scalar-head')} checkpoint (a scalar head, no language-model output); "
-            "export an sft, pretrain or ppo stage instead"
+            f"export a {either(producing('policy'))} stage instead"
         ]
     unsupported = convert.not_llama(meta.get("architecture", {}))
     return [f"HF Llama cannot express {', '.join(unsupported)}"] if unsupported else []
