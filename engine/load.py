@@ -5,6 +5,11 @@ leading `~` deletes a key (`~stages.ppo`), and `key+=value` appends to a list
 (`stages.data.sources+={name: more, plugin: jsonl, records: text, params: {path: more.jsonl}}`). Values
 parse as YAML.
 
+A recipe file must be UTF-8 YAML holding a mapping. Nothing a user writes reaches a Python traceback:
+YAML that does not parse (in the file or in an override), nesting deeper than `MAX_DEPTH` levels, a
+value that refers to itself, and interpolations that would build values of more than `MAX_RESOLVED`
+characters are problems with the dotted path, like every other mistake.
+
 Interpolation is confined to the recipe itself: `${model.seq_length}` and friends work, but no
 resolver that reaches outside the document (OmegaConf's `oc.env`, `oc.decode`, anything registered by
 another library) is allowed. The one way out is `${env:NAME}` / `${env:NAME,default}`, and only for
@@ -13,8 +18,10 @@ names the recipe lists under `allow_env` — a recipe says explicitly which envi
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import reprlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -29,6 +36,9 @@ from pydantic import BaseModel, ValidationError
 from .errors import Problem, RecipeError, did_you_mean
 from .schema import Recipe
 
+MAX_DEPTH = 32  # levels of nesting; the shipped recipes use 6, a plugin's params a few more
+MAX_RESOLVED = 1_000_000  # characters an interpolated value may grow to
+_REFERENCE = re.compile(r"\$\{([^${}:]+)\}")
 _RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
 _ENV_ARG = re.compile(r"\$\{\s*env\s*:\s*([^,}\s]*)")
 _allowed_env: ContextVar[frozenset[str]] = ContextVar("engine_allowed_env", default=frozenset())
@@ -78,16 +88,85 @@ def parse_recipe(data: Any, *, source: str = "") -> Recipe:
         raise RecipeError(problems_from_validation(exc, Recipe, data), source=source) from None
 
 
-def _read_yaml(path: Path, source: str) -> DictConfig:
-    if not path.is_file():
-        raise RecipeError([Problem("", f"recipe file {source!r} not found", "check the path")])
+def _read_text(path: Path, source: str) -> str:
+    """The recipe file's text; a missing, unreadable or non-UTF-8 file is one problem naming it."""
     try:
-        cfg = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
-        raise RecipeError([Problem("", f"cannot parse YAML: {exc}", "fix the syntax")], source=source) from None
+        if path.is_dir():
+            raise RecipeError([Problem("", f"recipe file {source!r} is a directory", "give a recipe YAML file")])
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError([Problem("", f"recipe file {source!r} not found", "check the path")]) from None
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise RecipeError([Problem("", f"cannot read recipe file {source!r}: {why}", "check the path")]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([Problem("", f"recipe file {source!r} is not UTF-8 text (byte {data[exc.start]:#04x} at "
+                                       f"offset {exc.start})", "save it as UTF-8")]) from None  # fmt: skip
+
+
+def _yaml_problem(where: str, exc: BaseException) -> Problem:
+    if isinstance(exc, RecursionError):
+        return Problem(where, "is nested too deeply to read", f"nest at most {MAX_DEPTH} levels")
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return Problem(where, f"cannot parse YAML: {text[:300]}", "fix the syntax")
+
+
+def _read_yaml(path: Path, source: str) -> DictConfig:
+    text = _read_text(path, source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and not isinstance(node, yaml.MappingNode):
+            what = "list" if isinstance(node, yaml.SequenceNode) else "single value"
+            raise RecipeError([Problem("", f"holds a YAML {what}; a recipe is a mapping of keys to values",
+                                       "start from recipes/tiny.yaml")], source=source)  # fmt: skip
+        if (deep := _too_deep(node)) is not None:
+            raise RecipeError([Problem("", f"nests more than {MAX_DEPTH} levels deep (line {deep})",
+                                       f"nest at most {MAX_DEPTH} levels")], source=source)  # fmt: skip
+        cfg = OmegaConf.load(io.StringIO(text))
+    except (yaml.YAMLError, OmegaConfBaseException, RecursionError, ValueError, TypeError) as exc:
+        raise RecipeError([_yaml_problem("", exc)], source=source) from None
     if not isinstance(cfg, DictConfig):
         raise RecipeError([Problem("", "a recipe must be a mapping of keys to values", "")], source=source)
     return cfg
+
+
+def _too_deep(node: yaml.Node | None) -> int | None:
+    """The line of a YAML node nested deeper than MAX_DEPTH, walked without recursion."""
+    stack = [(node, 0)] if node is not None else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return int(item.start_mark.line) + 1
+        if isinstance(item, yaml.MappingNode):
+            stack += [(v, depth + 1) for _, v in item.value]
+        elif isinstance(item, yaml.SequenceNode):
+            stack += [(v, depth + 1) for v in item.value]
+    return None
+
+
+def _depth_of(value: Any) -> int:
+    """How deeply plain data nests, walked without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack += [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            stack += [(v, depth + 1) for v in item]
+    return deepest
+
+
+def _parse_value(raw: str) -> Any:
+    """An override's value, parsed as YAML (errors propagate to the caller's problem)."""
+    if (deep := _too_deep(yaml.compose(raw, Loader=yaml.SafeLoader) if raw.strip() else None)) is not None:
+        raise ValueError(f"the value nests more than {MAX_DEPTH} levels deep (line {deep})")
+    parsed: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)
+    return parsed["v"]
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[Problem]:
@@ -109,11 +188,12 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[Problem]
             if delete:
                 _delete(cfg, key)
             else:
-                parsed: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)
-                value = parsed["v"]
-                OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+                # `key=value` sets: a mapping given for a mapping replaces it (`stages={}` empties the stages).
+                OmegaConf.update(cfg, key, _parse_value(raw), merge=False, force_add=True)
+        except (yaml.YAMLError, RecursionError) as exc:
+            problems.append(_yaml_problem(key, exc))
         except (OmegaConfBaseException, KeyError, IndexError, ValueError, TypeError) as exc:
-            problems.append(Problem(key, f"cannot apply override {item!r}: {exc}", "check the dotted path"))
+            problems.append(Problem(key, f"cannot apply override {_short(item)}: {_short(exc)}", "check the dotted path"))
     return problems
 
 
@@ -125,13 +205,15 @@ def _append(cfg: DictConfig, item: str) -> list[Problem]:
         current = OmegaConf.select(cfg, key, default=None)
         if current is None or not OmegaConf.is_list(current):
             return [Problem(key, f"cannot apply override {item!r}: {key} is not a list", "use key=value to set it")]
-        parsed: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)
-        added = parsed["v"] if isinstance(parsed["v"], list) else [parsed["v"]]
+        value = _parse_value(raw)
+        added = value if isinstance(value, list) else [value]
         existing = OmegaConf.to_container(current, resolve=False)
         assert isinstance(existing, list)
         OmegaConf.update(cfg, key, [*existing, *added], merge=False, force_add=True)
+    except (yaml.YAMLError, RecursionError) as exc:
+        return [_yaml_problem(key, exc)]
     except (OmegaConfBaseException, KeyError, IndexError, ValueError, TypeError) as exc:
-        return [Problem(key, f"cannot apply override {item!r}: {exc}", "check the dotted path")]
+        return [Problem(key, f"cannot apply override {_short(item)}: {_short(exc)}", "check the dotted path")]
     return []
 
 
@@ -144,20 +226,80 @@ def _delete(cfg: DictConfig, key: str) -> None:
 
 
 def _interpolate(cfg: DictConfig, source: str) -> Any:
-    raw = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=False)
+    except RecursionError:
+        raise RecipeError([Problem("", "is nested too deeply to read", f"nest at most {MAX_DEPTH} levels")],
+                          source=source) from None  # fmt: skip
+    if _depth_of(raw) > MAX_DEPTH:
+        raise RecipeError([Problem("", f"nests more than {MAX_DEPTH} levels deep", f"nest at most {MAX_DEPTH} levels")],
+                          source=source)  # fmt: skip
     allow = raw.get("allow_env", []) if isinstance(raw, dict) else []
     allowed = frozenset(x for x in allow if isinstance(x, str)) if isinstance(allow, list) else frozenset()
-    problems = list(_check_interpolations(raw, "", allowed))
+    problems = list(_check_interpolations(raw, "", allowed)) or _interpolation_sizes(raw)
     if problems:
         raise RecipeError(problems, source=source)
     try:
         with _env_allowed(allowed):
             return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except RecursionError:
+        raise RecipeError([Problem("", "an interpolation refers to itself", "remove the self-reference")],
+                          source=source) from None  # fmt: skip
     except OmegaConfBaseException as exc:
         where = getattr(exc, "full_key", "") or ""
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         fix = "set a value" if "Missing mandatory value" in msg else "interpolations may only name recipe keys"
         raise RecipeError([Problem(str(where), msg, fix)], source=source) from None
+
+
+def _interpolation_sizes(raw: Any) -> list[Problem]:
+    """Bound what `${...}` may build before OmegaConf builds it: each value's resolved length, at most, from
+    the lengths of the values it names (nine lines of ${a}${a} double a string nine times); a value that
+    names itself, directly or through others, is a problem too."""
+    values: dict[str, Any] = {}
+    stack: list[tuple[str, Any]] = [("", raw)]
+    while stack:
+        path, node = stack.pop()
+        values[path] = node
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack += [(f"{path}.{k}" if path else str(k), v) for k, v in items]
+    sizes: dict[str, int] = {}
+    problems: list[Problem] = []
+
+    def size(path: str, active: tuple[str, ...]) -> int:
+        if path in sizes:
+            return sizes[path]
+        if path in active:
+            raise _SelfReference(path)
+        node = values[path]
+        if isinstance(node, dict | list):
+            keys = node.keys() if isinstance(node, dict) else range(len(node))
+            total = sum(size(f"{path}.{k}" if path else str(k), (*active, path)) + 4 for k in keys)
+        elif isinstance(node, str) and "${" in node:
+            refs = [re.sub(r"\[(\d+)\]", r".\1", r.strip()) for r in _REFERENCE.findall(node)]
+            total = len(node) + sum(size(r, (*active, path)) for r in refs if r in values)
+        else:
+            total = len(str(node))
+        sizes[path] = min(total, 10 * MAX_RESOLVED)
+        return sizes[path]
+
+    for path, node in values.items():
+        if not (isinstance(node, str) and "${" in node):
+            continue
+        try:
+            if size(path, ()) > MAX_RESOLVED:
+                problems.append(Problem(path, f"interpolates to more than {MAX_RESOLVED:,} characters",
+                                        "interpolate smaller values"))  # fmt: skip
+        except _SelfReference as exc:
+            problems.append(Problem(path, f"refers to itself (through {exc.args[0] or 'the whole recipe'})",
+                                    "remove the self-reference"))  # fmt: skip
+        except RecursionError:
+            problems.append(Problem(path, "interpolates through too many levels", "interpolate values directly"))
+    return problems
+
+
+class _SelfReference(Exception):
+    """An interpolation that leads back to itself."""
 
 
 def _check_interpolations(node: Any, path: str, allowed: frozenset[str]) -> Iterator[Problem]:
@@ -214,8 +356,13 @@ def _described(parent: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
     return f": {field.description}" if field is not None and field.description else ""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 6
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A value as the message shows it: at most 80 characters, however large or deep it is."""
+    text = _REPR.repr(value) if not isinstance(value, BaseException) else str(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -36,9 +36,9 @@ class ClusterProfile(Spec):
     device: Literal["cpu", "cuda"] = Field(description="the device the workers train on")
     gpu: GpuKind | None = Field(default=None, description="GPU model on the nodes; none for CPU profiles")
     gpus_per_node: int = Field(
-        gt=0, description="GPUs per node (for CPU profiles: the default number of worker processes)"
+        gt=0, le=1024, description="GPUs per node (for CPU profiles: the default number of worker processes)"
     )
-    max_nodes: int | None = Field(default=None, gt=0, description="the most nodes one job may ask for")
+    max_nodes: int | None = Field(default=None, gt=0, le=1_000_000, description="the most nodes one job may ask for")
     peak_tflops_bf16: float = Field(gt=0, description="dense bf16 (fp32 on CPU) peak TFLOP/s per device")
     peak_tflops_fp8: float | None = Field(
         default=None, gt=0, description="dense FP8 peak TFLOP/s per GPU; none where FP8 is not supported"

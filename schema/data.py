@@ -33,8 +33,8 @@ class CleaningSpec(Spec):
         default="NFKC", description="Unicode normal form applied to text"
     )
     normalize_whitespace: bool = Field(default=True, description="collapse runs of spaces, strip lines")
-    min_chars: int = Field(default=1, ge=0, description="drop documents shorter than this")
-    max_chars: int | None = Field(default=None, gt=0, description="drop documents longer than this")
+    min_chars: int = Field(default=1, ge=0, le=10**9, description="drop documents shorter than this")
+    max_chars: int | None = Field(default=None, gt=0, le=10**12, description="drop documents longer than this")
     max_duplicate_line_fraction: float | None = Field(
         default=0.3, ge=0, le=1, description="Gopher rule: drop if this fraction of lines are duplicates"
     )
@@ -63,12 +63,12 @@ class DedupSpec(Spec):
     threshold: float = Field(
         default=0.8, gt=0, le=1, description="estimated Jaccard similarity above which two are duplicates"
     )
-    num_perm: int = Field(default=128, gt=0, description="MinHash permutations")
-    shingle_size: int = Field(default=5, gt=0, description="word n-gram size of the MinHash shingles")
+    num_perm: int = Field(default=128, gt=0, le=8192, description="MinHash permutations")
+    shingle_size: int = Field(default=5, gt=0, le=1024, description="word n-gram size of the MinHash shingles")
     decontaminate: bool = Field(
         default=True, description="drop training documents sharing an n-gram with held-out eval prompts"
     )
-    decontamination_ngram: int = Field(default=13, gt=0, description="n-gram size for decontamination")
+    decontamination_ngram: int = Field(default=13, gt=0, le=1024, description="n-gram size for decontamination")
 
 
 class SplitSpec(Spec):
@@ -84,7 +84,7 @@ class TrainTokenizer(Spec):
 
     kind: Literal["train"] = Field(description="train a new tokenizer")
     vocab_size: int = Field(gt=0, le=10_000_000, description="vocabulary size, special tokens included")
-    min_frequency: int = Field(default=2, gt=0, description="minimum pair frequency for a merge")
+    min_frequency: int = Field(default=2, gt=0, le=10**9, description="minimum pair frequency for a merge")
 
 
 class FileTokenizer(Spec):

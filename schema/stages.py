@@ -26,9 +26,9 @@ class DataStage(Spec):
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="document filters")
     dedup: DedupSpec = Field(default_factory=DedupSpec, description="deduplication and decontamination")
     splits: SplitSpec = Field(default_factory=SplitSpec, description="train/valid/test fractions")
-    shard_samples: int = Field(default=10000, gt=0, description="samples per webdataset shard")
+    shard_samples: int = Field(default=10000, gt=0, le=10**9, description="samples per webdataset shard")
     workers: int = Field(
-        default=1, gt=0, description="processes that clean documents (tokenization uses every core regardless)"
+        default=1, gt=0, le=4096, description="processes that clean documents (tokenization uses every core regardless)"
     )
     strict: bool = Field(default=False, description="stop at the first unreadable record instead of counting it")
     time_limit: str | None = Field(
@@ -114,14 +114,14 @@ class RewardSpec(Spec):
 class RolloutSpec(Spec):
     """How responses are sampled from the policy each iteration."""
 
-    prompts_per_iteration: int = Field(default=64, gt=0, description="prompts sampled per PPO iteration")
-    responses_per_prompt: int = Field(default=1, gt=0, description="responses sampled per prompt")
-    max_prompt_tokens: int = Field(default=32, gt=0, description="prompts longer than this are dropped")
-    max_new_tokens: int = Field(default=32, gt=0, description="most tokens generated per response")
+    prompts_per_iteration: int = Field(default=64, gt=0, le=10**7, description="prompts sampled per PPO iteration")
+    responses_per_prompt: int = Field(default=1, gt=0, le=1024, description="responses sampled per prompt")
+    max_prompt_tokens: int = Field(default=32, gt=0, le=10**7, description="prompts longer than this are dropped")
+    max_new_tokens: int = Field(default=32, gt=0, le=10**7, description="most tokens generated per response")
     temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
-    top_k: int = Field(default=0, ge=0, description="sample among the k most likely tokens; 0: off")
+    top_k: int = Field(default=0, ge=0, le=10**7, description="sample among the k most likely tokens; 0: off")
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass; 1: off")
-    batch_size: int = Field(default=16, gt=0, description="sequences generated together per replica")
+    batch_size: int = Field(default=16, gt=0, le=10**6, description="sequences generated together per replica")
 
 
 class PpoSpec(Spec):
@@ -132,12 +132,12 @@ class PpoSpec(Spec):
     kl_target: float | None = Field(
         default=None, gt=0, description="adaptive KL controller target (Ziegler et al. 2019); none: fixed"
     )
-    kl_horizon: int = Field(default=10000, gt=0, description="adaptive KL controller horizon")
+    kl_horizon: int = Field(default=10000, gt=0, le=10**12, description="adaptive KL controller horizon")
     gamma: float = Field(default=1.0, ge=0, le=1, description="GAE discount γ")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE λ")
     clip_eps: float = Field(default=0.2, gt=0, description="policy ratio clip ε")
     value_clip: float | None = Field(default=0.2, gt=0, description="value clip; none: unclipped")
-    epochs: int = Field(default=4, gt=0, description="passes over each iteration's rollouts")
+    epochs: int = Field(default=4, gt=0, le=10**4, description="passes over each iteration's rollouts")
     entropy_coef: float = Field(default=0.0, ge=0, description="entropy bonus coefficient")
     whiten_advantages: bool = Field(default=True, description="normalise advantages per batch")
     kl_stop: float | None = Field(
@@ -170,7 +170,7 @@ class PpoStage(TrainingStage):
     rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions added to the score")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="sampling settings")
     ppo: PpoSpec = Field(default_factory=PpoSpec, description="PPO hyper-parameters")
-    eval_prompts: int = Field(default=64, gt=0, description="held-out prompts scored before and after")
+    eval_prompts: int = Field(default=64, gt=0, le=10**7, description="held-out prompts scored before and after")
 
 
 # Every stage kind's recipe model; engine.kinds declares what else each kind is.

@@ -122,3 +122,32 @@ def test_recipe_must_be_a_mapping(tmp_path: Path) -> None:
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")
     assert "mapping" in _error(bad).render()
+
+
+def test_a_mapping_on_the_command_line_replaces_the_old_one() -> None:
+    r = load_recipe(TINY, ["stages={data: {kind: data, sources: [{name: t, plugin: arithmetic, records: text}]}}"])
+    assert list(r.stages) == ["data"]
+    r = load_recipe(TINY, ["tokenizer={kind: file, path: x.json}"])
+    assert r.tokenizer.kind == "file" and r.tokenizer.vocab_size is None
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["stages.sft.training.lr=!!binary aGVsbG8=", "description={", "description=[1, 2", "name=\x00", "model={a: *b}",
+     "description=" + "[" * 40 + "]" * 40, "stages.sft.training.lr+=1"],
+)  # fmt: skip
+def test_an_override_that_is_not_yaml_is_one_problem_naming_it(override: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(TINY, [override])
+    assert info.value.problems and all(p.path for p in info.value.problems)
+
+
+def test_self_reference_and_exploding_interpolation_are_refused() -> None:
+    with pytest.raises(RecipeError, match="refers to itself"):
+        load_recipe(TINY, ["description=${description}"])
+    with pytest.raises(RecipeError, match="refers to itself"):
+        load_recipe(TINY, ["description=${name}", "name=${description}"])
+    doubling = ["description=${x0}${x0}", *(f"x{i}=${{x{i + 1}}}${{x{i + 1}}}" for i in range(8)),
+                "x8=" + "a" * 2000]  # fmt: skip
+    with pytest.raises(RecipeError, match="interpolates to more than 1,000,000 characters"):
+        load_recipe(TINY, doubling)

@@ -249,11 +249,12 @@ def test_query_groups_and_vocab_padding() -> None:
 
 def test_tokenizer_rules(tmp_path: Path) -> None:
     _only(problems_of("tokenizer.vocab_size=100").paths(), "tokenizer.vocab_size")
-    err = problems_of("tokenizer={kind: file, path: /nonexistent/tokenizer.json}", "~tokenizer.vocab_size")
+    # `tokenizer={...}` replaces the whole tokenizer section: no vocab_size is left from the trained one.
+    err = problems_of("tokenizer={kind: file, path: /nonexistent/tokenizer.json}")
     assert err.paths() == ["tokenizer.path"]
     tok = tmp_path / "tokenizer.json"
     tok.write_text('{"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 299, "content": "<x>"}]}')
-    plan = compile_with(f"tokenizer={{kind: file, path: {tok}}}", "~tokenizer.vocab_size")
+    plan = compile_with(f"tokenizer={{kind: file, path: {tok}}}")
     assert plan.model.vocab_size == 300 and plan.model.padded_vocab_size == 384
 
 
