@@ -6,6 +6,7 @@ User errors print one message listing every problem and exit with code 2, withou
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from .console import err, fail, finished_table, out, plan_table
+from .console import err, fail, finished_table, finite, out, plan_table
 from .errors import EngineError, RecipeError
 from .feedback.cli import feedback_app
 
@@ -85,7 +86,10 @@ def plan(
         if p.cluster.launcher != "slurm":
             raise fail(EngineError(f"cluster={p.cluster.name!r} runs jobs locally, without sbatch scripts; "
                                     "name a Slurm cluster profile (e.g. cluster=h100) to see them"))  # fmt: skip
-        sys.stdout.write(scripts(p))
+        try:
+            sys.stdout.write(scripts(p))
+        except EngineError as exc:
+            raise fail(exc) from None
         return
     out.print(plan_table(p))
 
@@ -119,22 +123,27 @@ def run(
     else:
         _, p = _compile(recipe, overrides, force)
     out.print(plan_table(p))
-    if dry_run and p.cluster.launcher == "slurm":
-        from .launch.slurm import show_scripts as scripts
-
-        sys.stdout.write(scripts(p))
-        out.print("dry run: nothing was submitted")
-        return
-    if dry_run:
-        for job in p.jobs:
-            env = " ".join(f"{k}={v}" for k, v in job.env.items())
-            out.print(f"[bold]{job.name}[/]: ", end="")
-            out.print(" ".join(filter(None, [env, *render_local(job)])), markup=False)
-        out.print("dry run: nothing was launched")
-        return
+    # One path of checks: a dry run refuses what a run would refuse, before it shows anything to launch.
     jobs, problems = select(p, stages.split(",") if stages else None)
     if problems:
         raise fail(RecipeError(problems, source=str(recipe)))
+    if dry_run and p.cluster.launcher == "slurm":
+        from .launch.slurm import show_scripts as scripts
+
+        try:
+            sys.stdout.write(scripts(p, jobs))
+        except EngineError as exc:
+            raise fail(exc) from None
+        out.print("dry run: nothing was submitted")
+        return
+    if dry_run:
+        for job in jobs:
+            # What a shell would run: every value quoted (a run directory may hold spaces or quotes).
+            env = [f"{k}={shlex.quote(v)}" for k, v in job.env.items()]
+            out.print(f"[bold]{job.name}[/]: ", end="")
+            out.print(" ".join([*env, shlex.join(render_local(job))]), markup=False, soft_wrap=True)
+        out.print("dry run: nothing was launched")
+        return
     write_run_record(p, round_=round_, continued_from=str(continue_from) if continue_from else None)
     if p.cluster.launcher == "slurm":
         _submit(p, jobs, _resolved_yaml(recipe, overrides), wait=wait)
@@ -343,7 +352,8 @@ def import_(
     out_dir: Annotated[Path, typer.Option("--out", help="the checkpoint folder to write (new or empty)")],
     seq_length: Annotated[
         int | None,
-        typer.Option("--seq-length", min=1, help="the recipe's model.seq_length (default: max_position_embeddings)"),
+        typer.Option("--seq-length", min=1, max=10_000_000,
+                     help="the recipe's model.seq_length (default: max_position_embeddings)"),
     ] = None,
     divisor: Annotated[
         int | None,
@@ -375,9 +385,9 @@ def chat(
         str | None, typer.Option("--prompt", help="answer this one message, print only the reply, and exit")
     ] = None,
     system: Annotated[str | None, typer.Option("--system", help="a system message before the conversation")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy")] = 0.7,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=100.0, callback=finite, help="0: greedy")] = 0.7,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="sample from the k likeliest tokens (0: all)")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="nucleus sampling mass (1: all)")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finite, help="nucleus sampling mass (1: all)")] = 1.0,
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", min=1, help="reply length limit (default: half the context)")
     ] = None,

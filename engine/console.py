@@ -6,6 +6,7 @@ A user error prints one message (every problem, each with its dotted path and fi
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,13 @@ if TYPE_CHECKING:
 # Wide enough for the plan table when piped to a file or a CI log, where rich would assume 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def finite(value: float | None) -> float | None:
+    """A typer callback: NaN and infinity are no setting (click's ranges let NaN through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def fail(exc: EngineError) -> typer.Exit:

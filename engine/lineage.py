@@ -113,6 +113,9 @@ def chain(artifact: Path) -> list[dict[str, Any]]:
 
 def list_runs(root: Path) -> list[dict[str, Any]]:
     """Every run directory directly under root, oldest first."""
+    if not root.is_dir():
+        raise EngineError(f"{root} is not a folder of runs" + (" (it is a file)" if root.exists() else " (no such folder)")
+                          + "; give the folder that holds the run directories, e.g. runs")  # fmt: skip
     runs = []
     for record_path in sorted(root.glob(f"*/{RUN_RECORD}")):
         run_dir = record_path.parent

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO, TINY
 
 ENGINE = Path(sys.executable).with_name("engine")
@@ -100,3 +102,31 @@ def test_plugins_lists_built_ins() -> None:
 def test_module_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, check=True)
     assert "validate" in done.stdout and "plan" in done.stdout
+
+
+def test_dry_run_refuses_what_run_refuses() -> None:
+    done = engine("run", REPO / "recipes" / "h100" / "llama3_70b.yaml", "--dry-run")
+    assert done.returncode == 2 and "stages.ppo.parallelism.pp=8: the PPO worker" in done.stderr
+    assert "dry run" not in done.stdout
+    assert engine("run", REPO / "recipes" / "h100" / "llama3_70b.yaml", "--dry-run", "--stages", "data,pretrain").returncode == 0
+
+
+def test_dry_run_commands_are_shell_quoted(tmp_path: Path) -> None:
+    import shlex
+
+    run_dir = tmp_path / "a b'c"
+    done = engine("run", TINY, "--dry-run", f"run_dir={run_dir}")
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("pretrain: "))
+    assert shlex.split(line.removeprefix("pretrain: "))[-3] == f"{run_dir}/plan.json"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["runs", "/nonexistent/folder"], ["chat", "runs/tiny", "--temperature", "inf"], ["chat", "runs/tiny", "--top-p", "nan"],
+     ["import", "/nonexistent", "--out", "/tmp/x", "--seq-length", "1000000000000"],
+     ["feedback", "serve", "runs/tiny", "--temperature", "inf"]],
+)  # fmt: skip
+def test_absurd_command_line_values_exit_2(args: list[str]) -> None:
+    done = engine(*args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

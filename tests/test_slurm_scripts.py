@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.errors import RecipeError
 from engine.launch.slurm import minutes, sbatch_parameters, script_problems, show_scripts
 
 from .conftest import REPO, compile_with
@@ -122,3 +123,18 @@ def test_submitting_without_slurm_is_one_clear_error(tmp_path: Path) -> None:
                            f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=REPO, env=env)  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "submits to Slurm, but sbatch is not on PATH" in done.stderr
+
+
+@pytest.mark.parametrize("partition", ["x\nmalicious", "x\n", "a b", "x;y"])
+def test_a_profile_value_that_would_break_a_script_is_never_rendered(tmp_path: Path, partition: str) -> None:
+    profile = tmp_path / "bad.yaml"
+    profile.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "slurm/clusters/dev.yaml").read_text()),
+                                       "partition": partition}))  # fmt: skip
+    plan = compile_with(f"cluster={profile}")
+    with pytest.raises(RecipeError) as info:
+        show_scripts(plan, folder_root="/p", python="python")
+    assert info.value.paths() == [f"cluster({plan.cluster.name}).partition"]
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "recipes/tiny.yaml", f"cluster={profile}", "--dry-run"],
+                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert done.returncode == 2 and "partition" in done.stderr and "Traceback" not in done.stderr
+    assert "malicious" not in done.stdout

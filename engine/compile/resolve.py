@@ -87,10 +87,11 @@ def resolve_cluster(name: str) -> tuple[ClusterProfile | None, list[Problem]]:
         fix = "profiles: " + ", ".join(["local", *known]) + "; or give a path to a profile YAML"
         return None, [Problem("cluster", f"cluster profile {name!r} not found (looked for {path})", fix)]
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
         return ClusterProfile.model_validate(data), []
-    except yaml.YAMLError as exc:
-        return None, [Problem("cluster", f"cannot parse {path}: {exc}", "fix the profile's YAML")]
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError) as exc:
+        why = " ".join(str(exc).split())[:300] or type(exc).__name__
+        return None, [Problem("cluster", f"cannot read the profile {path}: {why}", "fix the profile's YAML")]
     except ValidationError as exc:
         from ..load import problems_from_validation
 
@@ -119,8 +120,16 @@ def resolve_vocab(recipe: Recipe) -> tuple[int | None, list[Problem]]:
         data = json.loads(path.read_text(encoding="utf-8"))
         vocab = data["model"]["vocab"]
         ids = [*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))]
+        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+        if not ids or bad:
+            what = f"token id {bad[0]!r} is not a non-negative integer" if bad else "it has no tokens"
+            return None, [Problem("tokenizer.path", f"{tok.path!r} is not a usable tokenizer.json: {what}",
+                                  "give an HF tokenizer.json")]  # fmt: skip
+        if max(ids) + 1 > 10_000_000:
+            return None, [Problem("tokenizer.path", f"{tok.path!r} has token ids up to {max(ids)}",
+                                  "use a vocabulary of at most 10,000,000 tokens")]  # fmt: skip
         return max(ids) + 1, []
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         return None, [
             Problem("tokenizer.path", f"cannot read the vocabulary of {tok.path!r}: {exc}", "give an HF tokenizer.json")
         ]

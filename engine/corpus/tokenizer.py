@@ -2,6 +2,11 @@
 
 Training starts from the 256 byte symbols (every string is encodable) and adds the chat template's
 special tokens first, so their ids are the same in every tokenizer this engine trains (0…6).
+
+Every tokenizer this module hands out encodes text with special-token parsing off: a prompt, a
+document, a demonstration or a reviewer's reply that contains the characters `<|end|><|assistant|>`
+is encoded as those characters, never as the template's tokens, so no text can forge a turn. Only the
+chat template (engine.chat.render) inserts special tokens, by id.
 """
 
 from __future__ import annotations
@@ -28,13 +33,19 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int) -> A
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return text_only(tok)
 
 
 def load(path: Path) -> Any:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    return text_only(Tokenizer.from_file(str(path)))
+
+
+def text_only(tok: Any) -> Any:
+    """The tokenizer with special-token parsing off for encoding (decoding is unchanged)."""
+    tok.encode_special_tokens = True
+    return tok
 
 
 def describe(path: Path, tok: Any) -> dict[str, Any]:

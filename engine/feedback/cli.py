@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ..console import err, fail, out
+from ..console import err, fail, finite, out
 from ..errors import EngineError
 
 feedback_app = typer.Typer(
@@ -30,9 +30,9 @@ FeedbackPrompts = Annotated[
     typer.Option("--prompts", help='a JSONL file of {"prompt": ..., "reference": ...} (default: the run\'s prompts)'),
 ]
 FeedbackSplit = Annotated[str, typer.Option("--split", help="which split of the run's prompts: train, valid or test")]
-FeedbackTemperature = Annotated[float, typer.Option("--temperature", min=0.0, help="sampling temperature (0: greedy)")]
+FeedbackTemperature = Annotated[float, typer.Option("--temperature", min=0.0, max=100.0, callback=finite, help="sampling temperature (0: greedy)")]
 FeedbackTopK = Annotated[int, typer.Option("--top-k", min=0, help="sample from the k likeliest tokens (0: all)")]
-FeedbackTopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="nucleus sampling mass (1: all)")]
+FeedbackTopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finite, help="nucleus sampling mass (1: all)")]
 FeedbackMaxNew = Annotated[
     int | None, typer.Option("--max-new-tokens", min=1, help="response length limit (default: half the context)")
 ]
@@ -58,7 +58,7 @@ def feedback_serve(
         typer.Option("--token", envvar="ENGINE_FEEDBACK_TOKEN", help="access token every request must carry"),
     ] = None,
     overlap: Annotated[
-        float, typer.Option("--overlap", min=0.0, max=1.0, help="fraction of items given to a second reviewer")
+        float, typer.Option("--overlap", min=0.0, max=1.0, callback=finite, help="fraction of items given to a second reviewer")
     ] = 0.2,
     ahead: Annotated[
         int, typer.Option("--ahead", min=1, max=256, help="items kept sampled ahead of the reviewers")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from itertools import combinations
@@ -76,9 +77,11 @@ def conversation_rows(judgments: Sequence[dict[str, Any]], *, ai: bool = True) -
 def read_judgments(db: Path) -> list[dict[str, Any]]:
     if not db.is_file():
         raise EngineError(f"{db}: no such feedback database")
-    store = Store(db)
+    store = Store.read_only(db)
     try:
         return store.judgments()
+    except sqlite3.DatabaseError as exc:
+        raise EngineError(f"{db}: cannot read its judgments ({exc}); is it a feedback database?") from None
     finally:
         store.close()
 

@@ -124,6 +124,37 @@ class Store:
                 if statement.strip():
                     db.execute(statement)
 
+    @classmethod
+    def read_only(cls, path: Path) -> Store:
+        """The database opened for reading only: nothing is created, migrated or written, so reading a file
+        that is not a feedback database (an empty file, another program's data) leaves it as it was."""
+        try:
+            with path.open("rb") as f:
+                header = f.read(16)
+        except OSError as exc:
+            raise EngineError(f"{path}: cannot read the feedback database ({exc.strerror or exc})") from None
+        if header != b"SQLite format 3\x00":
+            raise EngineError(f"{path} is not a feedback database (not an SQLite file); give the .db that "
+                              "`engine feedback serve` or `engine feedback ai` wrote")  # fmt: skip
+        store = cls.__new__(cls)
+        store.path, store.lock = path, threading.Lock()
+        # Without a write-ahead log beside it (no server has it open) the file is read as immutable, which
+        # creates no -wal/-shm files; with one, a server is writing, and a read-only connection shares its log.
+        live = path.with_name(path.name + "-wal").exists()
+        query = "mode=ro" if live else "mode=ro&immutable=1"
+        store.db = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True, check_same_thread=False)
+        store.db.row_factory = sqlite3.Row
+        try:
+            tables = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc:
+            store.db.close()
+            raise EngineError(f"{path} is not a feedback database ({exc})") from None
+        missing = {"items", "responses", "judgments"} - tables
+        if missing:
+            store.db.close()
+            raise EngineError(f"{path} is an SQLite file but not a feedback database (no table {sorted(missing)[0]})")
+        return store
+
     def close(self) -> None:
         with self.lock:
             self.db.close()

@@ -93,7 +93,7 @@ def script_problems(plan: Plan, jobs: list[Job], *, folder_root: str) -> list[Pr
     problems: list[Problem] = []
 
     def value(path: str, v: str | None, fix: str) -> None:
-        if v is not None and not SBATCH_VALUE.match(v):
+        if v is not None and not SBATCH_VALUE.fullmatch(v):
             problems.append(Problem(path, f"={v!r} has characters an sbatch script cannot carry safely", fix))
 
     for field in ("partition", "account", "qos", "constraint", "container_image"):
@@ -105,7 +105,7 @@ def script_problems(plan: Plan, jobs: list[Job], *, folder_root: str) -> list[Pr
     value("run_dir", folder_root, "choose a run_dir without spaces, quotes or control characters")
     for job in jobs:
         for key, v in job.env.items():
-            if not ENV_NAME.match(key):
+            if not ENV_NAME.fullmatch(key):
                 problems.append(Problem(f"cluster({c.name}).env", f"{key!r} is not an environment variable name",
                                         "use letters, digits and _, not starting with a digit"))  # fmt: skip
             if CONTROL.search(v):
@@ -166,12 +166,20 @@ def afterok(ids: list[str]) -> str | None:
     return "afterok:" + ":".join(ids) if ids else None
 
 
-def show_scripts(plan: Plan, *, folder_root: str | None = None, python: str | None = None) -> str:
+def show_scripts(
+    plan: Plan, jobs: list[Job] | None = None, *, folder_root: str | None = None, python: str | None = None
+) -> str:
     """Every job's script as `engine run` here would submit it, upstream ids as `<stage>` placeholders."""
     root = folder_root or os.getcwd()
     py = python or shlex.quote(sys.executable)
+    # The same checks as a submission: nothing unsafe is ever rendered into a script, not even to show it.
+    problems = script_problems(plan, list(jobs if jobs is not None else plan.jobs), folder_root=root)
+    if problems:
+        from ..errors import RecipeError
+
+        raise RecipeError(problems)
     parts = []
-    for job in plan.jobs:
+    for job in jobs if jobs is not None else plan.jobs:
         dep = afterok([f"<{d}>" for d in job.depends_on])
         text = render_sbatch(plan, job, folder_root=root, dependency=dep, python=py)
         parts.append(f"# ---- {job.name} ----\n{text}")

@@ -184,3 +184,23 @@ def test_the_fingerprint_changes_with_each_new_judgment(tmp_path: Path) -> None:
     before = feedback.SOURCE.fingerprint(params)
     store.judge(item_id=1, reviewer="alice", action="rank", ranks=[0, 1, 2])
     assert feedback.SOURCE.fingerprint(params) != before
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database at all\n", b"SQLite format 3\x00" + b"\x00" * 84])
+def test_exporting_a_file_that_is_no_feedback_database_leaves_it_untouched(tmp_path: Path, content: bytes) -> None:
+    db = tmp_path / "judgments.db"
+    db.write_bytes(content)
+    with pytest.raises(EngineError, match=r"not a feedback database|cannot read"):
+        export.export(db, tmp_path / "out")
+    assert db.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judgments.db"]
+
+
+def test_exporting_a_database_does_not_write_to_it(tmp_path: Path) -> None:
+    db = tmp_path / "feedback.db"
+    store = Store(db)
+    store.close()
+    before = db.read_bytes()
+    export.export(db, tmp_path / "out")
+    assert db.read_bytes() == before
+    assert not (tmp_path / "feedback.db-wal").exists() and not (tmp_path / "feedback.db-shm").exists()
