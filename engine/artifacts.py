@@ -45,12 +45,47 @@ def read_manifest(dataset_dir: Path) -> dict[str, Any]:
     manifest = dataset_dir / MANIFEST
     if not manifest.is_file():
         raise EngineError(f"no dataset at {dataset_dir}: {manifest} is missing; run the data stage first")
-    data: dict[str, Any] = read_json(manifest)
-    return data
+    return read_object(manifest, "the data stage's manifest", required=("tokenizer", "sources"))
 
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_object(path: Path, what: str, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object a run keeps on disk (plan.json, meta.json, a manifest), read for a user's command: a file
+    that is missing, unreadable, truncated, binary, of another shape, or lacking a `required` mapping is one
+    EngineError naming the file and what is wrong, never a traceback."""
+    fix = "restore it from a copy, or rerun the stage that wrote it"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EngineError(f"{path}: {what} is missing; {fix}") from None
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read {what} ({exc.strerror or exc}); {fix}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc})"
+        if isinstance(exc, RecursionError):
+            why = "nested too deeply"
+        raise EngineError(f"{path}: {what} is {why}; {fix}") from None
+    if not isinstance(data, dict):
+        raise EngineError(f"{path}: {what} holds a JSON {type(data).__name__}, not an object; {fix}")
+    missing = [k for k in required if not isinstance(data.get(k), dict | list)]
+    if missing:
+        raise EngineError(f"{path}: {what} has no {missing[0]!r} section; {fix}")
+    return data
+
+
+def plan_jobs(run: Path) -> list[dict[str, Any]]:
+    """The jobs of a run directory's plan.json as plain records (name, kind, outputs), shape-checked."""
+    plan = read_object(run / "plan.json", "the run's plan")
+    jobs = plan.get("jobs")
+    if not isinstance(jobs, list) or not all(
+        isinstance(j, dict) and isinstance(j.get("name"), str) and isinstance(j.get("kind"), str) for j in jobs
+    ):
+        raise EngineError(f"{run / 'plan.json'}: the run's plan has no list of jobs with names and kinds; restore "
+                          "it, or recompile the recipe into a new run directory")  # fmt: skip
+    return jobs
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -134,5 +169,5 @@ def inside_run(run: Path | None, recorded: str) -> Path:
         return path
     try:
         return run / path.relative_to(read_json(run / "plan.json")["run_dir"])
-    except (KeyError, ValueError, OSError):
+    except (KeyError, ValueError, OSError, TypeError, RecursionError):
         return path

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import inside_run, read_json, run_of
+from .artifacts import inside_run, plan_jobs, run_of
 from .chat import SpecialIds, render
 from .errors import EngineError
 from .hf.to_hf import resolve_checkpoint, tokenizer_file
@@ -52,12 +52,20 @@ class Target:
     tokenizer: Path
     run: Path | None = None
 
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """meta.json's architecture, which the model is built from (a user error naming the file if absent)."""
+        arch = self.meta.get("architecture")
+        if not isinstance(arch, dict):
+            raise EngineError(f"{self.checkpoint / checkpoint.META}: the checkpoint's meta.json has no 'architecture' "
+                              "section; restore it from a copy, or rerun the stage that wrote it")  # fmt: skip
+        return arch
+
 
 def newest_policy(run: Path) -> Path:
     """The newest complete checkpoint of the run's last policy stage in plan order (usually ppo, else sft,
     else pretrain)."""
-    plan = read_json(run / PLAN)
-    for job in reversed(plan.get("jobs", [])):
+    for job in reversed(plan_jobs(run)):
         if job.get("kind") in POLICY_KINDS:
             found = checkpoint.latest_checkpoint(run / job["name"] / "checkpoints")
             if found is not None:
@@ -83,6 +91,7 @@ def locate(target: Path, tokenizer: Path | None = None) -> Target:
             f"{ckpt} is a {meta.get('model', 'scalar-head')} checkpoint (a scalar head, no language-model output); "
             f"use a {either(POLICY_KINDS)} stage instead"
         )
+    meta = checkpoint.read_object_meta(ckpt, required=("tokenizer",))
     found = tokenizer_file(meta, tokenizer or inside_run(run, meta.get("tokenizer", {}).get("path", "")))
     return Target(checkpoint=ckpt, meta=meta, tokenizer=found, run=run)
 
@@ -169,7 +178,7 @@ def open_chat(target: Target, options: Options, notify: Callable[[str], None]) -
     from .corpus.tokenizer import load as load_tokenizer
     from .hf import session
 
-    arch = target.meta["architecture"]
+    arch = target.architecture
     tok = load_tokenizer(target.tokenizer)
     with ExitStack() as stack:
         with redirect_stdout(sys.stderr):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..artifacts import inside_run, read_json
+from ..artifacts import inside_run, plan_jobs, read_manifest
 from ..errors import EngineError
 from ..kinds import producing
 from .store import ModelVersion
@@ -95,19 +95,23 @@ def run_prompts(run: Path | None, split: str = "train") -> PromptSet:
         raise EngineError(
             "the model is not inside a run directory, so there are no run prompts; pass --prompts FILE.jsonl"
         )
-    plan = read_json(run / PLAN)
     rows: list[PromptRow] = []
-    for job in plan.get("jobs", []):
+    for job in plan_jobs(run):
         if job.get("kind") not in producing("data"):
             continue
-        data = next(inside_run(run, a["path"]) for a in job["outputs"] if a["kind"] == "dataset")
+        outputs = job.get("outputs")
+        found = [a["path"] for a in (outputs if isinstance(outputs, list) else [])
+                 if isinstance(a, dict) and a.get("kind") == "dataset" and "path" in a]  # fmt: skip
+        if not found:
+            continue
+        data = inside_run(run, str(found[0]))
         if (data / "manifest.json").is_file():
             rows += [PromptRow(r["prompt_text"], r.get("reference")) for r in _prompt_shards(data, split)]
     return _named(f"run:{run.resolve()}:{split}", rows)
 
 
 def _prompt_shards(root: Path, split: str) -> Iterator[dict[str, Any]]:
-    manifest = read_json(root / "manifest.json")
+    manifest = read_manifest(root)
     for name, source in manifest["sources"].items():
         if source["records"] != "prompt":
             continue
@@ -143,7 +147,7 @@ class Sampler:
         from ..chat import SpecialIds
 
         self.session, self.tok, self.target, self.options = session, tok, target, options
-        arch = target.meta["architecture"]
+        arch = target.architecture
         self.seq_length = int(arch["seq_length"])
         self.vocab = int(target.meta["tokenizer"].get("vocab_size") or arch["vocab_size"])
         self.ids = SpecialIds.lookup(tok.token_to_id)
@@ -193,6 +197,6 @@ def open_sampler(target: Target, options: SamplingOptions) -> Iterator[Sampler]:
     from ..hf import session
 
     tok = load_tokenizer(target.tokenizer)
-    with redirect_stdout(sys.stderr), session.megatron("feedback", target.meta["architecture"]) as s:
+    with redirect_stdout(sys.stderr), session.megatron("feedback", target.architecture) as s:
         session.load(s, target.checkpoint)
         yield Sampler(s, tok, target, options)

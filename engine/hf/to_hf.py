@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from ..artifacts import read_json
 from ..chat import BOS, END, EOS, PAD, ROLES
 from ..errors import EngineError
 from ..kinds import either, producing
@@ -110,7 +109,7 @@ def export_checkpoint(artifact: Path, out: Path, *, dtype: str = "fp32", tokeniz
     from safetensors.torch import save_file
 
     ckpt = resolve_checkpoint(artifact)
-    meta = read_json(ckpt / checkpoint.META)
+    meta = checkpoint.read_model_meta(ckpt)
     refused = _refusals(meta)
     if refused:
         raise EngineError(f"cannot export {ckpt}: " + "; ".join(refused))

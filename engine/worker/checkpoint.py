@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..artifacts import fsync_dir, read_json, write_json_atomic
+from ..artifacts import fsync_dir, read_object, write_json_atomic
+from ..errors import EngineError
 from .faults import maybe_kill
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -48,8 +49,18 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    meta: dict[str, Any] = read_json(path / META)
-    return meta
+    """A checkpoint's meta.json (a user error naming the file when it is unreadable or not an object)."""
+    return read_object(path / META, "the checkpoint's meta.json")
+
+
+def read_model_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint a model is built from: it must describe the architecture and the tokenizer."""
+    return read_object_meta(path, required=("architecture", "tokenizer"))
+
+
+def read_object_meta(path: Path, *, required: tuple[str, ...]) -> dict[str, Any]:
+    """meta.json with the sections a reader needs (each a user error naming the file when missing)."""
+    return read_object(path / META, "the checkpoint's meta.json", required=required)
 
 
 def _layout_key(layout: dict[str, Any]) -> tuple[Any, ...]:
@@ -175,7 +186,14 @@ def load(
     else:
         same_layout = _layout_key(meta["layout"]) == _layout_key(layout)
         state = full_state(built, step=0, consumed=0, with_rng=same_layout, loading=True)
-    loaded = dist_checkpointing.load(state, str(path))
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except (Exception, CheckpointException) as exc:  # a damaged or foreign checkpoint
+        raise EngineError(f"checkpoint {path} cannot be loaded ({_first_cause(exc)}); its files are damaged or do "
+                          "not match the architecture its meta.json describes: restore it, or start from another "
+                          "checkpoint") from None  # fmt: skip
     names = ["model"] if len(built.chunks) == 1 else [f"model{i}" for i in range(len(built.chunks))]
     for name, chunk in zip(names, built.chunks, strict=True):
         result = _unwrap(chunk).load_state_dict(loaded[name], strict=not fresh)
@@ -199,3 +217,13 @@ def load(
 def load_weights(path: Path, chunks: list[Any], *, layout: dict[str, Any], fresh: tuple[str, ...] = ()) -> None:
     """A checkpoint's weights into model chunks that have no optimizer (frozen models, a critic's start)."""
     load(path, SimpleNamespace(chunks=chunks), layout=layout, model_only=True, fresh=fresh)
+
+
+def _first_cause(exc: BaseException) -> str:
+    """What went wrong loading, in one line: torch's CheckpointException carries each rank's own error."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        exc = cause[0] if isinstance(cause, tuple) and cause else cause  # (error, its remote traceback)
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

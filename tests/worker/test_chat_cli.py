@@ -249,3 +249,57 @@ def test_the_loop_survives_an_interrupted_reply() -> None:
     interactive(fake, ask, said.append, notes.append)  # type: ignore[arg-type]
     assert said == ["answer to 1+1=", "answer to 3+3="] and fake.resets == 1
     assert any("interrupted" in n for n in notes)
+
+
+def _corrupt(path: Path, how: str) -> None:
+    text = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(text[: len(text) // 3])
+    elif how == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x01" + text[:40])
+    elif how == "wrong shape":
+        path.write_text("[1, 2, 3]")
+    elif how == "architecture":  # meta.json says 3 layers; the checkpoint holds 2
+        meta = json.loads(text)
+        path.write_text(json.dumps({**meta, "architecture": {**meta["architecture"], "num_layers": 3}}))
+
+
+def _one_message(done: subprocess.CompletedProcess[str], names: str) -> None:
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and names in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_damaged_plan_or_meta_json_is_one_message_naming_it(run: Path, tmp_path: Path) -> None:
+    """Every command that reads them; each way a file can be damaged is tests/test_damaged_files.py's."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    _corrupt(copy / "plan.json", "truncated")
+    for command in (["chat", str(copy), "--prompt", "1+1="], ["report", str(copy), "--out", str(tmp_path / "r.html")],
+                    ["status", str(copy)], ["feedback", "ai", str(copy), "--reward", "exact_match", "--n", "1",
+                                             "--db", str(tmp_path / "f.db")]):  # fmt: skip
+        _one_message(_python("-m", "engine", *command), "plan.json")
+    meta = copy / "sft" / "checkpoints" / "step_00000001" / "meta.json"
+    _corrupt(meta, "wrong shape")
+    for command in (["chat", str(copy / "sft"), "--prompt", "1+1="],
+                    ["export", str(copy / "sft"), "--format", "hf", "--out", str(tmp_path / "hf")]):  # fmt: skip
+        _one_message(_python("-m", "engine", *command), "meta.json")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_match_its_meta_json_is_one_message(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = copy / "sft" / "checkpoints" / "step_00000001"
+    _corrupt(ckpt / "meta.json", "architecture")
+    _one_message(_chat(str(copy / "sft"), "--prompt", "1+1="), f"checkpoint {ckpt} cannot be loaded")
+    shutil.copy(run / "sft" / "checkpoints" / "step_00000001" / "meta.json", ckpt / "meta.json")
+    for data in ckpt.glob("*.distcp"):
+        data.write_bytes(data.read_bytes()[:100])  # a torn copy
+    done = _python("-m", "engine", "export", str(copy / "sft"), "--format", "hf", "--out", str(tmp_path / "hf"),
+                   "--tokenizer", str(copy / "data" / "tokenizer" / "tokenizer.json"))  # fmt: skip
+    _one_message(done, f"checkpoint {ckpt} cannot be loaded")
+    assert not (tmp_path / "hf").exists()
