@@ -278,3 +278,16 @@ def test_non_finite_numbers_are_refused() -> None:
 def test_model_problems_are_reported_once() -> None:
     err = problems_of("model.hidden_size=130")
     assert err.paths().count("model.hidden_size") == 1
+
+
+def test_ppo_refuses_what_its_rollouts_cannot_do() -> None:
+    h8 = REPO / "recipes" / "h100" / "llama3_8b.yaml"
+    err = problems_of("stages.ppo.parallelism.cp=2", "stages.ppo.parallelism.sequence_parallel=true", recipe=h8)
+    assert sorted(err.paths()) == ["stages.ppo.parallelism.cp", "stages.ppo.parallelism.sequence_parallel"]
+    assert "decode one token per step" in err.render()
+
+
+def test_fp8_param_gather_needs_the_distributed_optimizer() -> None:
+    h8 = REPO / "recipes" / "h100" / "llama3_8b.yaml"
+    err = problems_of("stages.pretrain.parallelism.distributed_optimizer=false", recipe=h8)
+    assert err.paths() == ["stages.pretrain.precision.fp8_param_gather"]

@@ -186,6 +186,12 @@ def _training(where: str, stage: TrainingStage) -> Iterator[Problem]:
         yield Problem(
             f"{where}.precision.fp8_param_gather", f"needs dtype=fp8 (got {p.dtype})", "set precision.dtype=fp8"
         )
+    if p.fp8_param_gather and stage.parallelism.distributed_optimizer is False:
+        yield Problem(
+            f"{where}.precision.fp8_param_gather",
+            "=true gathers FP8 weights through the distributed optimizer, which parallelism.distributed_optimizer=false turns off",
+            "turn the distributed optimizer on (the default on GPUs) or fp8_param_gather off",
+        )
 
 
 def _hardware(where: str, stage: TrainingStage, cluster: ClusterProfile) -> Iterator[Problem]:

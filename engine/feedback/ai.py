@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,11 +67,13 @@ def dense_ranks(scores: Sequence[float]) -> list[int]:
 
 
 def score(
-    rewards: Sequence[tuple[str, Any, Any]], prompt: str, reference: str | None, responses: Sequence[str]
-) -> list[float]:
+    rewards: Sequence[tuple[str, Any, Any]], prompt: str, reference: str | None, responses: Sequence[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> list[float]:  # fmt: skip
     from ..plugin import RewardSample
 
-    batch = [RewardSample(prompt=prompt, response=r, reference=reference) for r in responses]
+    batch = [RewardSample(prompt=prompt, response=r, reference=reference, metadata=dict(metadata or {}))
+             for r in responses]  # fmt: skip
     total = [0.0] * len(responses)
     for name, found, params in rewards:
         values = found.score(params, batch)
@@ -102,7 +104,7 @@ def run_ai_feedback(target: Target, prompts: PromptSet, *, db: Path, rewards: Se
                 chunk = [(i, row, tokens) for i, row, tokens in encoded if tokens is not None]
                 texts = sampler.responses([t for _, _, t in chunk], k, seed=chunk[0][0]) if chunk else []
                 for (i, row, _), responses in zip(chunk, texts, strict=True):
-                    scores = score(functions, row.prompt, row.reference, responses)
+                    scores = score(functions, row.prompt, row.reference, responses, row.metadata)
                     (item_id,) = store.add_items([NewItem(row.prompt, row.reference, i, responses)], prompt_set=prompts.name,
                                                  model_id=model_id, sampling=sampler.sampling, origin="ai")  # fmt: skip
                     store.judge(item_id=item_id, reviewer=reviewer, action="rank", ranks=dense_ranks(scores), strict=False,

@@ -18,9 +18,9 @@ import io
 import json
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ PLAN = "plan.json"
 class PromptRow:
     prompt: str
     reference: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # what reward functions may need of the prompt
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ def prompts_file(path: Path) -> PromptSet:
             continue
         try:
             row = json.loads(line)
-            reference = row.get("reference")
-            rows.append(PromptRow(str(row["prompt"]), None if reference is None else str(reference)))
+            reference, metadata = row.get("reference"), row.get("metadata")
+            rows.append(PromptRow(str(row["prompt"]), None if reference is None else str(reference),
+                                  metadata if isinstance(metadata, dict) else {}))  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise EngineError(f'{path}:{number}: not a {{"prompt": ..., "reference": ...}} line ({exc})') from None
     return _named(f"file:{path.resolve()}", rows)
@@ -106,7 +108,8 @@ def run_prompts(run: Path | None, split: str = "train") -> PromptSet:
             continue
         data = inside_run(run, str(found[0]))
         if (data / "manifest.json").is_file():
-            rows += [PromptRow(r["prompt_text"], r.get("reference")) for r in _prompt_shards(data, split)]
+            rows += [PromptRow(r["prompt_text"], r.get("reference"), r.get("metadata") or {})
+                     for r in _prompt_shards(data, split)]  # fmt: skip
     return _named(f"run:{run.resolve()}:{split}", rows)
 
 

@@ -14,6 +14,20 @@ from .checks import installed, plugin_params, plugin_table
 def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
     if stage.training.tokens is not None:
         yield Problem(f"{where}.training.tokens", "PPO counts iterations, not tokens", "set training.steps instead")
+    par = stage.parallelism
+    if par.cp > 1:
+        yield Problem(
+            f"{where}.parallelism.cp",
+            f"={par.cp}: the PPO stage does not split rollouts across context-parallel ranks",
+            "set cp: 1 (rollouts are short; split the model with tp or pp instead)",
+        )
+    if par.sequence_parallel:
+        yield Problem(
+            f"{where}.parallelism.sequence_parallel",
+            "=true: rollouts decode one token per step, which sequence parallelism cannot split over tp ranks "
+            "(Megatron-Core runs inference without it)",
+            "set sequence_parallel: false for the PPO stage",
+        )
     if stage.reward_model is None and not stage.rewards:
         yield Problem(
             f"{where}.rewards",

@@ -254,6 +254,20 @@ def init_layout_independent(chunks: list[Any], *, seed: int, std: float, num_lay
                 raise RuntimeError(f"layout-independent init did not reach: {missing}")
 
 
+def ddp_kwargs(job: Job) -> dict[str, Any]:
+    """DistributedDataParallelConfig arguments: fp32 gradient reduction for bf16 and FP8, the distributed
+    optimizer, and FP8 parameter all-gathers with `fp8_param_gather` (as Megatron-LM sets both this and
+    TransformerConfig's `fp8_param`)."""
+    assert job.layout is not None and job.precision is not None
+    return dict(
+        grad_reduce_in_fp32=job.precision.dtype != "fp32",
+        use_distributed_optimizer=job.layout.distributed_optimizer,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+        fp8_param_gather=job.precision.fp8_param_gather,
+    )
+
+
 def wrap_and_optimize(
     job: Job, chunks: list[Any], config: Any, *, training: Training, steps: int, lr: float | None = None
 ) -> Built:
@@ -267,12 +281,7 @@ def wrap_and_optimize(
     t = training
     peak, floor = (lr, t.min_lr * lr / t.lr) if lr is not None else (t.lr, t.min_lr)
     bf16 = job.precision.dtype != "fp32"
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=bf16,
-        use_distributed_optimizer=job.layout.distributed_optimizer,
-        overlap_grad_reduce=False,
-        overlap_param_gather=False,
-    )
+    ddp_config = DistributedDataParallelConfig(**ddp_kwargs(job))
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)

@@ -41,7 +41,8 @@ class Scorer:
         """What reward functions score: prompt text, decoded response (no stop tokens), reference."""
         texts = [self.tok.decode([t for t in r[p : p + n] if t not in self.stop])
                  for r, p, n in zip(rows, plens, rlens, strict=True)]  # fmt: skip
-        return [plugin.RewardSample(prompt=pr["prompt_text"], response=text, reference=pr.get("reference"))
+        return [plugin.RewardSample(prompt=pr["prompt_text"], response=text, reference=pr.get("reference"),
+                                    metadata=pr.get("metadata") or {})
                 for pr, text in zip(prompts, texts, strict=True)]  # fmt: skip
 
     def scores(

@@ -132,3 +132,13 @@ def test_worker_reports_a_bad_plan_or_job_without_traceback(tmp_path: Path) -> N
                         ([str(plan), "--job", "nope"], "has no job 'nope'")):  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "engine.worker", *args], capture_output=True, text=True)
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
+
+
+def test_fp8_param_gather_reaches_both_configs() -> None:
+    from engine.worker.mcore import ddp_kwargs
+
+    plan = compile_with(recipe=H100 / "llama31_405b.yaml")
+    job = plan.job("pretrain")
+    assert config_kwargs(job, plan.model, device="cuda", recompute="none")["fp8_param"] is True
+    assert ddp_kwargs(job)["fp8_param_gather"] is True and ddp_kwargs(job)["use_distributed_optimizer"] is True
+    assert ddp_kwargs(plan.job("sft"))["fp8_param_gather"] is False

@@ -283,8 +283,9 @@ def tokenize_row(row: dict[str, Any], encode: Any, ids: SpecialIds) -> dict[str,
         tokens, mask = render([(m["role"], m["content"]) for m in row["messages"]], encode, ids)
         return {"tokens": tokens, "loss_mask": mask}
     prompt, _ = render([("user", row["prompt"])], encode, ids, generation_prompt=True)
-    if kind == "prompt":
-        return {"prompt": prompt, "prompt_text": row["prompt"], "reference": row.get("reference")}
+    if kind == "prompt":  # metadata: what a reward function may need of the prompt (a test case, a unit, a rubric)
+        return {"prompt": prompt, "prompt_text": row["prompt"], "reference": row.get("reference"),
+                "metadata": row.get("metadata") or {}}  # fmt: skip
     chosen, rejected = ([*encode(row[k]), ids.end, ids.eos] for k in ("chosen", "rejected"))
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
