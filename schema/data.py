@@ -23,7 +23,13 @@ class SourceSpec(Spec):
     params: dict[str, Any] = Field(
         default_factory=dict, description="the plugin's parameters, validated by the plugin's own model"
     )
-    weight: float = Field(default=1.0, gt=0, description="mixture weight among sources of the same records")
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        description="mixture weight among the sources of the same records: the share of the training samples a "
+        "stage draws from this source is its weight over theirs (pretraining's blend, SFT and reward-model batches, "
+        "PPO's prompts)",
+    )
 
 
 class CleaningSpec(Spec):

@@ -8,6 +8,11 @@ Batches are addressed by sample index, like pretraining: step s covers the globa
 micro-batch slices r·mbs .. (r+1)·mbs of each mbs·dp block. A resumed run therefore reads exactly the
 batches an uninterrupted one would have.
 
+Mixture weights: when several sources of the data stage yield the stage's records, an epoch draws from
+source i the share weight_i / Σ weight of its samples (the sources' `weight`, as pretraining's blend
+uses them), upsampling a small source and downsampling a large one; `Mixture` says how (one source: a
+plain permutation of its samples).
+
 Length-bucketed padding (`batching: bucketed`): each epoch is a seeded permutation cut into windows of
 16 global batches; a window is sorted by length, cut into global batches, and those are shuffled. A
 step is padded only to its longest sample (rounded up to a multiple of 8 on GPUs, 16 with FP8, and
@@ -82,19 +87,72 @@ class Ragged:
 def read_shards(plan: Plan, *, stage: str, data: str, records: str, split: str) -> list[dict[str, Any]]:
     """All samples of one record kind and split, from every source of the data stage `data` that the stage
     `stage` reads."""
+    return [s for samples in read_sources(plan, stage=stage, data=data, records=records, split=split).values()
+            for s in samples]  # fmt: skip
+
+
+def read_sources(plan: Plan, *, stage: str, data: str, records: str, split: str) -> dict[str, list[dict[str, Any]]]:
+    """The samples of one record kind and split, by source (in the manifest's order)."""
     root = plan.dataset(data)
     manifest = read_manifest(root)
-    samples: list[dict[str, Any]] = []
     names = [name for name, src in manifest["sources"].items() if src["records"] == records]
     if not names:
         raise EngineError(
             f"stage {stage!r} trains on {records} records, but data stage {data!r} has no "
             f"source with records: {records}; add one to stages.{data}.sources"
         )
+    out: dict[str, list[dict[str, Any]]] = {}
     for name in names:
+        out[name] = []
         for shard in manifest["sources"][name]["splits"].get(split, {}).get("shards", []):
-            samples += _shard_samples(root / name / split / shard["path"], shard["sha256"])
-    return samples
+            out[name] += _shard_samples(root / name / split / shard["path"], shard["sha256"])
+    return out
+
+
+def source_weights(plan: Plan, data: str, names: list[str]) -> list[float]:
+    """The mixture weight of each named source of the data stage `data`, as its manifest recorded it."""
+    manifest = read_manifest(plan.dataset(data))
+    return [float(manifest["sources"][n].get("weight", 1.0)) for n in names]
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """How one epoch of `sum(sizes)` samples draws from sources concatenated in this order: source i gives
+    counts()[i] of them (its share weight_i / Σ weight, by largest remainder), cycling through seeded
+    permutations of its own samples when it gives more than it has."""
+
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    @classmethod
+    def of(cls, sizes: list[int], weights: list[float]) -> Mixture:
+        # A source with no samples cannot give any: its weight goes to the others.
+        return cls(tuple(sizes), tuple(w if n > 0 else 0.0 for n, w in zip(sizes, weights, strict=True)))
+
+    def shares(self) -> list[float]:
+        total = sum(self.weights) or 1.0
+        return [w / total for w in self.weights]
+
+    def counts(self) -> list[int]:
+        n = sum(self.sizes)
+        exact = [share * n for share in self.shares()]
+        counts = [math.floor(x) for x in exact]
+        for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: n - sum(counts)]:
+            counts[i] += 1
+        return counts
+
+    def permutation(self, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's sample indices into the concatenated sources, shuffled."""
+        if len(self.sizes) == 1:
+            return rng.permutation(self.sizes[0])
+        parts, offset = [], 0
+        for size, count in zip(self.sizes, self.counts(), strict=True):
+            if count:
+                cycles = [rng.permutation(size) for _ in range(math.ceil(count / size))]
+                parts.append(np.concatenate(cycles)[:count] + offset)
+            offset += size
+        drawn = np.concatenate(parts)
+        return drawn[rng.permutation(len(drawn))]
 
 
 def _shard_samples(path: Path, sha256: str) -> list[dict[str, Any]]:
@@ -140,6 +198,7 @@ class Order:
     gbs: int
     seed: int
     bucketed: bool
+    mixture: Mixture | None = None  # None: one source, every sample once per epoch
     _cache: dict[int, np.ndarray] = field(default_factory=dict)
 
     def epoch(self, e: int) -> np.ndarray:
@@ -149,7 +208,7 @@ class Order:
 
     def _build(self, e: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, e])
-        perm = rng.permutation(len(self.lengths))
+        perm = self.mixture.permutation(rng) if self.mixture is not None else rng.permutation(len(self.lengths))
         if not self.bucketed:
             return perm
         window = self.gbs * WINDOW
@@ -275,21 +334,27 @@ class ChatBatches:
         self.gbs, self.mbs, self.dp = training.global_batch_size, training.micro_batch_size, job.layout.dp
         self.cap, self.multiple = plan.model.seq_length, pad_multiple(job)
         self.bucketed = batching == "bucketed"
-        self.train_set, self.valid_set = (
-            shape.load(read_shards(plan, stage=job.name, data=data, records=shape.records, split=split))
-            for split in ("train", "valid")
-        )
+        by_source = read_sources(plan, stage=job.name, data=data, records=shape.records, split="train")
+        self.train_set = shape.load([s for samples in by_source.values() for s in samples])
+        self.valid_set = shape.load(read_shards(plan, stage=job.name, data=data, records=shape.records, split="valid"))
         if self.train_set["n"] == 0:
             raise EngineError(f"data stage {data!r} has no {shape.records} samples in its train split")
-        self.order = Order(self.train_set["lengths"], self.gbs, training.seed, self.bucketed)
+        names = list(by_source)
+        self.mixture = Mixture.of([len(v) for v in by_source.values()], source_weights(plan, data, names))
+        self.sources = names
+        self.order = Order(self.train_set["lengths"], self.gbs, training.seed, self.bucketed,
+                           self.mixture if len(names) > 1 else None)  # fmt: skip
         self.eval_samples = min(self.valid_set["n"], training.eval_iters * self.gbs)
 
     def describe(self) -> str:
         tr = self.train_set
         cut = int((tr["lengths"] > self.cap).sum())
+        mix = "" if len(self.sources) == 1 else "; mixture per epoch: " + ", ".join(
+            f"{n} {share:.2f} ({count})" for n, share, count in
+            zip(self.sources, self.mixture.shares(), self.mixture.counts(), strict=True))  # fmt: skip
         return (f"{tr['n']} training {self.shape.noun} ({self.valid_set['n']} held out), mean length "
                 f"{tr['lengths'].mean():.1f} tokens, {cut} cut at {self.cap}; "
-                f"batching: {'length-bucketed' if self.bucketed else 'padded to seq_length'}")  # fmt: skip
+                f"batching: {'length-bucketed' if self.bucketed else 'padded to seq_length'}{mix}")  # fmt: skip
 
     def _length_of(self, dataset: Samples, idx: np.ndarray) -> int:
         real = idx[idx >= 0]

@@ -368,13 +368,30 @@ def run(ctx: Context, spec: DataStage) -> None:
         sources[name] = entry
         print(f"[{job.name}] {name}: " + ", ".join(f"{s} {v.get('documents', v.get('samples'))}"
                                                   for s, v in entry["splits"].items()), flush=True)  # fmt: skip
+    mixture = effective_mixture(sources)
+    for records, shares in mixture.items():
+        print(f"[{job.name}] mixture of {records} records: "
+              + ", ".join(f"{n} {share:.3f}" for n, share in shares.items()), flush=True)  # fmt: skip
     if tok_out is not None:
         info["path"] = str(tok_out / "tokenizer.json")
     write_json_atomic(
         build / "data" / "manifest.json",
-        {"cache_key": job.cache_key, "inputs": inputs, "tokenizer": info, "sources": sources, "report": report},
-    )
+        {"cache_key": job.cache_key, "inputs": inputs, "tokenizer": info, "sources": sources, "report": report,
+         "mixture": mixture},
+    )  # fmt: skip
     _install(build, data_out, tok_out)
+
+
+def effective_mixture(sources: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per record kind, the share of training samples each source gives the stages that read it: its weight
+    over the weights of the sources of that kind that have training samples (pretraining's `mixture` may
+    override the text shares)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, entry in sources.items():
+        train = entry["splits"].get("train", {})
+        if train.get("documents", train.get("samples", 0)):
+            out.setdefault(entry["records"], {})[name] = float(entry["weight"])
+    return {kind: {n: w / sum(ws.values()) for n, w in ws.items()} for kind, ws in sorted(out.items())}
 
 
 def _install(build: Path, data_out: Path, tok_out: Path | None) -> None:

@@ -51,7 +51,7 @@ from ...errors import EngineError
 from ...plugins import exact_match
 from ...schema import PpoStage
 from .. import checkpoint, comm, preempt
-from ..batches import positions, read_shards
+from ..batches import Mixture, positions, read_sources, source_weights
 from ..context import Context
 from ..faults import maybe_kill
 from ..generate import Sampling, generate
@@ -125,8 +125,12 @@ class Ppo:
         self.ids = SpecialIds.lookup(self.tok.token_to_id)
         self.stop = [self.ids.end, self.ids.eos]
         self.vocab = int(self.tokenizer["vocab_size"])
-        self.train_prompts = self._prompts("train")
-        self.eval_set = self._prompts("valid")[: spec.eval_prompts]
+        by_source = self._prompt_sources("train")
+        self.train_prompts = [p for rows in by_source.values() for p in rows]
+        # Several prompt sources: each iteration draws from them by their mixture weights.
+        weights = source_weights(plan, spec.prompts, list(by_source))
+        self.mixture = Mixture.of([len(v) for v in by_source.values()], weights) if len(by_source) > 1 else None
+        self.eval_set = [p for rows in self._prompt_sources("valid").values() for p in rows][: spec.eval_prompts]
         if not self.train_prompts:
             raise EngineError(f"stage {job.name!r}: no training prompt fits rollout.max_prompt_tokens")
 
@@ -148,9 +152,10 @@ class Ppo:
         self.root = Path(job.outputs[0].path)
         self.critic_root = self.root.parent / "critic"
 
-    def _prompts(self, split: str) -> list[dict[str, Any]]:
-        rows = read_shards(self.plan, stage=self.job.name, data=self.spec.prompts, records="prompt", split=split)
-        return [r for r in rows if len(r["prompt"]) <= self.ro.max_prompt_tokens]
+    def _prompt_sources(self, split: str) -> dict[str, list[dict[str, Any]]]:
+        """The prompts of each source that fit rollout.max_prompt_tokens."""
+        found = read_sources(self.plan, stage=self.job.name, data=self.spec.prompts, records="prompt", split=split)
+        return {n: [r for r in rows if len(r["prompt"]) <= self.ro.max_prompt_tokens] for n, rows in found.items()}
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -200,14 +205,9 @@ class Ppo:
     # -- rollouts -------------------------------------------------------------------------------
 
     def _iteration_prompts(self, iteration: int) -> list[dict[str, Any]]:
-        n, per = len(self.train_prompts), self.ro.prompts_per_iteration
-        local = per // self.dp
-        first = iteration * per + self.dp_rank * local
-        out = []
-        for g in range(first, first + local):
-            order = np.random.default_rng([int(self.t.seed), g // n]).permutation(n)
-            out.append(self.train_prompts[int(order[g % n])])
-        return [p for p in out for _ in range(self.ro.responses_per_prompt)]
+        return iteration_prompts(self.train_prompts, self.mixture, seed=self.t.seed, iteration=iteration,
+                                 per_iteration=self.ro.prompts_per_iteration, dp=self.dp, dp_rank=self.dp_rank,
+                                 responses=self.ro.responses_per_prompt)  # fmt: skip
 
     def _generate(self, prompts: list[dict[str, Any]], sampling: Sampling, gen: torch.Generator) -> tuple[Any, int]:
         """Token rows (prompt + response, padded), prompt and response lengths; tokens generated."""
@@ -427,6 +427,23 @@ class Ppo:
                             meta=critic_meta, keep_last=max(keep, 2))  # fmt: skip
         checkpoint.save(self.root, self.actor, step=iteration, consumed=iteration * self.samples,
                         meta={**meta, "model": "policy", "kl_coef": beta}, keep_last=keep)  # fmt: skip
+
+
+def iteration_prompts(
+    prompts: list[dict[str, Any]], mixture: Mixture | None, *, seed: int, iteration: int, per_iteration: int,
+    dp: int, dp_rank: int, responses: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """This rank's prompts of one iteration, each repeated `responses` times: the global prompt g of the run is
+    sample g % n of epoch g // n's order (seeded; drawn by the sources' mixture weights when there are several)."""
+    n = len(prompts)
+    local = per_iteration // dp
+    first = iteration * per_iteration + dp_rank * local
+    out = []
+    for g in range(first, first + local):
+        rng = np.random.default_rng([int(seed), g // n])
+        order = mixture.permutation(rng) if mixture is not None else rng.permutation(n)
+        out.append(prompts[int(order[g % n])])
+    return [p for p in out for _ in range(responses)]
 
 
 def _dp_sum(x: torch.Tensor) -> torch.Tensor:
