@@ -21,10 +21,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..artifacts import fsync_dir, read_object, write_json_atomic
 from ..errors import EngineError
+from . import comm
 from .faults import maybe_kill
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -134,16 +134,16 @@ def save(root: Path, built: Any, *, step: int, consumed: int, meta: dict[str, An
     from megatron.core import dist_checkpointing
 
     _in_process_results_queue()
-    rank = dist.get_rank()
+    rank = comm.rank()
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    dist.barrier()
+    comm.barrier()
     dist_checkpointing.save(full_state(built, step=step, consumed=consumed, with_rng=True, loading=False), str(tmp))
-    dist.barrier()
+    comm.barrier()
     maybe_kill("in_save", step)
     if rank == 0:
         write_json_atomic(tmp / META, {**meta, "step": step, "consumed_samples": consumed})
@@ -155,7 +155,7 @@ def save(root: Path, built: Any, *, step: int, consumed: int, meta: dict[str, An
         (root / ".latest.tmp").replace(root / "latest")
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     return final
 
 

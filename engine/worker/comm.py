@@ -1,5 +1,8 @@
 """Collectives on host values and host → device moves, in one place, for every backend.
 
+Worker code reaches torch.distributed only through this module (and engine.worker.context, which starts
+and ends the process group); a test holds every other worker module to that.
+
 NCCL has no collectives for CPU tensors, and CUDA models reject CPU inputs; on the CPU (gloo)
 everything is on the host, so a test there cannot see either mistake. Worker code therefore never calls
 torch.distributed on its own values: it reduces, broadcasts and moves through these helpers, which put a
@@ -27,6 +30,27 @@ def _device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def initialized() -> bool:
+    return bool(dist.is_initialized())
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return int(dist.get_rank()) if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Every rank waits for every other (a no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def max_(tensor: torch.Tensor, *, group: Any) -> torch.Tensor:
+    """The elementwise maximum over `group`, in place, of a tensor already on the job's device (logits)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 def to_device(batch: Mapping[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     """A micro-batch on the job's device (a no-op on the CPU)."""
     if device == "cpu":
@@ -34,10 +58,10 @@ def to_device(batch: Mapping[str, torch.Tensor], device: str) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def all_reduce(values: torch.Tensor, *, group: Any = None, op: Any = None) -> torch.Tensor:
-    """The sum (or `op`) of a tensor of host values over `group`, on the host, as float64."""
+def all_reduce(values: torch.Tensor, *, group: Any = None, op: str = "sum") -> torch.Tensor:
+    """The sum (or "max") of a tensor of host values over `group`, on the host, as float64."""
     x = values.detach().to(torch.float64).to(_device(group)).clone()
-    dist.all_reduce(x, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
     return x.cpu()
 
 

@@ -11,8 +11,9 @@ token (preference optimisation) use it.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
+
+from . import comm
 
 
 def vocab_parallel_logp_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +25,7 @@ def vocab_parallel_logp_entropy(logits: torch.Tensor, labels: torch.Tensor) -> t
     part = logits.shape[-1]
     top = logits.max(dim=-1, keepdim=True).values.detach()
     if tp > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+        comm.max_(top, group=ps.get_tensor_model_parallel_group())
     z = logits - top
     e = z.exp()
     total = e.sum(-1)

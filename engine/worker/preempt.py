@@ -49,28 +49,25 @@ def requested() -> bool:
     if not _installed:
         return False
     import torch
-    import torch.distributed as dist
+
+    from . import comm
 
     flag = torch.tensor([1.0 if _flag else 0.0])
-    if dist.is_initialized():
-        from .comm import all_reduce
-
-        flag = all_reduce(flag, op=dist.ReduceOp.MAX)
+    if comm.initialized():
+        flag = comm.all_reduce(flag, op="max")
     return bool(flag.item() > 0)
 
 
 def requeue(step: int) -> None:
     """After the checkpoint of `step` is saved: rank 0 requeues the job, then every rank raises Preempted."""
-    import torch.distributed as dist
+    from . import comm
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    if comm.rank() == 0:
         job_id = os.environ["SLURM_JOB_ID"]
         print(f"preempted: checkpoint of step {step} saved; requeueing Slurm job {job_id}", file=sys.stderr, flush=True)
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise EngineError(f"scontrol requeue {job_id} failed: {done.stderr.strip()}; the checkpoint of step {step} "
                               "is saved: resubmit the run to resume from it")  # fmt: skip
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
     raise Preempted(step)

@@ -23,10 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from ..schema import Checkpointing, Training
-from . import checkpoint, preempt
+from . import checkpoint, comm, preempt
 from .context import Context
 from .faults import maybe_kill
 from .handoff import checked_parent, meta_for
@@ -93,7 +91,7 @@ def start(ctx: Context, built: Any, root: Path, task: Task) -> tuple[int, int, l
     assert ctx.job.layout is not None
     if ctx.info.rank == 0:
         checkpoint.remove_partial(root)
-    dist.barrier()
+    comm.barrier()
     layout = ctx.job.layout.model_dump()
     own = checkpoint.latest_checkpoint(root)
     if own is not None:

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ...artifacts import read_manifest
@@ -169,7 +168,7 @@ class Ppo:
         if self.ctx.info.rank == 0:
             checkpoint.remove_partial(self.root)
             checkpoint.remove_partial(self.critic_root)
-        dist.barrier()
+        comm.barrier()
         policy = checked_parent(self.ctx, self.spec.policy, self.tokenizer)
         self._load(policy, self.reference)
         if self.reward_model is not None and self.spec.reward_model is not None:
@@ -237,23 +236,35 @@ class Ppo:
 
     @torch.no_grad()
     def _logp(self, chunks: list[Any], tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log π(label) per position (host tensors in and out; each batch runs on the job's device)."""
         out = []
         for i in range(0, len(tokens), self.ro.batch_size):
-            t = tokens[i : i + self.ro.batch_size]
-            logits = chunks[0](t, positions(*t.shape), None) / self.ro.temperature
-            out.append(vocab_parallel_logp_entropy(logits, labels[i : i + self.ro.batch_size])[0])
+            b = self._on_device(tokens[i : i + self.ro.batch_size], labels[i : i + self.ro.batch_size])
+            logits = chunks[0](b["tokens"], b["position_ids"], None) / self.ro.temperature
+            out.append(vocab_parallel_logp_entropy(logits, b["labels"])[0].cpu())
         return torch.cat(out)
+
+    def _on_device(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        batch = {"tokens": tokens, "position_ids": positions(*tokens.shape)}
+        return comm.to_device(batch if labels is None else {**batch, "labels": labels}, self.ctx.device)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        """A sampling generator on the job's device (sampling draws there; every TP rank seeds it alike)."""
+        device = torch.device("cuda", torch.cuda.current_device()) if self.ctx.device == "cuda" else torch.device("cpu")
+        return torch.Generator(device=device).manual_seed(seed)
 
     @torch.no_grad()
     def _values(self, chunks: list[Any], tokens: torch.Tensor) -> torch.Tensor:
-        size = self.ro.batch_size
-        out = [chunks[0](tokens[i : i + size], positions(*tokens[i : i + size].shape), None).float()
-               for i in range(0, len(tokens), size)]  # fmt: skip
+        """A scalar-head model's value per position (host tensors in and out)."""
+        size, out = self.ro.batch_size, []
+        for i in range(0, len(tokens), size):
+            b = self._on_device(tokens[i : i + size])
+            out.append(chunks[0](b["tokens"], b["position_ids"], None).float().cpu())
         return torch.cat(out)
 
     def collect(self, iteration: int, beta: float) -> tuple[Rollouts, dict[str, float]]:
         prompts = self._iteration_prompts(iteration)
-        gen = torch.Generator().manual_seed(int(self.t.seed) * 1_000_003 + iteration * 1009 + self.dp_rank)
+        gen = self._generator(int(self.t.seed) * 1_000_003 + iteration * 1009 + self.dp_rank)
         sampling = Sampling(self.ro.temperature, self.ro.top_k, self.ro.top_p)
         began = time.perf_counter()
         (rows, plens, rlens), new_tokens = self._generate(prompts, sampling, gen)
@@ -289,7 +300,7 @@ class Ppo:
     # -- training -------------------------------------------------------------------------------
 
     def _actor_step(self, data: Any, model: Any) -> tuple[torch.Tensor, Any]:
-        b = next(data)
+        b = comm.to_device(next(data), self.ctx.device)
         logits = model(b["tokens"], b["position_ids"], None)
 
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -306,7 +317,7 @@ class Ppo:
         return logits, loss_func
 
     def _critic_step(self, data: Any, model: Any) -> tuple[torch.Tensor, Any]:
-        b = next(data)
+        b = comm.to_device(next(data), self.ctx.device)
         values = model(b["tokens"], b["position_ids"], None)
 
         def loss_func(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -365,8 +376,7 @@ class Ppo:
         return out | self._evaluate(sampled, rollout, "val_sampled_")
 
     def _evaluate(self, prompts: list[dict[str, Any]], sampling: Sampling, prefix: str) -> dict[str, float]:
-        gen = torch.Generator().manual_seed(12345 + self.dp_rank)
-        (rows, plens, rlens), _ = self._generate(prompts, sampling, gen)
+        (rows, plens, rlens), _ = self._generate(prompts, sampling, self._generator(12345 + self.dp_rank))
         samples = self.scorer.samples(prompts, rows, plens, rlens)
         score, _ = self.scorer.scores(rows, samples)
         checkable = [s for s in samples if s.reference is not None]
