@@ -5,7 +5,8 @@ Model states (bytes per parameter, on the pipeline stage holding the most):
   * bf16/fp8 with Megatron's distributed optimizer: 2 bf16 weights + 4 fp32 grads, and the fp32
     master weights and two moments (12) sharded over the data-parallel ranks: 6 + 12/dp (18
     unsharded). Context-parallel ranks hold the same weights, so Megatron shards over dp×cp.
-  * bf16/fp8 with plain Adam: 2 + 2 + 12 = 16 (ZeRO paper's mixed-precision count).
+  * bf16/fp8 with plain Adam: 2 bf16 weights + 4 fp32 gradients (the worker reduces gradients in fp32,
+    `grad_reduce_in_fp32`, as Megatron does) + 12 = 18.
   * FP8 adds the FP8 copy of each weight that Transformer Engine caches across microbatches
     (1 byte/param; with fp8_param_gather the bf16 copy is dropped instead: 2 → 1).
 
@@ -18,6 +19,8 @@ t = tp):
     tensor parallel + selective       sbh(10 + 24/t)
     tensor + sequence + selective     34·sbh/t
     full recompute                    2sbh (÷t with sequence parallel), plus one layer rebuilt in backward
+                                      (counted as the layer's activations without recompute, with the
+                                      attention scores only where attention stores them: not on GPUs)
 On GPUs Transformer Engine's fused (flash) attention never stores the a·s² attention matrix: it
 recomputes it in backward, which is what selective recompute does, so GPU jobs use the selective
 rows even with recompute=none. fp32 activations (CPU) count twice. The first pipeline stage holds the most microbatches in flight:
@@ -136,7 +139,7 @@ def _state_bytes(prec: ResolvedPrecision, lay: Layout) -> tuple[float, float, fl
         weights = 1.0 if prec.fp8_param_gather else 3.0
     if lay.distributed_optimizer:
         return weights, 4.0, 12.0 / shards
-    return weights, 2.0, 12.0
+    return weights, 4.0, 12.0
 
 
 def layer_activation_bytes(m: ResolvedModel, lay: Layout, seq: int, mbs: int, recompute: str, act_bytes: int) -> float:
@@ -164,13 +167,16 @@ def _in_flight(lay: Layout, microbatches: int) -> float:
 
 
 def activation_bytes(
-    m: ResolvedModel, lay: Layout, *, seq: int, mbs: int, microbatches: int, recompute: str, act_bytes: int
-) -> tuple[float, float]:
+    m: ResolvedModel, lay: Layout, *, seq: int, mbs: int, microbatches: int, recompute: str, act_bytes: int,
+    flash_attention: bool = False,
+) -> tuple[float, float]:  # fmt: skip
     """Activation bytes on the first and on the last pipeline stage."""
     first_layers, last_layers = lay.stage_layers(m.num_layers)
     per_layer = layer_activation_bytes(m, lay, seq, mbs, recompute, act_bytes)
-    # With full recompute, backward rebuilds one layer's complete activations at a time.
-    per_layer_full = layer_activation_bytes(m, lay, seq, mbs, "none", act_bytes) if recompute == "full" else 0.0
+    # With full recompute, backward rebuilds one layer's complete activations at a time; with flash attention
+    # (GPUs) that layer holds no a·s² scores, which is the selective row.
+    rebuilt = "selective" if flash_attention else "none"
+    per_layer_full = layer_activation_bytes(m, lay, seq, mbs, rebuilt, act_bytes) if recompute == "full" else 0.0
     inflight = _in_flight(lay, microbatches)
     s, b, h, t = seq / lay.cp, mbs, m.hidden_size, lay.tp
     embedding = s * b * h * inflight / (t if lay.sequence_parallel else 1)
@@ -208,6 +214,7 @@ def estimate_job(
         microbatches=microbatches,
         recompute=recompute,
         act_bytes=act_bytes,
+        flash_attention=cluster.device == "cuda",
     )
     # The busiest stage: compare totals, keep that stage's breakdown.
     params, acts = max(((first_p, first_a), (last_p, last_a)), key=lambda pa: pa[0] * (wb + gb + ob) + pa[1])
