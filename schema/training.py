@@ -91,7 +91,11 @@ class Checkpointing(Spec):
 
     interval: int | None = Field(default=None, gt=0, le=10**10, description="steps between checkpoints; none: only at the end")
     keep_last: int = Field(default=2, gt=0, le=10**4, description="keep this many newest complete checkpoints")
-    async_save: bool = Field(default=False, description="write checkpoints in the background (GPU only)")
+    async_save: bool = Field(
+        default=False,
+        description="write checkpoints in the background (Megatron-Core's asynchronous writer); training goes on "
+        "while a save is written, and a later step completes it",
+    )
 
 
 class Resources(Spec):

@@ -26,9 +26,9 @@ def _distributed_uses(path: Path, root: Path = REPO) -> list[str]:
                 found.append(f"from {node.module} import ...")
         elif isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "distributed" for a in node.names):
             found.append("from torch import distributed")
-        elif isinstance(node, ast.Attribute) and ast.unparse(node).startswith("torch.distributed."):
-            if not ast.unparse(node).startswith(tuple(IMPORTS_OK)):
-                found.append(ast.unparse(node))
+        elif (isinstance(node, ast.Attribute) and ast.unparse(node).startswith("torch.distributed.")
+              and not ast.unparse(node).startswith(tuple(IMPORTS_OK))):  # fmt: skip
+            found.append(ast.unparse(node))
     return [f"{path.relative_to(root)}:{use}" for use in found]
 
 

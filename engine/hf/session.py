@@ -122,7 +122,7 @@ def save(session: Session, folder: Path) -> None:
     """The model as a Megatron distributed checkpoint (weights only) into an empty folder."""
     from megatron.core import dist_checkpointing
 
-    checkpoint._in_process_results_queue()  # a synchronous save in this process, no writer process
+    checkpoint.results_queue(background=False)  # a synchronous save in this process, no writer process
     dist_checkpointing.save(checkpoint.model_state(session.built.chunks), str(folder))
 
 

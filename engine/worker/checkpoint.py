@@ -5,6 +5,14 @@ the folder to `step_N/` and updates `latest`. A kill at any moment — during th
 therefore leaves every `step_*` folder complete, and the newest one is what a restarted job resumes
 from. Older checkpoints are pruned to `keep_last` only after a newer one is in place.
 
+With `checkpointing.async_save` the same protocol runs in the background (`Background`): the ranks hand
+their tensors to Megatron-Core's asynchronous writer (a forked process per save, writing into
+`.tmp-step_N-<id>/`, a name no other attempt uses) and go on training; a later step, once every rank's
+writer has finished, runs the completion — meta.json, the rename, `latest`, pruning to `keep_last` — on
+every rank at once. At most one save is in flight: a new one waits for the previous. A kill before the
+completion leaves only a `.tmp-` folder, which the restarted job removes, exactly as for a synchronous
+save.
+
 What is saved: the model (per virtual pipeline chunk), the optimizer, the learning-rate schedule, the
 step and consumed samples, and every rank's RNG states. dist_checkpointing stores tensors by their
 global keys, so a checkpoint written at one TP/PP layout loads at another; RNG states belong to a
@@ -116,37 +124,86 @@ def full_state(built: Any, *, step: int, consumed: int, with_rng: bool, loading:
     return state
 
 
-def _in_process_results_queue() -> None:
-    """Keep synchronous saves inside this process.
+def results_queue(*, background: bool) -> None:
+    """Where Megatron's file writer sends its results, without the spawned multiprocessing Manager it would
+    start (a process that outlives a SIGKILLed worker and holds its stdout open): a plain queue for a
+    synchronous save, whose results stay in this process; a queue shared with the forked writer of a
+    background save."""
+    import multiprocessing
+    import multiprocessing.queues
 
-    Megatron's file writer collects write results through a queue served by a spawned
-    multiprocessing Manager, a process that outlives a SIGKILLed worker (and holds its stdout open).
-    A synchronous save produces and consumes the results in this process, where a plain queue does.
-    """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", None) is None:
+    current = getattr(filesystem_async, "_results_queue", None)
+    if background and not isinstance(current, multiprocessing.queues.Queue):
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+    elif current is None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save(root: Path, built: Any, *, step: int, consumed: int, meta: dict[str, Any], keep_last: int) -> Path:
-    """Save atomically on all ranks; returns the final folder."""
+class Background:
+    """Checkpoints written in the background (`checkpointing.async_save`), at most one at a time.
+
+    `poll()` after every step completes a save whose writers have all finished (a collective: every rank
+    calls it at the same step); `wait()` blocks until the save in flight is complete (before a new save,
+    before a requeue, at the end); `abort()` stops a writer without collectives (on an error).
+    """
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)  # a forked writer per save, no long-lived process
+
+    def poll(self) -> None:
+        self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def abort(self) -> None:
+        self.queue.close(abort=True)
+
+
+def save(
+    root: Path, built: Any, *, step: int, consumed: int, meta: dict[str, Any], keep_last: int,
+    background: Background | None = None,
+) -> Path:  # fmt: skip
+    """Save atomically on all ranks; returns the final folder (with `background`: the folder it will have once
+    the save completes on a later step)."""
     from megatron.core import dist_checkpointing
 
-    _in_process_results_queue()
-    rank = comm.rank()
     final = root / step_name(step)
-    tmp = root / f".tmp-{step_name(step)}"
-    if rank == 0:
+    if background is not None:
+        background.wait()  # one save in flight: completions stay in step order
+        tmp = root / f".tmp-{step_name(step)}-{_attempt()}"
+    else:
+        tmp = root / f".tmp-{step_name(step)}"
+    results_queue(background=background is not None)
+    if comm.rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     comm.barrier()
-    dist_checkpointing.save(full_state(built, step=step, consumed=consumed, with_rng=True, loading=False), str(tmp))
-    comm.barrier()
-    maybe_kill("in_save", step)
-    if rank == 0:
-        write_json_atomic(tmp / META, {**meta, "step": step, "consumed_samples": consumed})
+    state = full_state(built, step=step, consumed=consumed, with_rng=True, loading=False)
+    record = {**meta, "step": step, "consumed_samples": consumed}
+    if background is None:
+        dist_checkpointing.save(state, str(tmp))
+        comm.barrier()
+        maybe_kill("in_save", step)
+        _complete(root, tmp, final, record, keep_last)
+        return final
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    request.add_finalize_fn(lambda: _complete(root, tmp, final, record, keep_last))
+    background.queue.schedule_async_request(request)
+    maybe_kill("in_async_save", step)
+    return final
+
+
+def _complete(root: Path, tmp: Path, final: Path, record: dict[str, Any], keep_last: int) -> None:
+    """Every rank's data is written: rank 0 adds meta.json, renames the folder into place, moves `latest` and
+    prunes; then every rank goes on."""
+    if comm.rank() == 0:
+        write_json_atomic(tmp / META, record)
         if final.exists():  # a rerun reached the same step again: replace it only now
             shutil.rmtree(final)
         tmp.rename(final)
@@ -156,7 +213,15 @@ def save(root: Path, built: Any, *, step: int, consumed: int, meta: dict[str, An
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     comm.barrier()
-    return final
+
+
+def _attempt() -> str:
+    """A name part every rank agrees on and no earlier attempt used: an orphaned writer of a killed job
+    can never write into a later attempt's folder."""
+    import secrets
+
+    mine = float(secrets.randbelow(10**9)) if comm.rank() == 0 else 0.0  # the sum over ranks is rank 0's
+    return f"{int(comm.all_reduce(torch.tensor([mine]))[0]):09d}"
 
 
 def remove_partial(root: Path) -> None:

@@ -140,8 +140,7 @@ def train(ctx: Context, built: Any, task: Task, *, training: Training, checkpoin
     frozen = build_frozen_models(ctx, objective, recompute=training.recompute)
     meta = {**meta_for(ctx, task.tokenizer, parents), **objective.meta}
     metrics = Metrics(ctx.stage_dir, name=job.name, total_steps=steps, start_step=step, enabled=ctx.is_logger)
-    if checkpointing.async_save and ctx.is_logger:
-        print(f"[{job.name}] note: checkpointing.async_save is not implemented yet; saving synchronously", flush=True)
+    background = checkpoint.Background() if checkpointing.async_save else None
     try:
         if step == 0 and parents:
             metrics.log(0, validate(built, task, frozen, schedule))
@@ -164,11 +163,22 @@ def train(ctx: Context, built: Any, task: Task, *, training: Training, checkpoin
             values["elapsed_s"] = time.perf_counter() - loop_start
             metrics.log(step, values)
             maybe_kill("after_step", step)
+            if background is not None:
+                background.poll()  # completes an earlier save whose writers have all finished
             stop = preempt.requested()
             if stop or step % save_every == 0 or step == steps:
-                checkpoint.save(root, built, step=step, consumed=consumed, meta=meta, keep_last=checkpointing.keep_last)
+                checkpoint.save(root, built, step=step, consumed=consumed, meta=meta, keep_last=checkpointing.keep_last,
+                                background=background)  # fmt: skip
             if stop and step < steps:
+                if background is not None:
+                    background.wait()
                 preempt.requeue(step)
+        if background is not None:
+            background.wait()
+    except BaseException:
+        if background is not None:
+            background.abort()
+        raise
     finally:
         metrics.close()
 

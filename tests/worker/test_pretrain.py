@@ -143,3 +143,35 @@ def test_engine_run_launches_pretraining_and_checks_its_inputs(tmp_path: Path) -
     assert latest_checkpoint(tmp_path / "pretrain" / "checkpoints") is not None
     assert (tmp_path / "pretrain" / "logs" / "launch.log").is_file()
     assert any((tmp_path / "pretrain" / "tensorboard").iterdir())
+
+
+ASYNC = "stages.pretrain.checkpointing.async_save=true"
+
+
+def test_background_saves_match_synchronous_ones(tmp_path: Path) -> None:
+    every5 = ["stages.pretrain.training.steps=20", "stages.pretrain.checkpointing.interval=5"]
+    _run(tmp_path / "sync", 2, *every5)
+    _run(tmp_path / "async", 2, *every5, ASYNC)
+    assert losses(tmp_path / "async") == pytest.approx(losses(tmp_path / "sync"), abs=1e-6)
+    root = tmp_path / "async" / "pretrain" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000015", "step_00000020"]  # keep_last: 2
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+    assert (root / "latest").read_text().strip() == "step_00000020" and read_meta(root / "step_00000020")["step"] == 20
+    _run(tmp_path / "async", 2, *every5[:1], "stages.pretrain.training.steps=22", *every5[1:], ASYNC)  # resumes from it
+    assert sorted(losses(tmp_path / "async")) == list(range(1, 23))
+
+
+def test_sigkill_during_a_background_save_resumes_as_if_uninterrupted(tmp_path: Path) -> None:
+    twenty = ["stages.pretrain.training.steps=20", "stages.pretrain.checkpointing.interval=10", ASYNC]
+    _run(tmp_path / "straight", 1, *twenty[:2])
+    _run(tmp_path / "killed", 1, *twenty, fault="in_async_save:20", ok=False)
+    root = tmp_path / "killed" / "pretrain" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000010"]
+    assert (root / "latest").read_text().strip() == "step_00000010"
+    _run(tmp_path / "killed", 1, *twenty)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(1, 21):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), f"step {step}"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000010", "step_00000020"]
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())

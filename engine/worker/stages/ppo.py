@@ -150,6 +150,7 @@ class Ppo:
                              ids=self.ids)  # fmt: skip
         self.root = Path(job.outputs[0].path)
         self.critic_root = self.root.parent / "critic"
+        self.background = checkpoint.Background() if spec.checkpointing.async_save else None
 
     def _prompt_sources(self, split: str) -> dict[str, list[dict[str, Any]]]:
         """The prompts of each source that fit rollout.max_prompt_tokens."""
@@ -417,11 +418,21 @@ class Ppo:
                 values["elapsed_s"] = time.perf_counter() - loop_start
                 metrics.log(iteration, values)
                 maybe_kill("after_step", iteration)
+                if self.background is not None:
+                    self.background.poll()
                 stop = preempt.requested()
                 if stop or iteration % save_every == 0 or iteration == self.iterations:
                     self.save(iteration, beta, meta)
                 if stop and iteration < self.iterations:
+                    if self.background is not None:
+                        self.background.wait()
                     preempt.requeue(iteration)
+            if self.background is not None:
+                self.background.wait()
+        except BaseException:
+            if self.background is not None:
+                self.background.abort()
+            raise
         finally:
             metrics.close()
 
@@ -434,9 +445,12 @@ class Ppo:
                 "head": {"name": SCALAR_HEAD, "outputs": 1, "read_at": "every_token"},
             }
             checkpoint.save(self.critic_root, self.critic, step=iteration, consumed=iteration * self.samples,
-                            meta=critic_meta, keep_last=max(keep, 2))  # fmt: skip
+                            meta=critic_meta, keep_last=max(keep, 2), background=self.background)  # fmt: skip
+        # The actor after the critic (a background save waits for the critic's to complete): a resumed job
+        # takes the newest actor checkpoint whose critic exists.
         checkpoint.save(self.root, self.actor, step=iteration, consumed=iteration * self.samples,
-                        meta={**meta, "model": "policy", "kl_coef": beta}, keep_last=keep)  # fmt: skip
+                        meta={**meta, "model": "policy", "kl_coef": beta}, keep_last=keep,
+                        background=self.background)  # fmt: skip
 
 
 def iteration_prompts(
