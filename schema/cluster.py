@@ -26,6 +26,26 @@ FP8_RECIPES_BY_GPU: dict[str, frozenset[str]] = {
 }
 
 
+class Throughput(Spec):
+    """What a GPU's kernels and links reach in training, for the time estimate's layout model
+    (engine/compile/estimate.py): compute at these fractions of the peaks, plus the pipeline bubble and the
+    communication the layout exposes."""
+
+    gemm_efficiency: float = Field(
+        gt=0, le=1, description="fraction of the bf16 peak that a bf16 job's transformer GEMMs reach, the time of "
+        "the layer's other kernels (norms, activations, rotary embeddings) included"
+    )
+    fp8_gemm_efficiency: float | None = Field(
+        default=None, gt=0, le=1, description="the same fraction of the FP8 peak for FP8 GEMMs (casts and scaling "
+        "included); none: FP8 jobs are estimated at the bf16 rate"
+    )
+    attention_efficiency: float = Field(
+        gt=0, le=1, description="fraction of the bf16 peak fused (flash) attention reaches, forward and backward"
+    )
+    nvlink_gb_s: float = Field(gt=0, description="GB/s per GPU per direction between GPUs of one node")
+    network_gb_s: float = Field(gt=0, description="GB/s per GPU per direction between nodes")
+
+
 class ClusterProfile(Spec):
     """A place to run jobs: its launcher, its accelerators and their peak numbers."""
 
@@ -47,7 +67,10 @@ class ClusterProfile(Spec):
         default=None, gt=0, description="memory per GPU in GiB; jobs estimated above it are refused"
     )
     assumed_mfu: float = Field(
-        gt=0, le=1, description="model FLOPs utilisation assumed for time and throughput estimates"
+        gt=0, le=1, description="model FLOPs utilisation assumed for time estimates when `throughput` is not given"
+    )
+    throughput: Throughput | None = Field(
+        default=None, description="kernel efficiencies and link speeds of the layout model; none: assumed_mfu"
     )
     partition: str | None = Field(default=None, description="Slurm partition (sbatch --partition)")
     account: str | None = Field(default=None, description="Slurm account (sbatch --account)")

@@ -31,7 +31,29 @@ multi-head attention; SwiGLU and GQA change the constants a little, in opposite 
 
 FLOPs per token are counted as Megatron does: every GEMM once forward and twice backward (×3, ×2 per
 multiply-add), SwiGLU's three MLP matrices, causal attention's score and value products halved, and
-the logits' 6hV. Time = FLOPs / (GPUs × peak × assumed MFU from the cluster profile).
+the logits' 6hV.
+
+Time. A profile without `throughput` (the CPU ones) divides a step's FLOPs by GPUs × peak × its one
+assumed MFU. A GPU profile's `throughput` drives a layout model instead, so that what differs between
+layouts shows:
+
+* compute: each GPU's share of the step's FLOPs at the rate its kernels reach — the transformer GEMMs at
+  `gemm_efficiency` of the bf16 peak, or `fp8_gemm_efficiency` of the FP8 peak for an FP8 job; the
+  attention core (flash attention, always bf16) at `attention_efficiency`; the output layer's GEMMs in
+  bf16;
+* the pipeline bubble of (interleaved) 1F1B: (pp − 1) / (vpp · m) of the compute, m micro-batches per
+  step (Narayanan et al. 2021, §2.2);
+* tensor-parallel communication, which the worker does not overlap with compute: per layer and token,
+  eight ring collectives (all-gather and reduce-scatter with sequence parallelism, all-reduces without;
+  forward and backward) of h bf16 values, each moving (t − 1)/t of them over NVLink;
+* the data-parallel gradient reduce-scatter (fp32) and parameter all-gather (bf16, or FP8 with
+  fp8_param_gather) of the distributed optimizer, or the all-reduce without it, after the last
+  micro-batch (not overlapped either), over NVLink when the data-parallel group fits in a node and over
+  the network otherwise.
+
+Context-parallel KV exchange and pipeline sends are taken as hidden behind compute. The h100 profile's
+FP8 efficiency is fitted to NVIDIA's one published run without model parallelism (Llama 3 8B on 8 GPUs);
+docs/estimates.md sets the model's estimates beside the published 70B and 405B runs.
 
 What differs between stage kinds comes from the kind's `Workload` (engine.kinds): the trained sequence
 length and samples per step, how many training and forward-only passes a step makes, how many models
@@ -46,6 +68,7 @@ import math
 
 from ..kinds import Workload
 from ..schema import ClusterProfile, TrainingStage
+from ..schema.cluster import Throughput
 from .resolve import Frozen, Layout, ResolvedModel, ResolvedPrecision
 
 GIB = 1024**3
@@ -239,8 +262,14 @@ def estimate_job(
     tokens_per_step = w.samples * seq
     fpt = flops_per_token(model, seq)
     flops_step = tokens_per_step * fpt * (w.passes + w.forward_passes / 3)
-    peak = cluster.peak_tflops_bf16 * 1e12
-    step_time = flops_step / (layout.world_size * peak * cluster.assumed_mfu)
+    if cluster.throughput is None:
+        peak = cluster.peak_tflops_bf16 * 1e12
+        step_time = flops_step / (layout.world_size * peak * cluster.assumed_mfu)
+    else:
+        step_time = _layout_step_time(model, layout, precision, cluster, cluster.throughput, seq=seq,
+                                      tokens=tokens_per_step * (w.passes + w.forward_passes / 3),
+                                      microbatches=microbatches, trained=trained, params=params,
+                                      recompute=t.recompute)  # fmt: skip
     return Estimate(
         params=counts,
         params_per_gpu=int(params),
@@ -253,6 +282,43 @@ def estimate_job(
         tokens_per_s=tokens_per_step / step_time,
         wall_time_s=steps * step_time,
     )
+
+
+def flop_parts(m: ResolvedModel, seq_length: int) -> tuple[float, float, float]:
+    """Training FLOPs per token of the transformer GEMMs, of the attention core and of the output layer:
+    the three terms of flops_per_token, which run at different rates."""
+    h, q = m.hidden_size, m.num_attention_heads * m.kv_channels
+    kv = m.num_query_groups * m.kv_channels
+    gemms = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * (3 if m.activation == "swiglu" else 2) * h * m.ffn_hidden_size
+    return 3.0 * m.num_layers * gemms, 3.0 * m.num_layers * 2 * seq_length * q, 3.0 * 2 * h * m.padded_vocab_size
+
+
+def _layout_step_time(
+    m: ResolvedModel, lay: Layout, prec: ResolvedPrecision, cluster: ClusterProfile, tp_: Throughput, *,
+    seq: int, tokens: float, microbatches: int, trained: int, params: float, recompute: str,
+) -> float:  # fmt: skip
+    """Seconds per step of the layout model (module docstring): `tokens` counts every training pass."""
+    bf16 = cluster.peak_tflops_bf16 * 1e12
+    fp8 = prec.dtype == "fp8" and cluster.peak_tflops_fp8 is not None and tp_.fp8_gemm_efficiency is not None
+    gemm_rate = (cluster.peak_tflops_fp8 or 0.0) * 1e12 * (tp_.fp8_gemm_efficiency or 0.0) if fp8 else bf16 * tp_.gemm_efficiency
+    gemm, attention, output = flop_parts(m, seq)
+    per_token = gemm / gemm_rate + attention / (bf16 * tp_.attention_efficiency) + output / (bf16 * tp_.gemm_efficiency)
+    compute = tokens * per_token / lay.world_size
+    bubble = (lay.pp - 1) / (lay.vpp * microbatches) if lay.pp > 1 else 0.0
+    gpn = cluster.gpus_per_node
+    tp_comm = 0.0
+    if lay.tp > 1:
+        # Each GPU of a tensor-parallel group sees every token of its data-parallel and context-parallel share.
+        collectives = 8 + (4 if recompute == "full" else 0)
+        per_token_layer = collectives * m.hidden_size * 2 * (lay.tp - 1) / lay.tp / (tp_.nvlink_gb_s * 1e9)
+        tp_comm = tokens / (lay.dp * lay.cp) * (m.num_layers / lay.pp) * per_token_layer
+    dp_comm = 0.0
+    if lay.dp > 1:
+        grads, weights = 4.0, (1.0 if prec.fp8_param_gather else 2.0 if prec.dtype != "fp32" else 4.0)
+        moved = (grads + weights) if lay.distributed_optimizer else 2 * grads  # RS + AG, or an all-reduce
+        link = tp_.nvlink_gb_s if lay.tp * lay.cp * lay.dp <= gpn else tp_.network_gb_s
+        dp_comm = trained * params * moved * (lay.dp - 1) / lay.dp / (link * 1e9)
+    return compute * (1 + bubble) + tp_comm + dp_comm
 
 
 def fits(memory: Memory, cluster: ClusterProfile) -> bool:
