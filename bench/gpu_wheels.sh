@@ -21,7 +21,8 @@ $PIP "${args[@]}" \
     megatron-core==0.16.1 \
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
     typing-extensions==4.16.0 \
-    omegaconf==2.4.0
+    omegaconf==2.4.0 \
+    tokenizers==0.23.3 webdataset==1.0.2 braceexpand==0.1.7   # the data stage of part 2 (gpu_stages.py)
 # The engine itself, for its entry points (the built-in data sources and rewards): the device runs
 # the checkout's code first on PYTHONPATH, so only this metadata has to match the tree.
 had_build=$([ -e build ] && echo 1 || true)
