@@ -216,14 +216,20 @@ def build_chunks(job: Job, model: ResolvedModel, config: Any, *, device: str, he
     return chunks
 
 
-def _init_value(key: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int) -> torch.Tensor:
-    if key.endswith(("layer_norm_weight", "layernorm.weight", "norm.weight")):
+def _init_value(
+    name: str, draw: str, shape: tuple[int, ...], seed: int, std: float, num_layers: int
+) -> torch.Tensor:
+    """Megatron-Core's initialisation of the tensor `name` (its checkpoint key): ones for norm weights, zeros
+    for biases, N(0, std) for embeddings, input projections and the output layer, N(0, std/√(2L)) for the
+    output projections of attention and MLP. Random values are drawn from a generator seeded by (seed,
+    `draw`): the key with its layer, so that each layer of a stacked tensor gets its own."""
+    if name.endswith(("layer_norm_weight", "layernorm.weight", "norm.weight")):
         return torch.ones(shape)
-    if key.endswith(("bias", "layer_norm_bias")):
+    if name.endswith(("bias", "layer_norm_bias")):
         return torch.zeros(shape)
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{draw}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         std = std / math.sqrt(2.0 * num_layers)  # Megatron's scaled init of output projections
     return torch.randn(shape, generator=gen) * std
 
@@ -241,8 +247,8 @@ def init_layout_independent(chunks: list[Any], *, seed: int, std: float, num_lay
                     if not isinstance(sh, ShardedTensor):
                         continue
                     lead = sh.prepend_axis_num
-                    key = sh.key + "".join(f"@{o}" for o in sh.global_offset[:lead])
-                    full = _init_value(key, tuple(sh.global_shape[lead:]), seed, std, num_layers)
+                    draw = sh.key + "".join(f"@{o}" for o in sh.global_offset[:lead])
+                    full = _init_value(sh.key, draw, tuple(sh.global_shape[lead:]), seed, std, num_layers)
                     index = tuple(
                         slice(off, off + size)
                         for off, size in zip(sh.global_offset[lead:], sh.local_shape, strict=True)

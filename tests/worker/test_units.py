@@ -142,3 +142,30 @@ def test_fp8_param_gather_reaches_both_configs() -> None:
     assert config_kwargs(job, plan.model, device="cuda", recompute="none")["fp8_param"] is True
     assert ddp_kwargs(job)["fp8_param_gather"] is True and ddp_kwargs(job)["use_distributed_optimizer"] is True
     assert ddp_kwargs(plan.job("sft"))["fp8_param_gather"] is False
+
+
+def test_the_layout_independent_init_has_megatrons_distribution_for_every_tensor(tmp_path: Path) -> None:
+    """Same distribution as Megatron-Core's own initialisation, tensor by tensor: ones for norm weights, N(0, σ)
+    for embeddings, input projections and the output layer, N(0, σ/√(2L)) for the output projections."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import HERE, make_plan
+
+    _, plan_path = make_plan(tmp_path, "stages.pretrain.resources.gpus_per_node=1", "model.tie_embeddings=false")
+    done = subprocess.run([sys.executable, str(HERE / "init_check.py"), str(plan_path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    megatron, engine = found["megatron"], found["engine"]
+    assert set(megatron) == set(engine) and len(megatron) > 10
+    for name, (mean, std, n) in megatron.items():
+        e_mean, e_std, _ = engine[name]
+        if std == 0:  # a constant: ones or zeros
+            assert (e_mean, e_std) == (mean, 0.0), name
+            continue
+        assert e_std == pytest.approx(std, rel=6 / math.sqrt(2 * n) + 0.01), name  # within sampling error
+        assert abs(e_mean - mean) <= 6 * std / math.sqrt(n), name
