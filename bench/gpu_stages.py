@@ -122,7 +122,9 @@ def check(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             row["log_tail"] = (work / f"{job.name}.log").read_text(errors="replace")[-3000:]
         stages.append(row)
         if args.keep_logs:
-            (args.out / f"gpu_stages_{label}.{job.name}.log").write_text((work / f"{job.name}.log").read_text(errors="replace"))
+            (args.out / f"gpu_stages_{label}.{job.name}.log").write_text(
+                (work / f"{job.name}.log").read_text(errors="replace")
+            )
         if result["rc"] != 0:
             break  # the next stages need this one's output
     precision = next((j.precision.dtype for j in plan.jobs if j.precision is not None), None)
