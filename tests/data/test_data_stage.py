@@ -6,7 +6,6 @@ import hashlib
 import json
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -150,10 +149,5 @@ def test_worker_processes_give_the_same_outputs(tmp_path: Path) -> None:
     )
     assert m1["report"] == m2["report"] and m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
 
-    def strip(m: dict[str, Any]) -> dict[str, Any]:
-        return {
-            k: {s: {x: y for x, y in v.items() if x != "shards"} for s, v in src["splits"].items()}
-            for k, src in m["sources"].items()
-        }
-
-    assert strip(m1) == strip(m2)
+    # Shards included, byte for byte: their sha256 are the same on every run and with any worker count.
+    assert m1["sources"] == m2["sources"]

@@ -303,7 +303,7 @@ def write_shards(
             if writer is not None:
                 writer.close()
             path = folder / f"shard-{len(shards):06d}.tar"
-            writer = wds.TarWriter(str(path))
+            writer = wds.TarWriter(str(path), mtime=0)  # the same bytes on every run: reproducible sha256
             shards.append({"path": path.name, "samples": 0, "tokens": 0})
         sample = tokenize_row(row, encode, ids)
         writer.write({"__key__": f"{i:09d}", "json": sample})
