@@ -373,21 +373,20 @@ class ChatBatches:
 
         return make
 
-    def train_batches(self, consumed: int, dp_rank: int) -> tuple[MakeIter, int, float]:
-        """(micro-batch factory, sequence length, padded fraction) of the step starting at `consumed`."""
+    def train_batches(self, consumed: int, dp_rank: int) -> tuple[MakeIter, int, int]:
+        """(micro-batch factory, sequence length, real tokens of all ranks) of the step starting at `consumed`."""
         idx = self.order.samples(consumed, self.gbs)
         seq = self._length_of(self.train_set, idx)
-        real = self.shape.real_tokens(self.train_set, idx, seq)
-        waste = 1.0 - float(real) / (seq * len(idx) * self.shape.rows_per_sample)
-        return self._make(self.train_set, idx, seq, dp_rank), seq, waste
+        return self._make(self.train_set, idx, seq, dp_rank), seq, self.shape.real_tokens(self.train_set, idx, seq)
 
     def step_batches(self, dp_rank: int) -> Callable[[int], tuple[MakeIter, int, dict[str, float]]]:
         """What the training loop asks for: consumed samples → (micro-batches, sequence length, values
-        to log: the padded fraction and the step's sequence length)."""
+        to log: the padded fraction, the step's sequence length and its real tokens)."""
 
         def batches(consumed: int) -> tuple[MakeIter, int, dict[str, float]]:
-            make, seq, waste = self.train_batches(consumed, dp_rank)
-            return make, seq, {"pad_fraction": waste, "seq_length": float(seq)}
+            make, seq, real = self.train_batches(consumed, dp_rank)
+            waste = 1.0 - real / (seq * self.gbs * self.shape.rows_per_sample)
+            return make, seq, {"pad_fraction": waste, "seq_length": float(seq), "real_tokens": float(real)}
 
         return batches
 

@@ -41,7 +41,8 @@ class Task:
     """What a training stage brings to the shared loop."""
 
     objective: Objective
-    # consumed samples → (micro-batch factory for this rank, sequence length, extra values to log)
+    # consumed samples → (micro-batch factory for this rank, sequence length, extra values to log); an extra
+    # "real_tokens" (the step's tokens without padding) is logged as real_tokens_per_s, not as itself
     train_batches: Callable[[int], tuple[MakeIter, int, dict[str, float]]]
     # the validation set in schedule calls: (micro-batch factory, sequence length, micro-batches) each
     valid_batches: Callable[[], list[tuple[MakeIter, int, int]]]
@@ -151,12 +152,14 @@ def train(ctx: Context, built: Any, task: Task, *, training: Training, checkpoin
             make = with_frozen_outputs(frozen, make, num_microbatches=nmb, seq_length=seq, mbs=rows)
             result = train_step(built, make, num_microbatches=nmb, seq_length=seq, **schedule)
             step, consumed = step + 1, consumed + gbs
+            seconds = time.perf_counter() - began
+            computed = gbs * objective.rows_per_sample * seq  # positions the model runs over, padding included
+            real = extra.pop("real_tokens", computed)
             values: dict[str, float] = {"loss": result.loss}
             values |= {k: v for k, v in objective.summarise(result.values).items() if k != "loss"}
             values |= {
-                "grad_norm": result.grad_norm, "lr": result.lr,
-                "tokens_per_s": gbs * objective.rows_per_sample * seq / (time.perf_counter() - began),
-                "consumed_samples": consumed, **extra,
+                "grad_norm": result.grad_norm, "lr": result.lr, "tokens_per_s": computed / seconds,
+                "real_tokens_per_s": real / seconds, "consumed_samples": consumed, **extra,
             }  # fmt: skip
             if step % eval_every == 0 or step == steps:
                 values |= validate(built, task, frozen, schedule)
