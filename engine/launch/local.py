@@ -65,8 +65,11 @@ def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str
         logs = Path(job.outputs[0].path).parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **job.env}
-        if job.layout is not None and job.resources.processes_per_node > 1:
-            env.setdefault("OMP_NUM_THREADS", "1")
+        if job.layout is not None:
+            # Each process its share of the cores, so that processes do not oversubscribe them and a rerun
+            # on this machine uses the same thread count (torchrun would set 1 for several processes).
+            share = len(os.sched_getaffinity(0)) // job.resources.processes_per_node
+            env.setdefault("OMP_NUM_THREADS", str(max(1, share)))
         print(f"==> {job.name} ({job.kind}): {' '.join(render_local(job))}", flush=True)
         with (logs / "launch.log").open("a", encoding="utf-8") as log:
             proc = subprocess.Popen(command(job), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

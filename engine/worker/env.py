@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,3 +52,13 @@ def rank_info(environ: Mapping[str, str]) -> RankInfo:
             master_port=int(environ.get("MASTER_PORT", str(20000 + job_id % 20000))),
         )
     return RankInfo(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500)
+
+
+def cpu_threads(environ: Mapping[str, str], *, processes_per_node: int) -> int:
+    """Intra-op CPU threads for this process: OMP_NUM_THREADS when it is set (the launchers set it), else
+    this process's share of the cores it may run on. A fixed count is what makes CPU runs repeat bit for
+    bit: a matrix product splits its sums by thread."""
+    given = environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, processes_per_node))

@@ -16,6 +16,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from ..artifacts import mark_done
 from ..errors import EXIT_USER_ERROR, EngineError
 from ..kinds import kind_of
@@ -23,7 +25,7 @@ from ..lineage import write_lineage
 from ..schema import TrainingStage
 from . import preempt
 from .context import Context, init_distributed, job_spec, load_plan, shutdown
-from .env import rank_info
+from .env import cpu_threads, rank_info
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage = importlib.import_module(kind_of(job.kind).worker)
         spec = job_spec(job)
         ctx = Context(plan=plan, job=job, info=info, device=job.resources.device)
+        threads = cpu_threads(os.environ, processes_per_node=job.resources.processes_per_node)
+        torch.set_num_threads(threads)
+        if ctx.is_logger:
+            print(f"[{job.name}] {info.world_size} process{'es' if info.world_size > 1 else ''} × {threads} CPU "
+                  f"thread{'s' if threads > 1 else ''}", flush=True)  # fmt: skip
         preempt.install()
         if isinstance(spec, TrainingStage):  # a data job is one process without a process group
             init_distributed(ctx, seed=spec.training.seed)

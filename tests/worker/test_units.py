@@ -169,3 +169,15 @@ def test_the_layout_independent_init_has_megatrons_distribution_for_every_tensor
             continue
         assert e_std == pytest.approx(std, rel=6 / math.sqrt(2 * n) + 0.01), name  # within sampling error
         assert abs(e_mean - mean) <= 6 * std / math.sqrt(n), name
+
+
+def test_cpu_threads_are_omp_num_threads_or_a_share_of_the_cores() -> None:
+    import os
+
+    from engine.worker.env import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads({"OMP_NUM_THREADS": "3"}, processes_per_node=2) == 3
+    assert cpu_threads({}, processes_per_node=1) == cores
+    assert cpu_threads({"OMP_NUM_THREADS": ""}, processes_per_node=2) == max(1, cores // 2)
+    assert cpu_threads({"OMP_NUM_THREADS": "0"}, processes_per_node=4 * cores) == 1
