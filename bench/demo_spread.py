@@ -1,14 +1,20 @@
-"""How much the demo's held-out numbers move between machines: the whole tiny recipe at several CPU thread
-counts per process.
+"""How much the demo's held-out numbers move between machines: the whole tiny recipe run so that only the
+order of floating-point sums differs.
 
-On one machine at one thread count a run repeats bit for bit (a test reruns a stage and compares every
-logged number and the checkpoint bytes). Another machine differs in its core count, and so in the thread
-count the engine gives each process, and a matrix product sums in a different order at another thread
-count: the last bits of the first step differ, and training carries the difference on. Running the demo
-at 1, 2 and 3 threads per process measures that spread here. Prints each held-out number per run and its
-range, and writes them as JSON with --out.
+On one machine a run repeats bit for bit (a test reruns a stage and compares every logged number and the
+checkpoint bytes). Another machine may differ in its core count, and so in the threads each process
+gets, and in its CPU kernels; where the order of floating-point sums changes, the last bits of the first
+step differ and training carries the difference on. This script runs the demo in configurations that
+change that order on this machine without oversubscribing its cores: the demo as shipped (2 processes ×
+1 thread on 2 cores), and every stage in 1 process with 2 threads and with 1 thread. Data parallelism
+changes the order in which gradients and losses are summed (and PPO samples with one stream per rank);
+threads may change the order inside a product. Prints each held-out number per run and its range; --out
+writes them as JSON.
 
-    .venv/bin/python bench/demo_spread.py [--threads 1 2 3] [--keep DIR] [--out results.json]
+With --keep DIR the run directories stay under DIR, and a configuration that already finished there is
+skipped by the engine's cache.
+
+    .venv/bin/python bench/demo_spread.py [--keep DIR] [--out results.json]
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.yaml"
+STAGES = ("pretrain", "sft", "reward", "ppo")
+# (label, processes per stage, CPU threads per process): the shipped demo first
+CONFIGS = [("2 proc × 1 thr", 2, 1), ("1 proc × 2 thr", 1, 2), ("1 proc × 1 thr", 1, 1)]
 # (label, stage, metric, which line): the numbers the demo's final table shows
 NUMBERS = [
     ("pretrain val loss", "pretrain", "val_loss", -1),
@@ -53,32 +62,34 @@ def held_out(run_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 3], help="CPU threads per process")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directories and logs under DIR")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args()
-    runs: dict[int, dict[str, float]] = {}
-    walls: dict[int, float] = {}
+    runs: dict[str, dict[str, float]] = {}
+    walls: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
-        for threads in args.threads:
-            run_dir = root / f"threads-{threads}"
+        root.mkdir(parents=True, exist_ok=True)
+        for label, processes, threads in CONFIGS:
+            run_dir = root / f"dp{processes}-threads-{threads}"
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            layout = [] if processes == 2 else [f"stages.{s}.resources.gpus_per_node={processes}" for s in STAGES]
             began = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "engine", "run", str(RECIPE), f"run_dir={run_dir}"],
+            done = subprocess.run([sys.executable, "-m", "engine", "run", str(RECIPE), f"run_dir={run_dir}", *layout],
                                   env=env, capture_output=True, text=True, cwd=REPO)  # fmt: skip
             if done.returncode != 0:
-                raise SystemExit(f"the demo failed at {threads} threads:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            walls[threads] = time.perf_counter() - began
-            (root / f"threads-{threads}.log").write_text(done.stdout)
-            runs[threads] = held_out(run_dir)
-            print(f"{threads} thread(s) per process: {walls[threads]:.0f}s", flush=True)
-    print(f"\n{'held-out number':36s}" + "".join(f"{f'{t} thr':>9s}" for t in args.threads) + "    range")
+                raise SystemExit(f"the demo failed as {label}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            walls[label] = time.perf_counter() - began
+            (root / f"{run_dir.name}.log").write_text(done.stdout)
+            runs[label] = held_out(run_dir)
+            print(f"{label}: {walls[label]:.0f}s", flush=True)
+    labels = [c[0] for c in CONFIGS]
+    print(f"\n{'held-out number':36s}" + "".join(f"{x:>16s}" for x in labels) + "    range")
     spread = {}
     for label, *_ in NUMBERS:
-        values = [runs[t][label] for t in args.threads]
+        values = [runs[x][label] for x in labels]
         spread[label] = max(values) - min(values)
-        print(f"{label:36s}" + "".join(f"{v:9.3f}" for v in values) + f"  {spread[label]:7.3f}")
+        print(f"{label:36s}" + "".join(f"{v:16.3f}" for v in values) + f"  {spread[label]:7.3f}")
     if args.out is not None:
         args.out.write_text(json.dumps({"runs": runs, "range": spread, "wall_s": walls}, indent=2) + "\n")
 

@@ -56,8 +56,8 @@ def rank_info(environ: Mapping[str, str]) -> RankInfo:
 
 def cpu_threads(environ: Mapping[str, str], *, processes_per_node: int) -> int:
     """Intra-op CPU threads for this process: OMP_NUM_THREADS when it is set (the launchers set it), else
-    this process's share of the cores it may run on. A fixed count is what makes CPU runs repeat bit for
-    bit: a matrix product splits its sums by thread."""
+    this process's share of the cores it may run on, so that processes do not oversubscribe the cores.
+    Fixed and printed: a CPU kernel may split its sums by thread, so the count is part of a run's setup."""
     given = environ.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given)
