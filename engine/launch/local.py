@@ -20,6 +20,7 @@ from ..artifacts import is_done
 from ..compile import Job, Plan
 from ..errors import EngineError
 from ..summary import load_run_plan, stage_row
+from ..worker.env import cpu_threads
 from . import needs_running, render_local, write_run_files
 
 USER_ERROR = "error: "  # how a worker's rank 0 reports a user error (engine.worker.main), one line
@@ -68,8 +69,8 @@ def run_local(plan: Plan, jobs: list[Job], *, recipe_text: str) -> list[dict[str
         if job.layout is not None:
             # Each process its share of the cores, so that processes do not oversubscribe them and a rerun
             # on this machine uses the same thread count (torchrun would set 1 for several processes).
-            share = len(os.sched_getaffinity(0)) // job.resources.processes_per_node
-            env.setdefault("OMP_NUM_THREADS", str(max(1, share)))
+            share = cpu_threads({}, processes_per_node=job.resources.processes_per_node)
+            env.setdefault("OMP_NUM_THREADS", str(share))
         print(f"==> {job.name} ({job.kind}): {' '.join(render_local(job))}", flush=True)
         with (logs / "launch.log").open("a", encoding="utf-8") as log:
             proc = subprocess.Popen(command(job), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
