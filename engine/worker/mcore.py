@@ -72,7 +72,8 @@ def config_kwargs(job: Job, model: ResolvedModel, *, device: str, recompute: str
         gated_linear_unit=model.activation == "swiglu",
         activation_func=F.silu if model.activation == "swiglu" else F.gelu,
         add_bias_linear=model.add_bias_linear,
-        add_qkv_bias=model.add_bias_linear,
+        add_qkv_bias=model.add_bias_linear or model.qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -131,8 +132,8 @@ def layer_spec(job: Job, model: ResolvedModel, *, device: str) -> Any:
     norm = "RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm"
     if uses_transformer_engine(job, device=device):
         require_transformer_engine()
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization=norm)
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(normalization=norm, qk_layernorm=model.qk_layernorm)
 
 
 SCALAR_HEAD = "scalar_head"  # the parameters a scalar-head model adds to the GPT backbone
@@ -208,6 +209,8 @@ def build_chunks(job: Job, model: ResolvedModel, config: Any, *, device: str, he
             share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type=model.position_embedding,
             rotary_base=int(model.rotary_base),
+            rope_scaling=model.rope_scaling_factor is not None,
+            rope_scaling_factor=model.rope_scaling_factor or 8.0,
             vp_stage=vp,
         )
         if device == "cuda":
@@ -274,6 +277,20 @@ def ddp_kwargs(job: Job) -> dict[str, Any]:
     )
 
 
+def _use_foreach_updates(optimizer: Any) -> None:
+    """Torch's Adam picks its multi-tensor (foreach) update only for CUDA parameters; on CPU it steps
+    tensor by tensor, 2.3x slower for 1.7M parameters on one thread (6.0 vs 2.6 ms a step), a cost that
+    every replicated data-parallel rank pays in full. Both paths give bit-identical parameters, so ask for
+    foreach wherever Megatron-Core built a torch optimizer and left the choice to torch (TE's and apex's
+    fused optimizers have no such option and are left alone)."""
+    for megatron_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(megatron_opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            for group in inner.param_groups:
+                if group.get("foreach") is None:
+                    group["foreach"] = True
+
+
 def wrap_and_optimize(
     job: Job, chunks: list[Any], config: Any, *, training: Training, steps: int, lr: float | None = None
 ) -> Built:
@@ -306,6 +323,7 @@ def wrap_and_optimize(
         use_distributed_optimizer=job.layout.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, wrapped)
+    _use_foreach_updates(optimizer)
     # What Megatron's own training loop sets: after the last micro-batch the schedule calls
     # finalize_model_grads (the data-parallel gradient all-reduce, the tied-embedding all-reduce between
     # the first and last pipeline stages, sequence-parallel layer norms); losses are scaled for fp16.
