@@ -326,13 +326,17 @@ def export_(
         Path, typer.Argument(help="a stage's folder (runs/<run>/<stage>), its checkpoints/, or one checkpoint folder")
     ],
     out_dir: Annotated[Path, typer.Option("--out", help="the folder to write (new or empty)")],
-    fmt: Annotated[str, typer.Option("--format", help="hf: a Llama folder for transformers")] = "hf",
+    fmt: Annotated[str, typer.Option("--format", help="hf: a folder for transformers")] = "hf",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 or bf16 weights")] = "fp32",
     tokenizer: Annotated[
         Path | None, typer.Option("--tokenizer", help="the run's tokenizer.json, when meta.json's path is elsewhere")
     ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option("--family", help="llama, qwen2, qwen3 or mistral (default: the one the architecture fits)"),
+    ] = None,
 ) -> None:
-    """Export a stage's newest checkpoint as a Hugging Face LlamaForCausalLM with its tokenizer."""
+    """Export a stage's newest checkpoint as a Hugging Face causal LM (Llama, Qwen2, Qwen3 or Mistral) with its tokenizer."""
     problems = [f"--format {fmt!r}: only 'hf' is supported"] if fmt != "hf" else []
     problems += [f"--dtype {dtype!r}: use fp32 or bf16"] if dtype not in ("fp32", "bf16") else []
     if problems:
@@ -340,15 +344,17 @@ def export_(
     from .hf.to_hf import export_checkpoint
 
     try:
-        ckpt = export_checkpoint(artifact, out_dir, dtype=dtype, tokenizer=tokenizer)
+        ckpt, hf_class = export_checkpoint(artifact, out_dir, dtype=dtype, tokenizer=tokenizer, family=family)
     except EngineError as exc:
         raise fail(exc) from None
-    out.print(f"exported {ckpt} to {out_dir} (LlamaForCausalLM, {dtype})", markup=False)
+    out.print(f"exported {ckpt} to {out_dir} ({hf_class}, {dtype})", markup=False)
 
 
 @app.command("import")
 def import_(
-    hf_dir: Annotated[Path, typer.Argument(help="a local HF Llama folder (config.json, safetensors, tokenizer.json)")],
+    hf_dir: Annotated[
+        Path, typer.Argument(help="a local HF Llama/Qwen2/Qwen3/Mistral folder (config.json, safetensors, tokenizer.json)")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="the checkpoint folder to write (new or empty)")],
     seq_length: Annotated[
         int | None,
@@ -365,7 +371,8 @@ def import_(
         ),
     ] = None,
 ) -> None:
-    """Import a Hugging Face Llama checkpoint as an engine checkpoint that pretrain or sft can start from."""
+    """Import a Hugging Face checkpoint (Llama 3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral) as an engine checkpoint that
+    pretrain or sft can start from."""
     from .hf.from_hf import describe_import, import_checkpoint
 
     try:

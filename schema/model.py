@@ -91,7 +91,29 @@ class ModelSpec(Spec):
     tie_embeddings: bool | None = Field(
         default=None, description="share input embedding and output projection (default false)"
     )
+    kv_channels: int | None = Field(
+        default=None, gt=0, le=100_000, description="channels per attention head (default hidden_size / heads; Qwen3: 128)"
+    )
     add_bias_linear: bool = Field(default=False, description="biases in linear layers (Llama: false)")
+    qkv_bias: bool = Field(
+        default=False, description="biases on the query, key and value projections only (Qwen2 / Qwen2.5: true)"
+    )
+    qk_layernorm: bool = Field(
+        default=False, description="normalise queries and keys per head before RoPE (Qwen3: true)"
+    )
+    rope_scaling_factor: float | None = Field(
+        default=None,
+        gt=1,
+        description="Llama 3.1-style RoPE frequency scaling with this factor (Llama 3.1: 8, 3.2: 32; low/high "
+        "frequency factors 1 and 4, original context 8192, as Megatron-Core implements it); default none",
+    )
+    vocab_rows: int | None = Field(
+        default=None,
+        gt=0,
+        le=10_000_000,
+        description="embedding rows when they are not the tokenizer's vocabulary padded to "
+        "make_vocab_size_divisible_by (an imported model keeps its own, e.g. Qwen2.5's 151936)",
+    )
     norm_epsilon: float = Field(default=1e-5, gt=0, description="epsilon of the normalisation layers")
     init_method_std: float = Field(default=0.02, gt=0, description="std of the normal weight init")
     make_vocab_size_divisible_by: int = Field(

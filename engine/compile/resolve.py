@@ -41,10 +41,20 @@ class ResolvedModel(Frozen):
     activation: str
     tie_embeddings: bool
     add_bias_linear: bool
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    rope_scaling_factor: float | None = None
     norm_epsilon: float
     init_method_std: float
     vocab_size: int = Field(description="the tokenizer's vocabulary size")
     padded_vocab_size: int = Field(description="vocab_size padded to make_vocab_size_divisible_by")
+
+
+def recorded_architecture(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's meta.json architecture with the defaults of fields added since it was written (a
+    checkpoint without `qkv_bias` has none): what to compare a recipe's resolved model with."""
+    defaults = {k: f.default for k, f in ResolvedModel.model_fields.items() if not f.is_required()}
+    return {**defaults, **recorded}
 
 
 class Layout(Frozen):
@@ -167,7 +177,7 @@ def resolve_model(spec: ModelSpec, vocab_size: int | None) -> tuple[ResolvedMode
         hidden_size=h,
         num_attention_heads=heads,
         num_query_groups=int(merged.get("num_query_groups") or heads),
-        kv_channels=max(1, h // heads),
+        kv_channels=spec.kv_channels or max(1, h // heads),
         ffn_hidden_size=int(ffn),
         seq_length=int(merged["seq_length"]),
         position_embedding=str(merged.get("position_embedding", "rope")),
@@ -176,11 +186,17 @@ def resolve_model(spec: ModelSpec, vocab_size: int | None) -> tuple[ResolvedMode
         activation=activation,
         tie_embeddings=bool(merged.get("tie_embeddings", False)),
         add_bias_linear=spec.add_bias_linear,
+        qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_layernorm,
+        rope_scaling_factor=spec.rope_scaling_factor,
         norm_epsilon=spec.norm_epsilon,
         init_method_std=spec.init_method_std,
         vocab_size=vocab_size,
-        padded_vocab_size=divisor * math.ceil(vocab_size / divisor),
+        padded_vocab_size=spec.vocab_rows or divisor * math.ceil(vocab_size / divisor),
     )
+    if model.padded_vocab_size < vocab_size:
+        fix = "remove model.vocab_rows, or set it to at least the tokenizer's vocabulary"
+        return None, [Problem("model.vocab_rows", f"={spec.vocab_rows} is less than the tokenizer's {vocab_size} tokens", fix)]
     return model, []
 
 

@@ -20,7 +20,7 @@ from ..kinds import KINDS, RuleContext, checkpoint_fields
 from ..kinds.base import Reference
 from ..schema import ClusterProfile, DataStage, FileTokenizer, Recipe, TrainingStage, TrainTokenizer
 from ..schema.stages import is_checkpoint_path
-from .resolve import ResolvedModel, gpus_per_node
+from .resolve import ResolvedModel, gpus_per_node, recorded_architecture
 
 # A byte-level BPE starts from the 256 byte symbols; the chat template adds its special tokens.
 MIN_BPE_VOCAB = 256 + 16
@@ -127,7 +127,7 @@ def _checkpoint_path(recipe: Recipe, path: str, value: str, model: ResolvedModel
     meta_path = Path(value) / "meta.json"
     try:
         meta: Any = json.loads(meta_path.read_text(encoding="utf-8"))
-        theirs, tok = dict(meta["architecture"]), dict(meta["tokenizer"])
+        theirs, tok = recorded_architecture(dict(meta["architecture"])), dict(meta["tokenizer"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         why = "it has no meta.json" if Path(value).is_dir() else "no such directory"
         why = f"cannot read its meta.json ({type(exc).__name__}: {exc})" if meta_path.is_file() else why
@@ -256,11 +256,11 @@ def _divisors(n: int, limit: int = 128) -> list[int]:
 
 
 def _model(m: ResolvedModel) -> Iterator[Problem]:
-    if m.hidden_size % m.num_attention_heads:
+    if m.hidden_size % m.num_attention_heads and m.kv_channels == m.hidden_size // m.num_attention_heads:
         yield Problem(
             "model.hidden_size",
             f"={m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}",
-            "make heads divide hidden",
+            "make heads divide hidden, or set model.kv_channels (the channels per head)",
         )
     if m.num_attention_heads % m.num_query_groups:
         yield Problem(

@@ -1,4 +1,6 @@
-"""`engine import`: a local Hugging Face Llama checkpoint → an engine checkpoint directory.
+"""`engine import`: a local Hugging Face checkpoint of a mapped family → an engine checkpoint directory.
+
+The families (Llama 3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral) and what is refused: engine/hf/convert.py.
 
 The directory is what a training stage hands the next one: a Megatron-Core distributed checkpoint of
 the weights (TP1/PP1; dist_checkpointing reshards it to any layout on load), the tokenizer.json, and
@@ -8,13 +10,14 @@ from it with `init_from: <the directory>`, given a `model` section with the same
 `tokenizer: {kind: file, path: <the directory>/tokenizer.json}`; `import_checkpoint` returns both.
 
 The tokenizer must be a fast tokenizer (tokenizer.json) with the chat template's special tokens
-(engine/chat.py). The vocabulary rows beyond the HF model's are padding, initialised to zero.
+(engine/chat.py). The model keeps its embedding rows: the recipe gets the `make_vocab_size_divisible_by` that
+pads the tokenizer to them where one does, otherwise `vocab_rows`. Tensors are read one at a time, so
+the import holds the model once (bench/import_memory.py measures it).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,26 +35,46 @@ from ..worker.handoff import meta_for
 from . import convert, session
 
 INDEX = "model.safetensors.index.json"
-IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors or of the shards its index names, as fp32."""
-    from safetensors.torch import load_file
+class Shards:
+    """The tensors of a folder's model.safetensors, or of the shards its index names, read one at a time
+    (memory-mapped by safetensors): an import holds the model once, never a second copy of the file."""
 
-    if (folder / INDEX).is_file():
-        files = sorted(set(read_json(folder / INDEX)["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise EngineError(
-            f"{folder} has no model.safetensors (or {INDEX}); save the model with "
-            "`save_pretrained(..., safe_serialization=True)`"
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        tensors |= {k: v.float() for k, v in load_file(str(folder / name)).items() if not k.endswith(IGNORED)}
-    return tensors
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        if (folder / INDEX).is_file():
+            files = sorted(set(read_json(folder / INDEX)["weight_map"].values()))
+        elif (folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise EngineError(
+                f"{folder} has no model.safetensors (or {INDEX}); save the model with "
+                "`save_pretrained(..., safe_serialization=True)`"
+            )
+        self.files = [folder / name for name in files]
+        self._where: dict[str, Any] = {}
+        for path in self.files:
+            if not path.is_file():
+                raise EngineError(f"{folder / INDEX} names {path.name}, which is not in {folder}")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for a damaged header
+                raise EngineError(f"{path} is not a readable safetensors file ({exc})") from None
+            keys: list[str] = handle.keys()  # type: ignore[no-untyped-call]
+            self._where |= {k: handle for k in keys if not k.endswith(convert.IGNORED)}
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor as fp32 (the import's model is fp32)."""
+        tensor: torch.Tensor = self._where[name].get_tensor(name)
+        return tensor.float()
 
 
 def _tokenizer(folder: Path) -> tuple[dict[str, Any], int]:
@@ -77,7 +100,7 @@ def _architecture(folder: Path, rows: int, tokens: int, seq_length: int | None, 
     d = convert.vocab_divisor(tokens, rows, divisor)
     try:
         arch = convert.architecture_from_hf(
-            config, vocab_size=tokens, padded_vocab_size=d * math.ceil(tokens / d),
+            config, vocab_size=tokens, padded_vocab_size=rows,
             seq_length=seq_length or int(config["max_position_embeddings"]),
         )  # fmt: skip
     except KeyError as exc:
@@ -85,34 +108,67 @@ def _architecture(folder: Path, rows: int, tokens: int, seq_length: int | None, 
     return {**arch, "make_vocab_size_divisible_by": d}
 
 
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
+              "seq_length", "rotary_base", "rope_scaling_factor", "tie_embeddings", "qkv_bias", "qk_layernorm",
+              "norm_epsilon", "init_method_std")  # fmt: skip
+
+
 def recipe_section(arch: dict[str, Any], tokenizer: Path) -> dict[str, Any]:
-    """The recipe's tokenizer and model sections that resolve to exactly this architecture."""
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "seq_length",
-            "rotary_base", "tie_embeddings", "norm_epsilon", "init_method_std", "make_vocab_size_divisible_by")  # fmt: skip
-    return {"tokenizer": {"kind": "file", "path": str(tokenizer)}, "model": {k: arch[k] for k in keys}}
+    """The recipe's tokenizer and model sections that resolve to exactly this architecture: the defaults
+    left out, the embedding rows as a divisor where one pads the tokenizer to them, else as `vocab_rows`."""
+    model = {k: arch[k] for k in MODEL_KEYS if k in arch}
+    for key, default in (("rope_scaling_factor", None), ("qkv_bias", False), ("qk_layernorm", False)):
+        if model.get(key) == default:
+            model.pop(key)
+    if model["kv_channels"] * model["num_attention_heads"] == model["hidden_size"]:
+        model.pop("kv_channels")
+    d = arch.get("make_vocab_size_divisible_by")
+    model |= {"make_vocab_size_divisible_by": d} if d else {"vocab_rows": arch["padded_vocab_size"]}
+    return {"tokenizer": {"kind": "file", "path": str(tokenizer)}, "model": model}
+
+
+def _load_weights(s: session.Session, shards: Shards, arch: dict[str, Any]) -> None:
+    """Each parameter of the session's model from its HF tensors, one at a time."""
+    own = session.weights(s)
+    maps = {t.ours: t for t in convert.tensor_maps(arch)}
+    missing, extra = sorted(own.keys() - maps.keys()), sorted(maps.keys() - own.keys())
+    if missing or extra:
+        raise EngineError(f"the mapping does not fit the model: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for name, target in own.items():
+            t = maps[name]
+            value = convert.join(t, [shards.get(n) for n in t.theirs], arch)
+            if tuple(value.shape) != tuple(target.shape):
+                raise EngineError(
+                    f"{' + '.join(t.theirs)}: shape {tuple(value.shape)}, the model has {tuple(target.shape)}"
+                )
+            target.copy_(value)
+            del value
 
 
 def import_checkpoint(
     hf_dir: Path, out: Path, *, seq_length: int | None = None, vocab_divisor: int | None = None
 ) -> dict[str, Any]:
-    """Convert the HF Llama folder `hf_dir` into the engine checkpoint directory `out`; returns the
-    recipe sections (tokenizer, model) that a stage starting from it needs."""
+    """Convert the HF folder `hf_dir` (a family of engine/hf/convert.py) into the engine checkpoint directory
+    `out`; returns the recipe sections (tokenizer, model) that a stage starting from it needs."""
     if not (hf_dir / "config.json").is_file():
         raise EngineError(f"{hf_dir} has no config.json; give a folder written by `save_pretrained`")
+    convert.family_of(read_json(hf_dir / "config.json"))  # an unknown family is refused before anything is read
     info, tokens = _tokenizer(hf_dir)
-    tensors = _weights(hf_dir)
-    if "model.embed_tokens.weight" not in tensors:
-        raise EngineError(f"{hf_dir} has no model.embed_tokens.weight: is it a LlamaForCausalLM?")
-    full = _architecture(hf_dir, tensors["model.embed_tokens.weight"].shape[0], tokens, seq_length, vocab_divisor)
+    shards = Shards(hf_dir)
+    if "model.embed_tokens.weight" not in shards.names():
+        raise EngineError(f"{hf_dir} has no model.embed_tokens.weight: is it a *ForCausalLM of a mapped family?")
+    rows = shards.shape("model.embed_tokens.weight")[0]
+    full = _architecture(hf_dir, rows, tokens, seq_length, vocab_divisor)
     arch = {k: v for k, v in full.items() if k != "make_vocab_size_divisible_by"}
     expected = convert.hf_names(arch)
-    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected - {"lm_head.weight"})
+    missing, extra = sorted(expected - shards.names()), sorted(shards.names() - expected - {"lm_head.weight"})
     if missing or extra:
-        raise EngineError(f"{hf_dir} is not the Llama its config.json describes: missing {missing}, unexpected {extra}")
+        raise EngineError(f"{hf_dir} is not the model its config.json describes: missing {missing}, unexpected {extra}")
     info["path"] = str(out / "tokenizer.json")
     with session.staged(out) as folder:
         with session.megatron("import", arch) as s:
-            session.set_weights(s, convert.from_hf(tensors, arch))
+            _load_weights(s, shards, arch)
             session.save(s, folder)
             meta = meta_for(s.ctx, info, [str(hf_dir)])
         shutil.copyfile(hf_dir / "tokenizer.json", folder / "tokenizer.json")

@@ -1,6 +1,7 @@
-"""`engine export`: a training stage's checkpoint → a Hugging Face Llama folder.
+"""`engine export`: a training stage's checkpoint → a Hugging Face folder of a mapped family.
 
-The folder holds what `transformers` loads as `LlamaForCausalLM` and `AutoTokenizer`:
+The folder holds what `transformers` loads as the family's causal LM (LlamaForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM; engine/hf/convert.py) and `AutoTokenizer`:
 model.safetensors, config.json, generation_config.json, and the engine's own tokenizer.json with a
 tokenizer_config.json (PreTrainedTokenizerFast; bos/eos/pad from the chat template's special tokens;
 the chat template of engine/chat.py as a Jinja `chat_template`). Generation stops at `<|end|>`, the
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from ..chat import BOS, END, EOS, PAD, ROLES
+from ..compile.resolve import recorded_architecture
 from ..errors import EngineError
 from ..kinds import either, producing
 from ..worker import checkpoint
@@ -94,33 +96,63 @@ def _tokenizer_files(folder: Path, source: Path, meta: dict[str, Any]) -> None:
         (folder / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _refusals(meta: dict[str, Any]) -> list[str]:
+def imported_model_type(meta: dict[str, Any], *, depth: int = 32) -> str | None:
+    """The HF model_type the checkpoint's lineage was imported from: its own meta.json's `source`, or its
+    first parent's, up the chain while the parents are still on disk."""
+    for _ in range(depth):
+        source = meta.get("source")
+        if isinstance(source, dict) and isinstance(source.get("config"), dict):
+            found = source["config"].get("model_type")
+            return found if isinstance(found, str) else None
+        parents = meta.get("parents") or []
+        parent = Path(str(parents[0])) / checkpoint.META if parents else None
+        if parent is None or not parent.is_file():
+            return None
+        try:
+            meta = json.loads(parent.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict):
+            return None
+    return None
+
+
+def _refusals(meta: dict[str, Any], family: str | None) -> tuple[convert.Family | None, list[str]]:
     if "head" in meta:
-        return [
+        return None, [
             f"it is a {meta.get('model', 'scalar-head')} checkpoint (a scalar head, no language-model output); "
             f"export a {either(producing('policy'))} stage instead"
         ]
-    unsupported = convert.not_llama(meta.get("architecture", {}))
-    return [f"HF Llama cannot express {', '.join(unsupported)}"] if unsupported else []
+    arch = recorded_architecture(meta.get("architecture", {}))
+    if family is None:  # the family the model came from, where it still fits
+        origin = imported_model_type(meta)
+        fits = [f.name for f in convert.FAMILIES.values() if f.model_type == origin]
+        family = fits[0] if fits and not convert.export_family(arch, fits[0])[1] else None
+    chosen, problems = convert.export_family(arch, family)
+    return chosen, ([f"no HF family expresses {', '.join(problems)}"] if problems else [])
 
 
-def export_checkpoint(artifact: Path, out: Path, *, dtype: str = "fp32", tokenizer: Path | None = None) -> Path:
-    """Write the newest checkpoint of `artifact` to `out` as a HF Llama folder; returns the checkpoint used."""
+def export_checkpoint(
+    artifact: Path, out: Path, *, dtype: str = "fp32", tokenizer: Path | None = None, family: str | None = None
+) -> tuple[Path, str]:
+    """Write the newest checkpoint of `artifact` to `out` as a HF folder of `family` (default: the family it
+    was imported from, else the one whose switches the architecture has: llama, qwen2 for q/k/v biases,
+    qwen3 for q/k norms); returns the checkpoint used and the HF class written."""
     from safetensors.torch import save_file
 
     ckpt = resolve_checkpoint(artifact)
     meta = checkpoint.read_model_meta(ckpt)
-    refused = _refusals(meta)
-    if refused:
+    chosen, refused = _refusals(meta, family)
+    if refused or chosen is None:
         raise EngineError(f"cannot export {ckpt}: " + "; ".join(refused))
     source = tokenizer_file(meta, tokenizer)
-    arch = meta["architecture"]
+    arch = recorded_architecture(meta["architecture"])
     with session.staged(out) as folder:
         with session.megatron("export", arch) as s:
             session.load(s, ckpt)
             tensors = {k: v.to(DTYPES[dtype]) for k, v in convert.to_hf(session.weights(s), arch).items()}
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        config = convert.hf_config(arch, meta["tokenizer"], str(DTYPES[dtype]).removeprefix("torch."))
+        config = convert.hf_config(chosen, arch, meta["tokenizer"], str(DTYPES[dtype]).removeprefix("torch."))
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _tokenizer_files(folder, source, meta)
-    return ckpt
+    return ckpt, chosen.hf_class

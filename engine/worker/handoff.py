@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..compile.resolve import recorded_architecture
 from ..errors import EngineError
 from ..schema.stages import is_checkpoint_path
 from . import checkpoint
@@ -54,9 +55,10 @@ def check_contract(
     if special:
         pairs = ", ".join(f"{k}: {theirs_tok.get(k)} vs {tokenizer[k]}" for k in special)
         raise EngineError(f"checkpoint {parent} has other special token ids ({pairs})")
-    diff = sorted(k for k in architecture if meta.get("architecture", {}).get(k) != architecture[k])
+    recorded = recorded_architecture(meta.get("architecture", {}))
+    diff = sorted(k for k in architecture if recorded.get(k) != architecture[k])
     if diff:
-        pairs = ", ".join(f"{k}: {meta['architecture'].get(k)} vs {architecture[k]}" for k in diff)
+        pairs = ", ".join(f"{k}: {recorded.get(k)} vs {architecture[k]}" for k in diff)
         raise EngineError(f"checkpoint {parent} has another architecture ({pairs})")
 
 

@@ -214,5 +214,8 @@ def test_qkv_and_vocabulary_layouts() -> None:
     assert all(torch.equal(a, b) for a, b in zip(convert.split_qkv(fused, arch), (q, k, v), strict=True))
     assert convert.vocab_divisor(300, 320, None) == 64 and convert.vocab_divisor(128256, 128256, None) == 128
     assert convert.vocab_divisor(300, 300, None) == 4  # 300 = 4·75: no padding row
-    with pytest.raises(EngineError, match="more than the tokenizer's"):
-        convert.vocab_divisor(300, 600, None)
+    assert convert.vocab_divisor(300, 330, None) is None  # no divisor pads 300 to 330: the recipe keeps vocab_rows
+    with pytest.raises(EngineError, match="pads the tokenizer's 300 tokens to 320 rows, the model has 330"):
+        convert.vocab_divisor(300, 330, 64)
+    with pytest.raises(EngineError, match="only 200 embedding rows"):
+        convert.vocab_divisor(300, 200, None)
