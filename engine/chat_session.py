@@ -5,8 +5,9 @@ plan order, that has a complete checkpoint), a stage's folder, or one checkpoint
 built once through engine/hf/session.py, the same Megatron-Core GPTModel the workers train, and
 answers with engine/worker/generate.py, the KV-cache sampler PPO's rollouts use.
 
-Every turn renders the whole conversation with the shared chat template (engine/chat.py) and the
-assistant's generation prompt, samples until `<|end|>` or `<|eos|>` (or `max_new_tokens`), and keeps
+Every turn renders the whole conversation with the checkpoint's chat template (engine/chat.py: the
+engine's own, or the model's HF template) and the assistant's generation prompt, samples until a stop
+token of the template (`<|end|>`/`<|eos|>`, `<|eot_id|>`, `<|im_end|>`, `</s>`) or `max_new_tokens`, and keeps
 the decoded reply as the assistant's message. The model sees at most `seq_length` positions, so when
 prompt and reply would not fit, the oldest turns are dropped (the system message stays).
 """
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import inside_run, plan_jobs, run_of
-from .chat import SpecialIds, render
-from .errors import EngineError
+from .chat import Template, template_for
+from .errors import EngineError, ForgedTurn
 from .hf.to_hf import resolve_checkpoint, tokenizer_file
 from .kinds import either, producing
 from .worker import checkpoint
@@ -106,16 +107,15 @@ class Chat:
     vocab_size: int
     options: Options
     notify: Callable[[str], None]
+    template: Template
     messages: list[Message] = field(default_factory=list)
     truncated_once: bool = False
-    ids: SpecialIds = field(init=False)
     max_new: int = field(init=False)
     generator: Any = field(init=False)  # torch.Generator
 
     def __post_init__(self) -> None:
         import torch
 
-        self.ids = SpecialIds.lookup(self.tok.token_to_id)
         self.max_new = self.options.max_new_tokens or min(512, self.seq_length // 2)
         if self.max_new >= self.seq_length:
             raise EngineError(
@@ -131,14 +131,14 @@ class Chat:
     def reset(self) -> None:
         self.messages.clear()
 
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False).ids)
-
     def _prompt(self, messages: list[Message]) -> list[int]:
         system = [("system", self.options.system)] if self.options.system else []
         budget = self.seq_length - self.max_new
         while True:
-            tokens, _ = render([*system, *messages], self._encode, self.ids, generation_prompt=True)
+            try:
+                tokens, _ = self.template.render([*system, *messages], generation_prompt=True)
+            except ForgedTurn as exc:
+                raise EngineError(f"{exc}, which the chat template would parse as a turn marker; rephrase it") from None
             if len(tokens) <= budget:
                 return tokens
             if len(messages) <= 1:
@@ -161,10 +161,10 @@ class Chat:
         conversation = [*self.messages, ("user", text)]
         prompt = self._prompt(conversation)
         o = self.options
-        stop = [self.ids.end, self.ids.eos]
+        stop = list(self.template.stop)
         out = generate(
             self.session.model, [prompt], max_new=self.max_new, sampling=Sampling(o.temperature, o.top_k, o.top_p),
-            stop=stop, pad=self.ids.pad, vocab_size=self.vocab_size, generator=self.generator,
+            stop=stop, pad=self.template.pad, vocab_size=self.vocab_size, generator=self.generator,
         )  # fmt: skip
         start, n = int(out.prompt_lengths[0]), int(out.response_lengths[0])
         answer: str = self.tok.decode([t for t in out.tokens[0, start : start + n].tolist() if t not in stop])
@@ -185,8 +185,9 @@ def open_chat(target: Target, options: Options, notify: Callable[[str], None]) -
             s = stack.enter_context(session.megatron("chat", arch))
             session.load(s, target.checkpoint)
         vocab = int(target.meta["tokenizer"].get("vocab_size") or arch["vocab_size"])
+        template = template_for({**target.meta["tokenizer"], "path": str(target.tokenizer)}, tok)
         yield Chat(session=s, tok=tok, seq_length=int(arch["seq_length"]), vocab_size=vocab, options=options,
-                   notify=notify)  # fmt: skip
+                   notify=notify, template=template)  # fmt: skip
 
 
 def reader(console: Any) -> Callable[[], str]:

@@ -65,3 +65,7 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"
     return "valid: " + ", ".join(options) if options else "nothing is valid here"
+
+
+class ForgedTurn(ValueError):
+    """A chat message's text contains a special token of the template (parsed, it would forge a turn)."""

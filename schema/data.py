@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -105,5 +106,29 @@ class FileTokenizer(Spec):
         description="vocabulary size; read from the file when unset, checked against it when set",
     )
 
+    @property
+    def file(self) -> str:
+        return self.path
 
-TokenizerSpec = Annotated[TrainTokenizer | FileTokenizer, Field(discriminator="kind")]
+
+class HfTokenizer(Spec):
+    """A model's own HF tokenizer folder and its chat template (every chat stage renders with it)."""
+
+    kind: Literal["hf"] = Field(description="a local HF tokenizer folder with its chat template")
+    path: str = Field(
+        description="folder with tokenizer.json and tokenizer_config.json (its chat_template, or chat_template.jinja) "
+        "and, for the stop tokens, generation_config.json: an `engine import` output or a HF model folder"
+    )
+    vocab_size: int | None = Field(
+        default=None,
+        gt=0,
+        le=10_000_000,
+        description="vocabulary size; read from tokenizer.json when unset, checked against it when set",
+    )
+
+    @property
+    def file(self) -> str:
+        return str(Path(self.path) / "tokenizer.json")
+
+
+TokenizerSpec = Annotated[TrainTokenizer | FileTokenizer | HfTokenizer, Field(discriminator="kind")]

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import Problem
-from ..schema import LOCAL, PRESETS, ClusterProfile, FileTokenizer, ModelSpec, Recipe, TrainingStage
+from ..schema import LOCAL, PRESETS, ClusterProfile, HfTokenizer, ModelSpec, Recipe, TrainingStage, TrainTokenizer
 from ..schema.model import SIZE_FIELDS
 
 CLUSTERS_DIR = Path(__file__).resolve().parents[2] / "slurm" / "clusters"
@@ -113,19 +113,15 @@ def resolve_cluster(name: str) -> tuple[ClusterProfile | None, list[Problem]]:
 
 def resolve_vocab(recipe: Recipe) -> tuple[int | None, list[Problem]]:
     tok = recipe.tokenizer
-    if not isinstance(tok, FileTokenizer):
+    if isinstance(tok, TrainTokenizer):
         return tok.vocab_size, []
     if tok.vocab_size is not None:
         return tok.vocab_size, []  # checked against the file when the data stage loads it
-    path = Path(tok.path)
+    path = Path(tok.file)
     if not path.is_file():
-        return None, [
-            Problem(
-                "tokenizer.path",
-                f"{tok.path!r} not found",
-                "give an existing tokenizer.json or set tokenizer.vocab_size",
-            )
-        ]
+        what = f"{tok.path!r} has no tokenizer.json" if isinstance(tok, HfTokenizer) else f"{tok.path!r} not found"
+        give = "a HF tokenizer folder" if isinstance(tok, HfTokenizer) else "an existing tokenizer.json"
+        return None, [Problem("tokenizer.path", what, f"give {give} or set tokenizer.vocab_size")]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         vocab = data["model"]["vocab"]
@@ -133,15 +129,15 @@ def resolve_vocab(recipe: Recipe) -> tuple[int | None, list[Problem]]:
         bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i < 0]
         if not ids or bad:
             what = f"token id {bad[0]!r} is not a non-negative integer" if bad else "it has no tokens"
-            return None, [Problem("tokenizer.path", f"{tok.path!r} is not a usable tokenizer.json: {what}",
+            return None, [Problem("tokenizer.path", f"{tok.file!r} is not a usable tokenizer.json: {what}",
                                   "give an HF tokenizer.json")]  # fmt: skip
         if max(ids) + 1 > 10_000_000:
-            return None, [Problem("tokenizer.path", f"{tok.path!r} has token ids up to {max(ids)}",
+            return None, [Problem("tokenizer.path", f"{tok.file!r} has token ids up to {max(ids)}",
                                   "use a vocabulary of at most 10,000,000 tokens")]  # fmt: skip
         return max(ids) + 1, []
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         return None, [
-            Problem("tokenizer.path", f"cannot read the vocabulary of {tok.path!r}: {exc}", "give an HF tokenizer.json")
+            Problem("tokenizer.path", f"cannot read the vocabulary of {tok.file!r}: {exc}", "give an HF tokenizer.json")
         ]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import Problem, did_you_mean
 from ..kinds import KINDS, RuleContext, checkpoint_fields
 from ..kinds.base import Reference
-from ..schema import ClusterProfile, DataStage, FileTokenizer, Recipe, TrainingStage, TrainTokenizer
+from ..schema import ClusterProfile, DataStage, HfTokenizer, Recipe, TrainingStage, TrainTokenizer
 from ..schema.stages import is_checkpoint_path
 from .resolve import ResolvedModel, gpus_per_node, recorded_architecture
 
@@ -58,6 +58,21 @@ def _tokenizer(recipe: Recipe) -> Iterator[Problem]:
         if not any(isinstance(s, DataStage) for s in recipe.stages.values()):
             yield Problem(
                 "tokenizer.kind", "=train needs a data stage to train on", "add a data stage or use kind: file"
+            )
+    if isinstance(tok, HfTokenizer) and Path(tok.path).is_dir():
+        from ..chat_hf import template_source
+        from ..errors import EngineError
+
+        try:
+            source = template_source(Path(tok.path))
+        except EngineError as exc:
+            yield Problem("tokenizer.path", str(exc), "fix the file, or point at another tokenizer folder")
+            return
+        if source is None:
+            yield Problem(
+                "tokenizer.path",
+                f"{tok.path!r} has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)",
+                "use a chat model's tokenizer folder, or kind: file for the engine's own template",
             )
 
 
@@ -140,12 +155,12 @@ def _checkpoint_path(recipe: Recipe, path: str, value: str, model: ResolvedModel
             f"={value!r} has another architecture than model (checkpoint vs recipe: {diff})",
             "set model.* to the checkpoint's values (its meta.json 'architecture'), or start from another checkpoint",
         )
-    file = Path(recipe.tokenizer.path) if isinstance(recipe.tokenizer, FileTokenizer) else None
+    file = Path(recipe.tokenizer.file) if not isinstance(recipe.tokenizer, TrainTokenizer) else None
     if file and file.is_file() and (sha := hashlib.sha256(file.read_bytes()).hexdigest()) != tok.get("sha256"):
         yield Problem(
             path,
             f"={value!r} was trained with tokenizer {tok.get('sha256')}, tokenizer.path={str(file)!r} is {sha}",
-            f"set tokenizer.path to the checkpoint's tokenizer ({tok.get('path')})",
+            f"set tokenizer.path to the checkpoint's tokenizer ({tok.get('path')}; its folder for kind: hf)",
         )
 
 

@@ -1,4 +1,5 @@
-"""The tokenizer artifact: a byte-level BPE trained with HF `tokenizers`, or a local tokenizer.json.
+"""The tokenizer artifact: a byte-level BPE trained with HF `tokenizers`, a local tokenizer.json, or a
+model's HF tokenizer folder with its own chat template (`describe_hf`).
 
 Training starts from the 256 byte symbols (every string is encodable) and adds the chat template's
 special tokens first, so their ids are the same in every tokenizer this engine trains (0…6).
@@ -60,4 +61,33 @@ def describe(path: Path, tok: Any) -> dict[str, Any]:
         "eod": ids.eos,
         "end": ids.end,
         "roles": ids.roles,
+    }
+
+
+def describe_hf(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """A HF tokenizer folder's tokenizer (text-only encoding, as `load`) and what the manifest and every
+    checkpoint record about it: its special ids come from its own config and its chat template is pinned
+    by sha256 (engine/chat_hf.py)."""
+    from ..chat_hf import HFTemplate
+
+    path = folder / "tokenizer.json"
+    template = HFTemplate.load(folder)
+    tok = load(path)
+    bos = tok.token_to_id(template.bos_token) if template.bos_token else None
+    eos = tok.token_to_id(template.eos_token) if template.eos_token else template.stop[0]
+    return tok, {
+        "path": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "pad": template.pad,
+        "bos": bos,
+        "eod": eos,
+        "end": template.stop[0],
+        "roles": {},
+        "template": {
+            "kind": "hf",
+            "sha256": template.sha256,
+            "stop": list(template.stop),
+            "generation_markers": template.has_generation_markers,
+        },
     }

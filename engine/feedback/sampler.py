@@ -147,14 +147,14 @@ class Sampler:
     """K responses per prompt from a loaded policy, one batch of prompts at a time."""
 
     def __init__(self, session: Any, tok: Any, target: Target, options: SamplingOptions) -> None:
-        from ..chat import SpecialIds
+        from ..chat import template_for
 
         self.session, self.tok, self.target, self.options = session, tok, target, options
         arch = target.architecture
         self.seq_length = int(arch["seq_length"])
         self.vocab = int(target.meta["tokenizer"].get("vocab_size") or arch["vocab_size"])
-        self.ids = SpecialIds.lookup(tok.token_to_id)
-        self.stop = [self.ids.end, self.ids.eos]
+        self.template = template_for({**target.meta["tokenizer"], "path": str(target.tokenizer)}, tok)
+        self.stop = list(self.template.stop)
         self.max_new = options.max_new_tokens or min(256, self.seq_length // 2)
         if self.max_new >= self.seq_length:
             raise EngineError(
@@ -168,11 +168,14 @@ class Sampler:
                 "seed": o.seed}  # fmt: skip
 
     def encode(self, prompt: str) -> list[int] | None:
-        """The generation prompt's tokens, or None when it leaves no room for a response."""
-        from ..chat import render
+        """The generation prompt's tokens, or None when it leaves no room for a response (or its text holds a
+        special token of the template)."""
+        from ..errors import ForgedTurn
 
-        tokens, _ = render([("user", prompt)], lambda t: list(self.tok.encode(t, add_special_tokens=False).ids),
-                           self.ids, generation_prompt=True)  # fmt: skip
+        try:
+            tokens, _ = self.template.render([("user", prompt)], generation_prompt=True)
+        except ForgedTurn:
+            return None
         return tokens if len(tokens) + self.max_new <= self.seq_length else None
 
     def responses(self, prompts: list[list[int]], k: int, *, seed: int) -> list[list[str]]:
@@ -185,7 +188,7 @@ class Sampler:
         gen = torch.Generator().manual_seed(o.seed * 1_000_003 + seed)
         rows = [p for p in prompts for _ in range(k)]
         out = generate(self.session.model, rows, max_new=self.max_new, sampling=Sampling(o.temperature, o.top_k, o.top_p),
-                       stop=self.stop, pad=self.ids.pad, vocab_size=self.vocab, generator=gen)  # fmt: skip
+                       stop=self.stop, pad=self.template.pad, vocab_size=self.vocab, generator=gen)  # fmt: skip
         texts = []
         for r in range(len(rows)):
             start, n = int(out.prompt_lengths[r]), int(out.response_lengths[r])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import plugin
-from ..chat import SpecialIds
+from ..chat import Template
 from ..errors import EngineError
 from ..schema import RewardSpec
 
@@ -26,10 +26,10 @@ Values = Callable[[list[Any], torch.Tensor], torch.Tensor]  # (model chunks, tok
 class Scorer:
     def __init__(
         self, *, stage: str, rewards: list[RewardSpec], reward_model: list[Any] | None, reward_model_weight: float,
-        values: Values, tok: Any, ids: SpecialIds,
+        values: Values, tok: Any, template: Template,
     ) -> None:  # fmt: skip
-        self.stage, self.tok, self.ids = stage, tok, ids
-        self.stop = [ids.end, ids.eos]
+        self.stage, self.tok, self.template = stage, tok, template
+        self.stop = list(template.stop)
         self.reward_model, self.reward_model_weight, self.values = reward_model, reward_model_weight, values
         self.rewards = []
         for spec in rewards:
@@ -52,10 +52,11 @@ class Scorer:
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(rows))
         if self.reward_model is not None:
-            # As the reward model was trained: prompt + response + <|end|> <|eos|>, read at the last token.
-            rm_rows = [[*r, self.ids.eos] if r[-1] == self.ids.end else r for r in rows]
+            # As the reward model was trained (prompt + the reply closed as the template closes it), read at
+            # the last token.
+            rm_rows = [self.template.close(r) for r in rows]
             width = max(len(r) for r in rm_rows)
-            tokens = torch.full((len(rows), width), self.ids.pad, dtype=torch.long)
+            tokens = torch.full((len(rows), width), self.template.pad, dtype=torch.long)
             for i, r in enumerate(rm_rows):
                 tokens[i, : len(r)] = torch.tensor(r)
             values = self.values(self.reward_model, tokens)

@@ -49,13 +49,13 @@ stages:
     assert len(samples) == 60 and all(s["metadata"]["unit"] == "apples" for s in samples)
     assert sorted(s["metadata"]["case"]["id"] for s in samples) == list(range(60))
 
-    from engine.chat import SpecialIds
+    from engine.chat import template_for
     from engine.corpus.tokenizer import load
     from engine.worker.rewards import Scorer
 
     tok = load(tmp_path / "run" / "data" / "tokenizer" / "tokenizer.json")
     scorer = Scorer(stage="ppo", rewards=[], reward_model=None, reward_model_weight=1.0, values=lambda c, t: t,
-                    tok=tok, ids=SpecialIds.lookup(tok.token_to_id))  # fmt: skip
+                    tok=tok, template=template_for({}, tok))  # fmt: skip
     prompt = samples[0]
     batch = scorer.samples([prompt], [[*prompt["prompt"], 5, 6]], [len(prompt["prompt"])], [2])
     assert batch[0].metadata == prompt["metadata"] and batch[0].reference == prompt["reference"]

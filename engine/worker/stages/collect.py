@@ -35,12 +35,12 @@ from pydantic import TypeAdapter
 
 from ... import plugin
 from ...artifacts import SPLITS, read_json, write_json_atomic
-from ...chat import SpecialIds, render
+from ...chat import Template, template_for
 from ...corpus.clean import Cleaner
 from ...corpus.dedup import Decontaminator, Deduplicator, canonical
-from ...corpus.tokenizer import describe, load, train_bpe
-from ...errors import EngineError
-from ...schema import CleaningSpec, DataStage, SourceSpec, SplitSpec, TokenizerSpec, TrainTokenizer
+from ...corpus.tokenizer import describe, describe_hf, load, train_bpe
+from ...errors import EngineError, ForgedTurn
+from ...schema import CleaningSpec, DataStage, HfTokenizer, SourceSpec, SplitSpec, TokenizerSpec, TrainTokenizer
 from ..context import Context
 
 KIND_ORDER = {"prompt": 0, "text": 1, "conversation": 2, "preference": 3}
@@ -218,12 +218,17 @@ def tokenizer(ctx: Context, sources: list[SourceSpec], spool: Path, out: Path) -
         tok = train_bpe(_training_text(sources, spool), vocab_size=spec.vocab_size, min_frequency=spec.min_frequency)
         path = out / "tokenizer.json"
         tok.save(str(path))
+    elif isinstance(spec, HfTokenizer):
+        if not (Path(spec.path) / "tokenizer.json").is_file():
+            raise EngineError(f"tokenizer.path: {spec.path} has no tokenizer.json")
+        tok, info = describe_hf(Path(spec.path))
     else:
         path = Path(spec.path)
         if not path.is_file():
             raise EngineError(f"tokenizer.path: {path} not found")
         tok = load(path)
-    info = describe(path, tok)
+    if not isinstance(spec, HfTokenizer):
+        info = describe(path, tok)
     if info["vocab_size"] > ctx.plan.model.padded_vocab_size:
         raise EngineError(
             f"the tokenizer has {info['vocab_size']} tokens but the plan was compiled for "
@@ -276,44 +281,53 @@ def write_text(tok: Any, eod: int, rows: Iterator[dict[str, Any]], prefix: str) 
     return {"documents": docs, "tokens": tokens}
 
 
-def tokenize_row(row: dict[str, Any], encode: Any, ids: SpecialIds) -> dict[str, Any]:
+def tokenize_row(row: dict[str, Any], template: Template) -> dict[str, Any]:
     """A spooled record as chat-template tokens (and loss masks where the model learns a reply)."""
     kind = row["kind"]
     if kind == "conversation":
-        tokens, mask = render([(m["role"], m["content"]) for m in row["messages"]], encode, ids)
+        tokens, mask = template.render([(m["role"], m["content"]) for m in row["messages"]])
         return {"tokens": tokens, "loss_mask": mask}
-    prompt, _ = render([("user", row["prompt"])], encode, ids, generation_prompt=True)
+    asked = [("user", row["prompt"])]
+    prompt, _ = template.render(asked, generation_prompt=True)
     if kind == "prompt":  # metadata: what a reward function may need of the prompt (a test case, a unit, a rubric)
         return {"prompt": prompt, "prompt_text": row["prompt"], "reference": row.get("reference"),
                 "metadata": row.get("metadata") or {}}  # fmt: skip
-    chosen, rejected = ([*encode(row[k]), ids.end, ids.eos] for k in ("chosen", "rejected"))
+    chosen, rejected = (template.reply(asked, row[k]) for k in ("chosen", "rejected"))
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def write_shards(
-    rows: Iterator[dict[str, Any]], folder: Path, encode: Any, ids: SpecialIds, per: int
-) -> list[dict[str, Any]]:
+    rows: Iterator[dict[str, Any]], folder: Path, template: Template, per: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The records as webdataset shards of `per` samples; also how many were dropped because a message's
+    text holds a special token of the template (parsed, it would forge a turn)."""
     import webdataset as wds
 
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, Any]] = []
     writer: Any = None
-    for i, row in enumerate(rows):
+    forged, i = 0, 0
+    for row in rows:
+        try:
+            sample = tokenize_row(row, template)
+        except ForgedTurn:
+            forged += 1
+            continue
         if i % per == 0:
             if writer is not None:
                 writer.close()
             path = folder / f"shard-{len(shards):06d}.tar"
             writer = wds.TarWriter(str(path), mtime=0)  # the same bytes on every run: reproducible sha256
             shards.append({"path": path.name, "samples": 0, "tokens": 0})
-        sample = tokenize_row(row, encode, ids)
         writer.write({"__key__": f"{i:09d}", "json": sample})
         shards[-1]["samples"] += 1
         shards[-1]["tokens"] += sum(len(v) for v in sample.values() if isinstance(v, list))
+        i += 1
     if writer is not None:
         writer.close()
     for shard in shards:
         shard["sha256"] = hashlib.sha256((folder / shard["path"]).read_bytes()).hexdigest()
-    return shards
+    return shards, forged
 
 
 def input_fingerprint(sources: list[SourceSpec]) -> dict[str, str]:
@@ -345,10 +359,7 @@ def run(ctx: Context, spec: DataStage) -> None:
     print(f"[{job.name}] reading, cleaning and deduplicating {len(spec.sources)} sources", flush=True)
     report = collect(spec, stage=job.name, spool=build / "spool")
     tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
-    ids = SpecialIds.lookup(tok.token_to_id)
-
-    def encode(text: str) -> list[int]:
-        return list(tok.encode(text).ids)
+    template = template_for(info, tok)
 
     sources: dict[str, Any] = {}
     for src in spec.sources:
@@ -360,14 +371,17 @@ def run(ctx: Context, spec: DataStage) -> None:
                 (build / "data" / name).mkdir(exist_ok=True)
                 entry["splits"][split] = write_text(tok, info["eod"], rows, str(build / "data" / name / split))
             else:
-                shards = write_shards(rows, build / "data" / name / split, encode, ids, spec.shard_samples)
+                shards, forged = write_shards(rows, build / "data" / name / split, template, spec.shard_samples)
                 entry["splits"][split] = {
                     "samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
-                    "shards": shards,
+                    "shards": shards, **({"dropped_special_token_text": forged} if forged else {}),
                 }  # fmt: skip
         sources[name] = entry
         print(f"[{job.name}] {name}: " + ", ".join(f"{s} {v.get('documents', v.get('samples'))}"
                                                   for s, v in entry["splits"].items()), flush=True)  # fmt: skip
+        if forged_total := sum(v.get("dropped_special_token_text", 0) for v in entry["splits"].values()):
+            print(f"[{job.name}] {name}: dropped {forged_total} records whose text holds a special token of the chat "
+                  "template (parsed, it would forge a turn)", flush=True)  # fmt: skip
     mixture = effective_mixture(sources)
     for records, shares in mixture.items():
         print(f"[{job.name}] mixture of {records} records: "

@@ -44,7 +44,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from ...artifacts import read_manifest
-from ...chat import SpecialIds
+from ...chat import template_for
 from ...corpus.tokenizer import load as load_tokenizer
 from ...errors import EngineError
 from ...plugins import exact_match
@@ -121,8 +121,8 @@ class Ppo:
         manifest = read_manifest(plan.dataset(spec.prompts))
         self.tokenizer = manifest["tokenizer"]
         self.tok = load_tokenizer(Path(self.tokenizer["path"]))
-        self.ids = SpecialIds.lookup(self.tok.token_to_id)
-        self.stop = [self.ids.end, self.ids.eos]
+        self.template = template_for(self.tokenizer, self.tok)
+        self.stop = list(self.template.stop)
         self.vocab = int(self.tokenizer["vocab_size"])
         by_source = self._prompt_sources("train")
         self.train_prompts = [p for rows in by_source.values() for p in rows]
@@ -147,7 +147,7 @@ class Ppo:
         )
         self.scorer = Scorer(stage=job.name, rewards=spec.rewards, reward_model=self.reward_model,
                              reward_model_weight=spec.reward_model_weight, values=self._values, tok=self.tok,
-                             ids=self.ids)  # fmt: skip
+                             template=self.template)  # fmt: skip
         self.root = Path(job.outputs[0].path)
         self.critic_root = self.root.parent / "critic"
         self.background = checkpoint.Background() if spec.checkpointing.async_save else None
@@ -216,7 +216,7 @@ class Ppo:
         for i in range(0, len(prompts), self.ro.batch_size):
             chunk = prompts[i : i + self.ro.batch_size]
             out = generate(actor, [p["prompt"] for p in chunk], max_new=self.ro.max_new_tokens, sampling=sampling,
-                           stop=self.stop, pad=self.ids.pad, vocab_size=self.vocab, generator=gen)  # fmt: skip
+                           stop=self.stop, pad=self.template.pad, vocab_size=self.vocab, generator=gen)  # fmt: skip
             new += out.new_tokens
             for r in range(len(chunk)):
                 p, n = int(out.prompt_lengths[r]), int(out.response_lengths[r])
@@ -227,12 +227,12 @@ class Ppo:
 
     def _label_space(self, rows: list[list[int]], plens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
-        tokens = torch.full((len(rows), width), self.ids.pad, dtype=torch.long)
+        tokens = torch.full((len(rows), width), self.template.pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width))
         for i, (row, p) in enumerate(zip(rows, plens, strict=True)):
             tokens[i, : len(row)] = torch.tensor(row)
             mask[i, p - 1 : len(row) - 1] = 1.0  # positions whose next token is a response token
-        labels = torch.cat([tokens[:, 1:], torch.full((len(rows), 1), self.ids.pad, dtype=torch.long)], dim=1)
+        labels = torch.cat([tokens[:, 1:], torch.full((len(rows), 1), self.template.pad, dtype=torch.long)], dim=1)
         return tokens, labels, mask
 
     @torch.no_grad()
