@@ -370,17 +370,38 @@ def import_(
             help="vocabulary padding (default: what fits the embedding)",
         ),
     ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="also write the fine-tuning recipe to this new file")
+    ] = None,
+    cluster: Annotated[
+        str, typer.Option("--cluster", help="the recipe's cluster profile: its layouts (local, h100, a profile YAML)")
+    ] = "local",
 ) -> None:
-    """Import a Hugging Face checkpoint (Llama 3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral) as an engine checkpoint that
-    pretrain or sft can start from."""
-    from .hf.from_hf import describe_import, import_checkpoint
+    """Import a Hugging Face checkpoint (Llama 3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral) as an engine checkpoint, and
+    print a fine-tuning recipe (data → SFT → reward model → PPO) that starts from it."""
+    from .compile.resolve import resolve_cluster
+    from .hf.from_hf import import_checkpoint
+    from .hf.recipe import finetune_recipe, recipe_name, render_recipe, write_recipe
 
+    profile, problems = resolve_cluster(cluster)
+    if profile is None:
+        raise fail(EngineError("--cluster: " + "; ".join(f"{p.message} ({p.fix})" for p in problems)))
+    if recipe is not None and recipe.exists():
+        raise fail(EngineError(f"--recipe {recipe} exists; choose a new file (a recipe you wrote is never overwritten)"))
     try:
-        section = import_checkpoint(hf_dir, out_dir, seq_length=seq_length, vocab_divisor=divisor)
+        done = import_checkpoint(hf_dir, out_dir, seq_length=seq_length, vocab_divisor=divisor)
+        body, note = finetune_recipe(
+            done.section, out_dir, rows=done.rows, name=recipe_name(hf_dir), cluster=cluster,
+            gpu=profile.device == "cuda", family=done.family,
+        )  # fmt: skip
+        text = render_recipe(body, note)
+        if recipe is not None:
+            write_recipe(recipe, text)
     except EngineError as exc:
         raise fail(exc) from None
-    out.print(f"imported {hf_dir} into {out_dir}; a recipe starts from it with:", markup=False)
-    sys.stdout.write(describe_import(section, out_dir))  # YAML to paste: never wrapped by the console
+    where = f"; written to {recipe}" if recipe is not None else ""
+    out.print(f"imported {hf_dir} into {out_dir}; a fine-tuning recipe that starts from it{where}:", markup=False)
+    sys.stdout.write(text)  # YAML to paste: never wrapped by the console
 
 
 @app.command()

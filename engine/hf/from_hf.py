@@ -3,22 +3,25 @@
 The families (Llama 3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral) and what is refused: engine/hf/convert.py.
 
 The directory is what a training stage hands the next one: a Megatron-Core distributed checkpoint of
-the weights (TP1/PP1; dist_checkpointing reshards it to any layout on load), the tokenizer.json, and
+the weights (TP1/PP1; dist_checkpointing reshards it to any layout on load), the tokenizer files, and
 a meta.json with the contract a stage checks before it starts from a checkpoint — the resolved
-architecture, the tokenizer's sha256 and its special-token ids. A recipe starts a pretrain or SFT stage
-from it with `init_from: <the directory>`, given a `model` section with the same architecture and
-`tokenizer: {kind: file, path: <the directory>/tokenizer.json}`; `import_checkpoint` returns both.
+architecture, the tokenizer's sha256 and its special-token ids. A recipe starts a stage from it with
+`init_from: <the directory>`, given a `model` section with the same architecture and its tokenizer;
+`import_checkpoint` returns both, and `engine import` prints a whole fine-tuning recipe
+(engine/hf/recipe.py).
 
-The tokenizer must be a fast tokenizer (tokenizer.json) with the chat template's special tokens
-(engine/chat.py). The model keeps its embedding rows: the recipe gets the `make_vocab_size_divisible_by` that
-pads the tokenizer to them where one does, otherwise `vocab_rows`. Tensors are read one at a time, so
-the import holds the model once (bench/import_memory.py measures it).
+The tokenizer: a folder with a chat template (tokenizer_config.json's `chat_template`) keeps it, with
+its special tokens and generation_config.json's stop tokens (`tokenizer: {kind: hf, path: <dir>}`,
+engine/chat_hf.py); a tokenizer.json without one must have the engine's special tokens (engine/chat.py,
+`kind: file`). The model keeps its embedding rows: the recipe gets the `make_vocab_size_divisible_by`
+that pads the tokenizer to them where one does, otherwise `vocab_rows`. Tensors are read one at a time,
+so the import holds the model once (bench/import_memory.py measures it).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +29,10 @@ import torch
 
 from ..artifacts import read_json, write_json_atomic
 from ..chat import SPECIAL_TOKENS
-from ..corpus.tokenizer import describe
+from ..chat_hf import template_source
+from ..corpus.tokenizer import describe, describe_hf
 from ..corpus.tokenizer import load as load_tokenizer
 from ..errors import EngineError
-from ..schema.stages import is_checkpoint_path
 from ..worker import checkpoint
 from ..worker.handoff import meta_for
 from . import convert, session
@@ -77,18 +80,29 @@ class Shards:
         return tensor.float()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")  # fmt: skip
+
+
 def _tokenizer(folder: Path) -> tuple[dict[str, Any], int]:
-    """What meta.json records about the fast tokenizer, and its vocabulary (highest id + 1)."""
+    """What meta.json records about the fast tokenizer, and its vocabulary (highest id + 1). A folder with a
+    chat template keeps it (the model's own template, `tokenizer: {kind: hf}`); one without must have the
+    engine's special tokens (its template)."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise EngineError(f"{folder} has no tokenizer.json; save a fast tokenizer (`tokenizer.save_pretrained`)")
+    if template_source(folder) is not None:
+        tok, info = describe_hf(folder)
+        return info, max(tok.get_vocab(with_added_tokens=True).values()) + 1
     tok = load_tokenizer(path)
     try:
         info = describe(path, tok)
     except ValueError as exc:
         raise EngineError(
-            f"{path}: {exc}; add them as special tokens (tokenizer.add_special_tokens({{'additional_special_tokens': "
-            f"{SPECIAL_TOKENS}}})) and resize the model's embeddings (model.resize_token_embeddings) before importing"
+            f"{path}: {exc} and the folder has no chat template of its own (tokenizer_config.json 'chat_template'); "
+            f"save the model's tokenizer with its template, or add the engine's tokens (tokenizer.add_special_tokens("
+            f"{{'additional_special_tokens': {SPECIAL_TOKENS}}})) and resize the model's embeddings "
+            "(model.resize_token_embeddings) before importing"
         ) from None
     return info, max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
@@ -113,7 +127,7 @@ MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
               "norm_epsilon", "init_method_std")  # fmt: skip
 
 
-def recipe_section(arch: dict[str, Any], tokenizer: Path) -> dict[str, Any]:
+def recipe_section(arch: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any]:
     """The recipe's tokenizer and model sections that resolve to exactly this architecture: the defaults
     left out, the embedding rows as a divisor where one pads the tokenizer to them, else as `vocab_rows`."""
     model = {k: arch[k] for k in MODEL_KEYS if k in arch}
@@ -124,7 +138,7 @@ def recipe_section(arch: dict[str, Any], tokenizer: Path) -> dict[str, Any]:
         model.pop("kv_channels")
     d = arch.get("make_vocab_size_divisible_by")
     model |= {"make_vocab_size_divisible_by": d} if d else {"vocab_rows": arch["padded_vocab_size"]}
-    return {"tokenizer": {"kind": "file", "path": str(tokenizer)}, "model": model}
+    return {"tokenizer": tokenizer, "model": model}
 
 
 def _load_weights(s: session.Session, shards: Shards, arch: dict[str, Any]) -> None:
@@ -148,7 +162,7 @@ def _load_weights(s: session.Session, shards: Shards, arch: dict[str, Any]) -> N
 
 def import_checkpoint(
     hf_dir: Path, out: Path, *, seq_length: int | None = None, vocab_divisor: int | None = None
-) -> dict[str, Any]:
+) -> Imported:
     """Convert the HF folder `hf_dir` (a family of engine/hf/convert.py) into the engine checkpoint directory
     `out`; returns the recipe sections (tokenizer, model) that a stage starting from it needs."""
     if not (hf_dir / "config.json").is_file():
@@ -166,21 +180,28 @@ def import_checkpoint(
     if missing or extra:
         raise EngineError(f"{hf_dir} is not the model its config.json describes: missing {missing}, unexpected {extra}")
     info["path"] = str(out / "tokenizer.json")
+    own_template = "template" in info
     with session.staged(out) as folder:
         with session.megatron("import", arch) as s:
             _load_weights(s, shards, arch)
             session.save(s, folder)
             meta = meta_for(s.ctx, info, [str(hf_dir)])
-        shutil.copyfile(hf_dir / "tokenizer.json", folder / "tokenizer.json")
-        source = {"format": "hf", "path": str(hf_dir), "config": read_json(hf_dir / "config.json")}
+        for name in TOKENIZER_FILES if own_template else ("tokenizer.json",):
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, folder / name)
+        config = read_json(hf_dir / "config.json")
+        source = {"format": "hf", "path": str(hf_dir), "config": config}
         write_json_atomic(folder / checkpoint.META, {**meta, "step": 0, "consumed_samples": 0, "source": source})
-    return recipe_section(full, out / "tokenizer.json")
+    tokenizer = {"kind": "hf", "path": str(out)} if own_template else {"kind": "file", "path": str(out / "tokenizer.json")}
+    return Imported(recipe_section(full, tokenizer), rows=rows, family=convert.family_of(config).name)
 
 
-def describe_import(section: dict[str, Any], out: Path) -> str:
-    """What `engine import` prints: the recipe lines that start a stage from the import."""
-    import yaml
+@dataclass(frozen=True)
+class Imported:
+    """What an import gives a recipe: its tokenizer and model sections, the embedding rows, the HF family."""
 
-    ref = str(out) if is_checkpoint_path(str(out)) else f"./{out}"  # a bare name would be a stage's
-    text = yaml.safe_dump(section, sort_keys=False, default_flow_style=False)
-    return f"{text}# and in the pretrain or sft stage:\n#   init_from: {json.dumps(ref)}\n"
+    section: dict[str, Any]
+    rows: int
+    family: str
+
+

@@ -1,7 +1,9 @@
 """`engine export`: a training stage's checkpoint → a Hugging Face folder of a mapped family.
 
 The folder holds what `transformers` loads as the family's causal LM (LlamaForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM; engine/hf/convert.py) and `AutoTokenizer`:
+Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM; engine/hf/convert.py) and `AutoTokenizer`.
+A model trained with its own HF tokenizer folder (`tokenizer: {kind: hf}`) gets that folder's files back
+as they were (its chat template, special tokens) and generation_config.json's stop tokens. Otherwise:
 model.safetensors, config.json, generation_config.json, and the engine's own tokenizer.json with a
 tokenizer_config.json (PreTrainedTokenizerFast; bos/eos/pad from the chat template's special tokens;
 the chat template of engine/chat.py as a Jinja `chat_template`). Generation stops at `<|end|>`, the
@@ -75,6 +77,15 @@ def tokenizer_file(meta: dict[str, Any], given: Path | None) -> Path:
 def _tokenizer_files(folder: Path, source: Path, meta: dict[str, Any]) -> None:
     tok, arch = meta["tokenizer"], meta["architecture"]
     shutil.copyfile(source, folder / "tokenizer.json")
+    if (tok.get("template") or {}).get("kind") == "hf":  # the model's own template and special tokens, as imported
+        from .from_hf import TOKENIZER_FILES
+
+        for name in TOKENIZER_FILES[1:]:
+            if (source.parent / name).is_file() and name != "generation_config.json":
+                shutil.copyfile(source.parent / name, folder / name)
+        generation = {"bos_token_id": tok.get("bos"), "eos_token_id": tok["template"]["stop"], "pad_token_id": tok.get("pad")}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        return
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -106,7 +106,7 @@ def main() -> None:
         source, imported, exported = work / name / "hf", work / name / "imported", work / name / "exported"
         source.mkdir(parents=True)
         build(name, config, source, tokenizer)
-        section = import_checkpoint(source, imported)
+        section = import_checkpoint(source, imported).section
         theirs = hf_logits(source, tokens)
         ours = megatron_logits(imported, tokens)
         _, hf_class = export_checkpoint(imported, exported)

@@ -117,7 +117,9 @@ def test_import_gives_transformers_logits(hf_dir: Path, imported: tuple[Path, st
     diff = _max_diff(ours, theirs)
     print(f"import: max abs logit difference {diff:.2e} (logits up to {theirs.abs().max():.2f})")
     assert diff <= TOLERANCE
-    assert f'init_from: "{out}"' in printed and "make_vocab_size_divisible_by: 64" in printed
+    recipe = yaml.safe_load(printed.split("\n", 1)[1])  # the fine-tuning recipe `engine import` prints
+    assert recipe["stages"]["sft"]["init_from"] == str(out) and recipe["model"]["make_vocab_size_divisible_by"] == 64
+    assert list(recipe["stages"]) == ["data", "sft", "reward", "ppo"] and recipe["tokenizer"]["kind"] == "file"
 
 
 def test_export_round_trip_and_tokenizer(hf_dir: Path, imported: tuple[Path, str], tokens: torch.Tensor) -> None:
@@ -144,7 +146,8 @@ def test_export_round_trip_and_tokenizer(hf_dir: Path, imported: tuple[Path, str
 
 def _recipe(tmp: Path, imported: Path, printed: str) -> Path:
     """Data (arithmetic conversations, the imported tokenizer) and an SFT stage at TP2 from the import."""
-    sections = yaml.safe_load(printed.split("with:\n", 1)[1])
+    printed_recipe = yaml.safe_load(printed.split("\n", 1)[1])
+    sections = {k: printed_recipe[k] for k in ("tokenizer", "model")}
     recipe: dict[str, Any] = {
         "name": "hfimport", "run_dir": str(tmp / "run"), **sections,
         "stages": {
