@@ -11,7 +11,15 @@ from engine.errors import RecipeError
 from engine.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+REQUIRES = "# requires: "  # a recipe's header line naming what must run first (e.g. the script that imports its model)
+
+
+def needs_setup(path: Path) -> bool:
+    return any(line.startswith(REQUIRES) for line in path.read_text(encoding="utf-8").splitlines()[:20])
+
+
+# The shipped recipes that validate as they are; one that needs a setup step is tested after running it.
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not needs_setup(p))
 TINY = REPO / "recipes" / "tiny.yaml"
 
 

@@ -30,7 +30,7 @@ def validate(recipe: Recipe, cluster: ClusterProfile | None, model: ResolvedMode
     """All problems of a recipe. Rules needing the cluster or the model run only when those resolved."""
     problems = list(_tokenizer(recipe))
     problems += _references(recipe)
-    problems += _checkpoint_paths(recipe, model)
+    problems += _checkpoint_paths(recipe, model, cluster)
     if model is not None:
         problems += _model(model)
     ctx = RuleContext(recipe=recipe, cluster=cluster, seq_length=model.seq_length if model is not None else None)
@@ -128,13 +128,18 @@ CHECKPOINT_FIX = (
 )
 
 
-def _checkpoint_paths(recipe: Recipe, model: ResolvedModel | None) -> Iterator[Problem]:
+def _checkpoint_paths(recipe: Recipe, model: ResolvedModel | None, cluster: ClusterProfile | None) -> Iterator[Problem]:
     """A checkpoint path (an init_from, a PPO policy) must be a checkpoint whose architecture and tokenizer
-    fit this recipe."""
+    fit this recipe. On a Slurm cluster a path this machine does not see is the cluster's (a shared file
+    system the login node may not mount), as a tokenizer path with its vocab_size is: the job checks the
+    same contract when it starts from it."""
+    remote = cluster is not None and cluster.launcher == "slurm"
     for name, stage in recipe.stages.items():
         for ref in KINDS[stage.kind].references:
             value = getattr(stage, ref.field) if ref.checkpoint_ok else None
             if isinstance(value, str) and is_checkpoint_path(value):
+                if remote and not Path(value).exists():
+                    continue
                 yield from _checkpoint_path(recipe, f"stages.{name}.{ref.field}", value, model)
 
 
