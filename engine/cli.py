@@ -400,8 +400,8 @@ def import_(
     except EngineError as exc:
         raise fail(exc) from None
     where = f"; written to {recipe}" if recipe is not None else ""
-    out.print(f"imported {hf_dir} into {out_dir}; a fine-tuning recipe that starts from it{where}:", markup=False)
-    sys.stdout.write(text)  # YAML to paste: never wrapped by the console
+    # One line, then YAML to paste: written directly, never wrapped by the console.
+    sys.stdout.write(f"# imported {hf_dir} into {out_dir}; a fine-tuning recipe that starts from it{where}:\n{text}")
 
 
 @app.command()

@@ -60,6 +60,25 @@ def _fill(value: Any, checkpoint: str) -> Any:
     return checkpoint if value == "{checkpoint}" else value
 
 
+def _fit(stages: dict[str, Any], model: dict[str, Any], rows: int) -> bool:
+    """Shrink what a small model cannot take: tp must divide the heads, the key/value groups and the
+    embedding rows, pp the layers; rollouts must fit the sequence. Returns whether anything changed."""
+    heads = int(model["num_attention_heads"])
+    groups = int(model.get("num_query_groups") or heads)
+    changed = False
+    for stage in stages.values():
+        par = stage.get("parallelism", {})
+        while par.get("tp", 1) > 1 and (heads % par["tp"] or groups % par["tp"] or rows % par["tp"]):
+            par["tp"], changed = par["tp"] // 2, True
+        while par.get("pp", 1) > 1 and int(model["num_layers"]) % par["pp"]:
+            par["pp"], changed = par["pp"] // 2, True
+        rollout = stage.get("rollout", {})
+        if rollout and rollout["max_prompt_tokens"] + rollout["max_new_tokens"] > int(model["seq_length"]):
+            rollout["max_prompt_tokens"] = rollout["max_new_tokens"] = int(model["seq_length"]) // 2
+            changed = True
+    return changed
+
+
 def finetune_recipe(
     section: dict[str, Any], checkpoint: Path, *, rows: int, name: str, cluster: str, gpu: bool, family: str | None
 ) -> tuple[dict[str, Any], str]:
@@ -93,6 +112,8 @@ def finetune_recipe(
                 stage["resources"] = {"nodes": stage["resources"]["nodes"] * math.ceil(billions / 80)}
         if any(stage.get("parallelism", {}).get("pp", 1) > 1 and "rollout" in stage for stage in stages.values()):
             note += "; RL at pp>1 is planned, but its worker runs rollouts at pp=1 only (engine run says so)"
+    if _fit(stages, model, rows):
+        note += "; tensor/pipeline sizes or rollout lengths reduced to fit this model"
     shown = f"{billions:.1f}B" if billions >= 0.1 else f"{billions * 1e3:.2f}M"
     recipe = {
         "name": name,

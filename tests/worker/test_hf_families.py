@@ -191,3 +191,24 @@ def model_logits_of(imported: Path, tokens: torch.Tensor, tmp: Path) -> torch.Te
     with torch.no_grad():
         out: torch.Tensor = model(tokens).logits
     return out
+
+
+@pytest.mark.slow
+def test_import_writes_a_fine_tuning_recipe_for_the_cluster_that_validates(
+    checked: dict[str, Any], work: Path, tmp_path: Path
+) -> None:
+    source = work / "qwen2.5" / "hf"
+    recipe = tmp_path / "finetune.yaml"
+    done = _run("-m", "engine", "import", str(source), "--out", str(tmp_path / "imported"), "--cluster", "h100",
+                "--recipe", str(recipe))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = yaml.safe_load(recipe.read_text())
+    assert yaml.safe_load(done.stdout.split("\n", 1)[1]) == written  # printed and written alike
+    assert written["cluster"] == "h100" and list(written["stages"]) == ["data", "sft", "reward", "ppo"]
+    assert written["stages"]["sft"]["init_from"] == str(tmp_path / "imported")
+    assert written["stages"]["sft"]["parallelism"] == {"tp": 2} and written["model"]["qkv_bias"] is True
+    done = _run("-m", "engine", "validate", str(recipe))
+    assert done.returncode == 0 and "valid" in done.stdout, done.stderr
+    again = _run("-m", "engine", "import", str(source), "--out", str(tmp_path / "other"), "--recipe", str(recipe))
+    assert again.returncode == 2 and "exists" in again.stderr and not (tmp_path / "other").exists()
+    assert yaml.safe_load(recipe.read_text()) == written  # never overwritten
