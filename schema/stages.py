@@ -125,9 +125,11 @@ class RolloutSpec(Spec):
 
 
 class PpoSpec(Spec):
-    """PPO hyper-parameters (Schulman et al. 2017; Ouyang et al. 2022)."""
+    """RL hyper-parameters: PPO (Schulman et al. 2017; Ouyang et al. 2022), RLOO, GRPO and DAPO's options."""
 
-    kl_coef: float = Field(default=0.05, ge=0, description="initial coefficient of the per-token KL penalty")
+    kl_coef: float = Field(
+        default=0.05, ge=0, description="initial coefficient of the per-token KL penalty; 0: no reference model"
+    )
     kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="KL estimator (Schulman's k1/k3)")
     kl_target: float | None = Field(
         default=None, gt=0, description="adaptive KL controller target (Ziegler et al. 2019); none: fixed"
@@ -136,19 +138,79 @@ class PpoSpec(Spec):
     gamma: float = Field(default=1.0, ge=0, le=1, description="GAE discount γ")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE λ")
     clip_eps: float = Field(default=0.2, gt=0, description="policy ratio clip ε")
+    clip_low: float | None = Field(
+        default=None, gt=0, lt=1, description="lower ratio clip: 1 − clip_low (DAPO's ε_low); none: clip_eps"
+    )
+    clip_high: float | None = Field(
+        default=None, gt=0, description="upper ratio clip: 1 + clip_high (DAPO's ε_high, e.g. 0.28); none: clip_eps"
+    )
+    loss_aggregation: Literal["auto", "token_mean", "sequence_mean", "sequence_sum_token_norm"] = Field(
+        default="auto",
+        description="per-token losses → one: token_mean (over a minibatch's response tokens; DAPO), "
+        "sequence_mean (each response weighs alike), sequence_sum_token_norm (sum / (responses × max_new_tokens); "
+        "Dr. GRPO); auto: sequence_sum_token_norm for dr_grpo, token_mean otherwise",
+    )
+    kl_penalty: Literal["reward", "loss"] = Field(
+        default="reward",
+        description="where the KL to the reference goes: reward (−β·kl in the return; PPO, RLOO) or loss "
+        "(β·kl per response token added to the policy loss, as GRPO does; use kl_estimator k3)",
+    )
+    dynamic_sampling: bool = Field(
+        default=False,
+        description="DAPO's dynamic sampling: drop the prompts whose responses all score the same and sample "
+        "more prompts to refill the batch (needs a group advantage: rloo, grpo, dr_grpo)",
+    )
+    dynamic_sampling_rounds: int = Field(
+        default=3, ge=1, le=100, description="most extra rollout rounds per iteration to refill the batch"
+    )
+    overlong_buffer: int | None = Field(
+        default=None,
+        gt=0,
+        le=10**7,
+        description="DAPO's overlong shaping: responses in the last this many tokens before max_new_tokens lose "
+        "up to overlong_penalty, linearly; none: off",
+    )
+    overlong_penalty: float = Field(default=1.0, ge=0, description="the most overlong shaping takes off a score")
     value_clip: float | None = Field(default=0.2, gt=0, description="value clip; none: unclipped")
     epochs: int = Field(default=4, gt=0, le=10**4, description="passes over each iteration's rollouts")
     entropy_coef: float = Field(default=0.0, ge=0, description="entropy bonus coefficient")
-    whiten_advantages: bool = Field(default=True, description="normalise advantages per batch")
+    whiten_advantages: bool | None = Field(
+        default=None,
+        description="normalise advantages over the batch; none: yes for gae and rloo, no for grpo and dr_grpo "
+        "(already normalised per group)",
+    )
     kl_stop: float | None = Field(
         default=None, gt=0, description="stop an iteration's epochs early when the policy KL exceeds this"
     )
     critic_lr: float | None = Field(default=None, gt=0, description="critic learning rate; none: training.lr")
-    advantage: Literal["gae", "rloo"] = Field(
+    advantage: Literal["gae", "rloo", "grpo", "dr_grpo"] = Field(
         default="gae",
-        description="gae: a critic's values and GAE(γ, λ); rloo: leave-one-out baseline over each prompt's "
-        "responses, no critic (needs rollout.responses_per_prompt ≥ 2)",
+        description="gae: a critic's values and GAE(γ, λ); without a critic, over each prompt's responses "
+        "(rollout.responses_per_prompt ≥ 2): rloo (leave-one-out baseline), grpo (return minus the group mean, "
+        "over the group std; Shao et al. 2024), dr_grpo (GRPO without the std, Liu et al. 2025)",
     )
+
+    @property
+    def group_advantage(self) -> bool:
+        """Advantages from each prompt's group of responses, no critic."""
+        return self.advantage != "gae"
+
+    @property
+    def aggregation(self) -> str:
+        if self.loss_aggregation != "auto":
+            return self.loss_aggregation
+        return "sequence_sum_token_norm" if self.advantage == "dr_grpo" else "token_mean"
+
+    @property
+    def whiten(self) -> bool:
+        if self.whiten_advantages is not None:
+            return self.whiten_advantages
+        return self.advantage in ("gae", "rloo")
+
+    @property
+    def uses_reference(self) -> bool:
+        """A reference model is built only when a KL penalty can be non-zero."""
+        return self.kl_coef > 0
 
 
 class PpoStage(TrainingStage):

@@ -291,3 +291,32 @@ def test_fp8_param_gather_needs_the_distributed_optimizer() -> None:
     h8 = REPO / "recipes" / "h100" / "llama3_8b.yaml"
     err = problems_of("stages.pretrain.parallelism.distributed_optimizer=false", recipe=h8)
     assert err.paths() == ["stages.pretrain.precision.fp8_param_gather"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path", "says"),
+    [
+        (["stages.ppo.ppo.advantage=grpo", "stages.ppo.rollout.responses_per_prompt=1",
+          "stages.ppo.training.global_batch_size=32"],
+         "stages.ppo.rollout.responses_per_prompt", "ppo.advantage=grpo: its baseline is the other responses"),
+        (["stages.ppo.ppo.advantage=dr_grpo", "stages.ppo.critic_from=reward"], "stages.ppo.critic_from",
+         "trains no critic"),
+        (["stages.ppo.ppo.dynamic_sampling=true"], "stages.ppo.ppo.dynamic_sampling", "ppo.advantage=gae"),
+        (["stages.ppo.ppo.overlong_buffer=9"], "stages.ppo.ppo.overlong_buffer", "exceeds rollout.max_new_tokens=8"),
+        (["stages.ppo.ppo.kl_coef=0", "stages.ppo.ppo.kl_target=0.1"], "stages.ppo.ppo.kl_target", "stays 0"),
+        (["stages.ppo.ppo.kl_penalty=loss"], "stages.ppo.ppo.kl_estimator", "use kl_estimator: k3"),
+    ],
+)  # fmt: skip
+def test_critic_free_rl_options_are_checked(overrides: list[str], path: str, says: str) -> None:
+    err = problems_of(*overrides)
+    assert path in err.paths() and says in err.render()
+
+
+def test_grpo_with_dapos_options_compiles_and_kl_zero_builds_no_reference() -> None:
+    dapo = ["stages.ppo.ppo.advantage=grpo", "stages.ppo.ppo.dynamic_sampling=true", "stages.ppo.ppo.clip_high=0.28",
+            "stages.ppo.ppo.overlong_buffer=4", "stages.ppo.ppo.loss_aggregation=token_mean"]  # fmt: skip
+    with_ref = compile_with(*dapo).job("ppo").estimate
+    without = compile_with(*dapo, "stages.ppo.ppo.kl_coef=0").job("ppo").estimate
+    assert with_ref is not None and without is not None
+    # One frozen model fewer: the reference's weights leave the memory estimate.
+    assert without.memory.total < with_ref.memory.total

@@ -50,17 +50,42 @@ def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
             f"max_prompt_tokens + max_new_tokens = {ro.max_prompt_tokens}+{ro.max_new_tokens} exceeds model.seq_length={seq}",
             "shorten them",
         )
-    if stage.ppo.advantage == "rloo" and ro.responses_per_prompt < 2:
+    hp = stage.ppo
+    if hp.group_advantage and ro.responses_per_prompt < 2:
         yield Problem(
             f"{where}.rollout.responses_per_prompt",
-            f"={ro.responses_per_prompt} with ppo.advantage=rloo: the leave-one-out baseline needs other responses to the same prompt",
+            f"={ro.responses_per_prompt} with ppo.advantage={hp.advantage}: its baseline is the other responses to the same prompt",
             "sample at least 2 responses per prompt, or use ppo.advantage=gae",
         )
-    if stage.ppo.advantage == "rloo" and stage.critic_from is not None:
+    if hp.group_advantage and stage.critic_from is not None:
         yield Problem(
             f"{where}.critic_from",
-            f"={stage.critic_from!r} with ppo.advantage=rloo, which trains no critic",
+            f"={stage.critic_from!r} with ppo.advantage={hp.advantage}, which trains no critic",
             "remove critic_from, or use ppo.advantage=gae",
+        )
+    if hp.dynamic_sampling and not hp.group_advantage:
+        yield Problem(
+            f"{where}.ppo.dynamic_sampling",
+            "=true with ppo.advantage=gae: it drops the prompts whose group of responses scores alike",
+            "use ppo.advantage rloo, grpo or dr_grpo, or turn dynamic_sampling off",
+        )
+    if hp.overlong_buffer is not None and hp.overlong_buffer > ro.max_new_tokens:
+        yield Problem(
+            f"{where}.ppo.overlong_buffer",
+            f"={hp.overlong_buffer} exceeds rollout.max_new_tokens={ro.max_new_tokens}",
+            f"use at most {ro.max_new_tokens}",
+        )
+    if hp.kl_coef == 0 and hp.kl_target is not None:
+        yield Problem(
+            f"{where}.ppo.kl_target",
+            f"={hp.kl_target} with kl_coef=0: the adaptive controller scales the coefficient, which stays 0",
+            "set kl_coef > 0, or remove kl_target",
+        )
+    if hp.kl_penalty == "loss" and hp.kl_coef > 0 and hp.kl_estimator == "k1":
+        yield Problem(
+            f"{where}.ppo.kl_estimator",
+            "=k1 with kl_penalty=loss: k1's gradient in the loss does not push towards the reference",
+            "use kl_estimator: k3 (GRPO's), or kl_penalty: reward",
         )
     samples = ro.prompts_per_iteration * ro.responses_per_prompt
     if samples % stage.training.global_batch_size:
@@ -74,18 +99,18 @@ def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
 def workload(stage: PpoStage, seq_length: int) -> Workload:
     """Per iteration: the actor (and, with GAE, the critic) train `epochs` times over the rollouts;
     sampling, the reference, the reward model and the old log-probabilities (and values) are forward
-    passes. Up to four models are resident: actor and critic with optimizer states, the reference and
-    the reward model as weights only; rollouts generate `rollout.batch_size` rows with a KV cache."""
+    passes. Up to four models are resident: actor and critic with optimizer states, the reference (none
+    when kl_coef is 0) and the reward model as weights only; rollouts generate `rollout.batch_size` rows with a KV cache."""
     ro = stage.rollout
-    critic = stage.ppo.advantage == "gae"
+    critic = not stage.ppo.group_advantage
     trained = 2 if critic else 1
     return Workload(
         seq_length=min(seq_length, ro.max_prompt_tokens + ro.max_new_tokens),
         samples=ro.prompts_per_iteration * ro.responses_per_prompt,
         passes=trained * stage.ppo.epochs,
-        forward_passes=4 + int(critic),
+        forward_passes=3 + int(stage.ppo.uses_reference) + int(critic),
         trained_models=trained,
-        frozen_models=1 + (1 if stage.reward_model else 0),
+        frozen_models=int(stage.ppo.uses_reference) + (1 if stage.reward_model else 0),
         kv_cache_rows=ro.batch_size,
     )
 

@@ -28,6 +28,23 @@ runs several epochs over minibatches of the rollouts, minimising (Schulman et al
 where π_old and V_old are the policy and critic that generated the rollouts. An epoch loop stops early
 when the policy has moved more than `kl_stop` from π_old (mean ½(log ρ)², an estimate of KL).
 
+Without a critic, GRPO (Shao et al. 2024) normalises each response's return within its prompt's group,
+A_i = (R_i − mean_g R) / (std_g R + ε) (population std); its Dr. GRPO form (Liu et al. 2025) drops the
+std, A_i = R_i − mean_g R, and aggregates the loss without length normalisation. GRPO also moves the
+KL penalty from the return into the loss (`kl_penalty: loss`): β · kl_t (k3) per response token.
+
+DAPO (Yu et al. 2025) adds, each an option here: asymmetric clipping, clip(ρ, 1 − ε_low, 1 + ε_high);
+token-level loss aggregation; dynamic sampling, which drops the groups whose responses all score the
+same (their group-relative advantages are zero) and samples more prompts; overlong reward shaping,
+which lowers the score of a response of length L in the last `buffer` tokens before the limit L_max
+linearly, by penalty · (L − (L_max − buffer)) / buffer.
+
+How per-token losses become one number (`loss_aggregation`, shared by every algorithm):
+
+    token_mean               Σ_t ℓ_t m_t / Σ_t m_t over the microbatch's response tokens (DAPO)
+    sequence_mean            mean over responses of Σ_t ℓ_t m_t / Σ_t m_t (each response weighs alike)
+    sequence_sum_token_norm  Σ_t ℓ_t m_t / (responses × L_max): no length normalisation (Dr. GRPO)
+
 Tensors here are [batch, positions] in the model's label space: position i holds the action that
 follows input token i, and `mask` is 1 exactly where that action is a response token.
 """
@@ -89,16 +106,35 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.T
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
+AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum_token_norm")
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str, max_new_tokens: int) -> torch.Tensor:
+    """One loss from per-token values `x` over the response tokens (see the module docstring)."""
+    if how == "token_mean":
+        return masked_mean(x, mask)
+    if how == "sequence_mean":
+        per = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return per.mean()
+    if how == "sequence_sum_token_norm":
+        return (x * mask).sum() / (mask.shape[0] * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {how!r}")
+
+
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
+    *, clip_high: float | None = None, aggregation: str = "token_mean", max_new_tokens: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(clipped surrogate loss, fraction of tokens clipped, approximate KL to π_old), masked means."""
+    """(clipped surrogate loss, fraction of tokens clipped, approximate KL to π_old). The ratio is clipped
+    to [1 − clip_eps, 1 + clip_high] (clip_high defaults to clip_eps: symmetric); the loss is aggregated
+    as `aggregation` says, the two diagnostics are token means."""
+    high = clip_eps if clip_high is None else clip_high
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_eps).float(), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_new_tokens)
+    clip_fraction = masked_mean(((ratio < 1.0 - clip_eps) | (ratio > 1.0 + high)).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio.pow(2), mask)
     return loss, clip_fraction.detach(), approx_kl.detach()
 
@@ -133,3 +169,37 @@ def rloo_advantages(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
     returns = (score - beta * (kl * mask).sum(1)).view(-1, group)
     baseline = (returns.sum(1, keepdim=True) - returns) / (group - 1)
     return (returns - baseline).reshape(-1, 1) * mask
+
+
+def _group_returns(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, group: int) -> torch.Tensor:
+    if group < 2 or score.shape[0] % group:
+        raise ValueError(f"{score.shape[0]} responses do not form groups of {group} (at least 2)")
+    return (score - beta * (kl * mask).sum(1)).view(-1, group)
+
+
+def grpo_advantages(
+    score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, group: int, *, scale: bool,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Group-relative advantages (GRPO; Dr. GRPO with `scale` off), one value per response on all its
+    tokens: A_i = (R_i − mean_g R) / (std_g R + eps), population std over the group's `group` responses;
+    R_i = s_i − β Σ_t kl_t (β = 0 when the KL penalty is in the loss)."""
+    returns = _group_returns(score, kl, mask, beta, group)
+    centred = returns - returns.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (returns.std(1, unbiased=False, keepdim=True) + eps)
+    return centred.reshape(-1, 1) * mask
+
+
+def informative_groups(score: torch.Tensor, group: int) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: per group of `group` consecutive responses, whether their scores
+    differ (a group that scores alike has zero group-relative advantage and teaches nothing)."""
+    grouped = score.view(-1, group)
+    return (grouped.max(1).values - grouped.min(1).values) > 0
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens − buffer, then linearly down to −penalty at
+    the limit."""
+    start = max_new_tokens - buffer
+    return -penalty * torch.clamp(lengths.float() - start, min=0.0) / buffer

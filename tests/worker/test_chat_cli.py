@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from engine.chat import SPECIAL_TOKENS
+from engine.chat import SPECIAL_TOKENS, template_for
 from engine.chat_session import Chat, Options, interactive, locate, newest_policy
 from engine.errors import EngineError
 
@@ -211,8 +211,9 @@ class _Tokenizer:
 
 def test_the_oldest_turns_are_dropped_once_the_context_is_full() -> None:
     notes: list[str] = []
-    chat = Chat(session=None, tok=_Tokenizer(), seq_length=32, vocab_size=300, notify=notes.append,
-                options=Options(max_new_tokens=8, system="Add."))  # fmt: skip
+    tok = _Tokenizer()
+    chat = Chat(session=None, tok=tok, seq_length=32, vocab_size=300, notify=notes.append,
+                options=Options(max_new_tokens=8, system="Add."), template=template_for({}, tok))  # fmt: skip
     # 24 tokens for the prompt: <|bos|>, the system message (6), each message (6), <|assistant|>. Five
     # messages need 38, three 26: whole exchanges go, so the new question remains alone.
     turns = [("user", "1+1="), ("assistant", "2222"), ("user", "2+2="), ("assistant", "4444"), ("user", "3+3=")]

@@ -3,7 +3,7 @@ config classes (tests/worker/hf_families_check.py): Megatron's logits of the imp
 logits of the source, the export loads as the source's class with the same logits, and import → export
 gives back the source's tensors bit for bit. Then what the mapping cannot express is refused, naming
 the config.json key and value, and a Qwen2.5-style import (q/k/v biases, tied embeddings) trained one
-SFT step at TP2 and at PP2 exports and loads in transformers with Megatron's logits."""
+SFT step at TP2 and at PP2 exports and loads in transformers with Megatron's logits, as does a Qwen3 one."""
 
 from __future__ import annotations
 
@@ -143,11 +143,14 @@ torch.save(out, sys.argv[2])
 
 
 @pytest.mark.slow
-def test_a_qwen_import_trained_at_tp2_and_pp2_exports_with_megatrons_logits(
-    checked: dict[str, Any], work: Path, tmp_path: Path
+@pytest.mark.parametrize(("variant", "hf_class"), [("qwen2.5", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_an_import_trained_at_tp2_and_pp2_exports_with_megatrons_logits(
+    checked: dict[str, Any], work: Path, tmp_path: Path, variant: str, hf_class: str
 ) -> None:
-    imported = work / "qwen2.5" / "imported"
-    section = checked["qwen2.5"]["section"]
+    """Qwen2.5 (q/k/v biases split over TP, tied embeddings across PP stages, vocab_rows) and Qwen3 (per-head
+    q/k norms and kv_channels ≠ hidden/heads under TP)."""
+    imported = work / variant / "imported"
+    section = checked[variant]["section"]
     sft = {"kind": "sft", "init_from": str(imported), "data": "data", "resources": {"gpus_per_node": 2},
            "training": {"steps": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0}}  # fmt: skip
     recipe = {
@@ -175,18 +178,18 @@ def test_a_qwen_import_trained_at_tp2_and_pp2_exports_with_megatrons_logits(
         out = tmp_path / f"{stage.name}-hf"
         done = _run("-m", "engine", "export", str(stage), "--out", str(out))
         assert done.returncode == 0, done.stderr[-3000:]
-        assert "Qwen2ForCausalLM" in done.stdout
+        assert hf_class in done.stdout
         model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         with torch.no_grad():
             theirs = model(tokens).logits
-        moved = float((ours[str(stage)] - model_logits_of(imported, tokens, tmp_path)).abs().max())
+        moved = float((ours[str(stage)] - model_logits_of(imported, tokens)).abs().max())
         diff = float((theirs - ours[str(stage)]).abs().max())
         print(f"{stage.name}: export vs Megatron {diff:.1e}; one step moved the logits by {moved:.2e}")
         assert diff <= TOLERANCE and moved > 1e-3
 
 
-def model_logits_of(imported: Path, tokens: torch.Tensor, tmp: Path) -> torch.Tensor:
-    """transformers' logits of the Qwen source the import came from (the model before the SFT step)."""
+def model_logits_of(imported: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' logits of the source the import came from (the model before the SFT step)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(imported.parent / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         out: torch.Tensor = model(tokens).logits

@@ -9,9 +9,13 @@ import torch
 
 from engine.worker.ppo_math import (
     adapt_kl_coef,
+    aggregate,
     gae,
+    grpo_advantages,
+    informative_groups,
     kl_penalty,
     last_index,
+    overlong_penalty,
     policy_loss,
     rloo_advantages,
     token_rewards,
@@ -112,3 +116,54 @@ def test_rloo_advantages_by_hand() -> None:
         rloo_advantages(score, kl, mask, beta=0.5, group=4)
     with pytest.raises(ValueError, match="groups of 1"):
         rloo_advantages(score, kl, mask, beta=0.5, group=1)
+
+
+def test_grpo_advantages_by_hand() -> None:
+    # One group of four: scores 3, 1, 2, 2 → mean 2, population std √0.5.
+    score, mask = torch.tensor([3.0, 1.0, 2.0, 2.0], dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64)
+    kl = torch.zeros(4, 2, dtype=torch.float64)
+    a = grpo_advantages(score, kl, mask, 0.0, 4, scale=True, eps=0.0)
+    assert a[:, 0].tolist() == pytest.approx([math.sqrt(2), -math.sqrt(2), 0.0, 0.0])
+    assert torch.equal(a[:, 0], a[:, 1])  # one value on every token of a response
+    # Dr. GRPO: the group mean only.
+    assert grpo_advantages(score, kl, mask, 0.0, 4, scale=False)[:, 0].tolist() == [1.0, -1.0, 0.0, 0.0]
+    # The KL penalty in the return: response 0 pays β·Σkl = 0.5·1 → returns 2.5, 1, 2, 2 (mean 1.875).
+    kl[0, 0] = 1.0
+    dr = grpo_advantages(score, kl, mask, 0.5, 4, scale=False)[:, 0].tolist()
+    assert dr == pytest.approx([0.625, -0.875, 0.125, 0.125])
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo_advantages(score, kl, mask, 0.0, 3, scale=True)
+
+
+def test_dynamic_sampling_keeps_the_groups_that_score_differently() -> None:
+    assert informative_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), 2).tolist() == [False, True, False]
+
+
+def test_overlong_shaping_by_hand() -> None:
+    # max_new_tokens 10, buffer 4: no penalty up to 6 tokens, then −0.25 a token down to −1 at 10.
+    assert overlong_penalty(torch.tensor([5, 6, 8, 10]), 10, 4, 1.0).tolist() == [0.0, 0.0, -0.5, -1.0]
+    assert overlong_penalty(torch.tensor([10]), 10, 4, 2.0).tolist() == [-2.0]
+
+
+def test_loss_aggregations_by_hand() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert aggregate(x, mask, "token_mean", 5).item() == pytest.approx(10 / 4)  # every token alike
+    assert aggregate(x, mask, "sequence_mean", 5).item() == pytest.approx((2 + 4) / 2)  # every response alike
+    assert aggregate(x, mask, "sequence_sum_token_norm", 5).item() == pytest.approx(10 / (2 * 5))  # Dr. GRPO
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate(x, mask, "mean", 5)
+
+
+def test_asymmetric_clipping_by_hand() -> None:
+    # Ratio 1.5 with A = +1 is clipped at 1 + 0.28; ratio 0.5 with A = −1 at 1 − 0.2.
+    logp = torch.log(torch.tensor([[1.5, 0.5]], dtype=torch.float64))
+    old, adv, mask = torch.zeros(1, 2, dtype=torch.float64), t(1.0, -1.0), t(1.0, 1.0)
+    loss, clipped, _ = policy_loss(logp, old, adv, mask, 0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx((-1.28 + 0.8) / 2) and clipped.item() == 1.0
+    symmetric, _, _ = policy_loss(logp, old, adv, mask, 0.2)
+    assert symmetric.item() == pytest.approx((-1.2 + 0.8) / 2)
+    # Inside the asymmetric band (ratio 1.25 < 1.28) nothing is clipped.
+    inside, frac, _ = policy_loss(torch.log(torch.tensor([[1.25]], dtype=torch.float64)), torch.zeros(1, 1,
+                                  dtype=torch.float64), t(1.0), t(1.0), 0.2, clip_high=0.28)  # fmt: skip
+    assert inside.item() == pytest.approx(-1.25) and frac.item() == 0.0

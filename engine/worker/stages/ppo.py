@@ -61,9 +61,13 @@ from ..mcore import SCALAR_HEAD, build_frozen, build_job
 from ..metrics import Metrics
 from ..ppo_math import (
     adapt_kl_coef,
+    aggregate,
     gae,
+    grpo_advantages,
+    informative_groups,
     kl_penalty,
     masked_mean,
+    overlong_penalty,
     policy_loss,
     rloo_advantages,
     token_rewards,
@@ -87,13 +91,14 @@ class Rollouts:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    ref_logp: torch.Tensor  # for a KL penalty in the loss
 
     def minibatch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         seq = self.tokens.shape[1]
         return {
             "tokens": self.tokens[rows], "labels": self.labels[rows], "mask": self.mask[rows],
             "old_logp": self.old_logp[rows], "old_values": self.old_values[rows],
-            "advantages": self.advantages[rows], "returns": self.returns[rows],
+            "advantages": self.advantages[rows], "returns": self.returns[rows], "ref_logp": self.ref_logp[rows],
             "position_ids": positions(len(rows), seq),
         }  # fmt: skip
 
@@ -107,6 +112,7 @@ class Ppo:
         if lay.pp > 1:
             raise EngineError(f"stages.{job.name}.parallelism.pp={lay.pp}: PPO rollouts run at pp=1; use tp instead")
         self.ro, self.hp, self.t = spec.rollout, spec.ppo, spec.training
+        self.beta = float(self.hp.kl_coef)  # the KL coefficient of the current iteration
         self.dp, self.dp_rank = lay.dp, ps.get_data_parallel_rank()
         self.gbs, self.mbs = self.t.global_batch_size, self.t.micro_batch_size
         self.samples = self.ro.prompts_per_iteration * self.ro.responses_per_prompt
@@ -138,10 +144,11 @@ class Ppo:
         critic_lr = self.hp.critic_lr or t.lr
         self.critic = (
             build_job(job, model, training=t, device=device, steps=self.optimizer_steps, head="scalar", lr=critic_lr)
-            if self.hp.advantage == "gae"
+            if not self.hp.group_advantage
             else None
         )
-        self.reference = build_frozen(job, model, device=device, recompute=t.recompute)
+        # No KL penalty (kl_coef 0): no reference model at all.
+        self.reference = build_frozen(job, model, device=device, recompute=t.recompute) if self.hp.uses_reference else None
         self.reward_model = (
             build_frozen(job, model, device=device, recompute=t.recompute, head="scalar") if spec.reward_model else None
         )
@@ -171,7 +178,8 @@ class Ppo:
             checkpoint.remove_partial(self.critic_root)
         comm.barrier()
         policy = checked_parent(self.ctx, self.spec.policy, self.tokenizer)
-        self._load(policy, self.reference)
+        if self.reference is not None:
+            self._load(policy, self.reference)
         if self.reward_model is not None and self.spec.reward_model is not None:
             self._load(checked_parent(self.ctx, self.spec.reward_model, self.tokenizer), self.reward_model)
         layout = self.job.layout.model_dump()
@@ -263,40 +271,101 @@ class Ppo:
             out.append(chunks[0](b["tokens"], b["position_ids"], None).float().cpu())
         return torch.cat(out)
 
-    def collect(self, iteration: int, beta: float) -> tuple[Rollouts, dict[str, float]]:
+    def _sample(self, prompts: list[dict[str, Any]], sampling: Sampling, gen: torch.Generator) -> dict[str, Any]:
+        """One round of rollouts for `prompts`, scored (overlong shaping included)."""
+        began = time.perf_counter()
+        (rows, plens, rlens), new_tokens = self._generate(prompts, sampling, gen)
+        elapsed = time.perf_counter() - began
+        score, parts = self.scorer.scores(rows, self.scorer.samples(prompts, rows, plens, rlens))
+        if self.hp.overlong_buffer is not None:
+            parts["overlong"] = overlong_penalty(torch.tensor(rlens), self.ro.max_new_tokens, self.hp.overlong_buffer,
+                                                 self.hp.overlong_penalty)  # fmt: skip
+            score = score + parts["overlong"]
+        return {"prompts": prompts, "rows": rows, "plens": plens, "rlens": rlens, "score": score, "parts": parts,
+                "new_tokens": new_tokens, "seconds": elapsed}  # fmt: skip
+
+    def _dynamic(self, iteration: int, first: dict[str, Any], sampling: Sampling, gen: torch.Generator) -> tuple[
+        dict[str, Any], dict[str, float]
+    ]:  # fmt: skip
+        """DAPO's dynamic sampling: keep the groups whose responses score differently, sample more prompts
+        (those of later rounds' prompt indices) until this rank has its share or the rounds run out, then
+        cut every rank to the same whole number of minibatches."""
+        k = self.ro.responses_per_prompt
+        want = self.ro.prompts_per_iteration // self.dp
+        kept: dict[str, list[Any]] = {key: [] for key in ("prompts", "rows", "plens", "rlens", "score")}
+        sampled, informative, rounds = 0, 0, 0
+        batch = first
+        while True:
+            keep = informative_groups(batch["score"], k)
+            sampled, informative, rounds = sampled + len(keep), informative + int(keep.sum()), rounds + 1
+            for g in torch.nonzero(keep).flatten().tolist():
+                for key in kept:
+                    kept[key].extend(batch[key][g * k : (g + 1) * k])
+            if len(kept["rows"]) >= want * k or rounds > self.hp.dynamic_sampling_rounds:
+                break
+            batch = self._sample(self._iteration_prompts(iteration + rounds * self.iterations), sampling, gen)
+        groups = min(len(kept["rows"]) // k, want)
+        # Every rank trains the same number of minibatches: the smallest rank's, in whole minibatches.
+        fewest = -float(comm.all_reduce(torch.tensor([-float(groups)]), group=ps.get_data_parallel_group())[0])
+        local = self.gbs // self.dp
+        rows = int(fewest) * k // local * local
+        out: dict[str, Any] = {key: v[:rows] for key, v in kept.items()}
+        out["score"] = torch.stack(out["score"]) if rows else torch.zeros(0)
+        stats = _dp_sum(torch.tensor([float(sampled), float(informative), float(rows), float(rounds)]))
+        return out, {"dynamic_groups_sampled": float(stats[0]), "dynamic_groups_informative": float(stats[1]),
+                     "dynamic_rollouts_trained": float(stats[2]), "dynamic_rounds": float(stats[3]) / self.dp}  # fmt: skip
+
+    def collect(self, iteration: int, beta: float) -> tuple[Rollouts | None, dict[str, float]]:
         prompts = self._iteration_prompts(iteration)
         gen = self._generator(int(self.t.seed) * 1_000_003 + iteration * 1009 + self.dp_rank)
         sampling = Sampling(self.ro.temperature, self.ro.top_k, self.ro.top_p)
-        began = time.perf_counter()
-        (rows, plens, rlens), new_tokens = self._generate(prompts, sampling, gen)
-        rollout_s = time.perf_counter() - began
+        first = self._sample(prompts, sampling, gen)
+        values = self._rollout_stats(first)
+        chosen: dict[str, Any] = first
+        if self.hp.dynamic_sampling:
+            chosen, extra = self._dynamic(iteration, first, sampling, gen)
+            values |= extra
+            if not chosen["rows"]:
+                values["kl"] = 0.0
+                return None, values  # no informative group anywhere: nothing to learn from this iteration
+        rows, plens, score = chosen["rows"], chosen["plens"], chosen["score"]
         tokens, labels, mask = self._label_space(rows, plens)
         old_logp = self._logp(self.actor.chunks, tokens, labels) * mask
-        ref_logp = self._logp(self.reference, tokens, labels) * mask
-        score, parts = self.scorer.scores(rows, self.scorer.samples(prompts, rows, plens, rlens))
+        ref_logp = self._logp(self.reference, tokens, labels) * mask if self.reference is not None else old_logp
         kl = kl_penalty(old_logp, ref_logp, self.hp.kl_estimator) * mask
+        in_return = beta if self.hp.kl_penalty == "reward" else 0.0
+        group = self.ro.responses_per_prompt
         if self.critic is None:
             old_values = returns = torch.zeros_like(mask)
-            advantages = rloo_advantages(score, kl, mask, beta, self.ro.responses_per_prompt)
+            if self.hp.advantage == "rloo":
+                advantages = rloo_advantages(score, kl, mask, in_return, group)
+            else:
+                advantages = grpo_advantages(score, kl, mask, in_return, group, scale=self.hp.advantage == "grpo")
         else:
             old_values = self._values(self.critic.chunks, tokens) * mask
-            rewards = token_rewards(score, kl, mask, beta)
+            rewards = token_rewards(score, kl, mask, in_return)
             advantages, returns = gae(rewards, old_values, mask, self.hp.gamma, self.hp.lam)
-        if self.hp.whiten_advantages:
+        if self.hp.whiten:
             sums = _dp_sum(torch.stack([(advantages * mask).sum(), (advantages.pow(2) * mask).sum(), mask.sum()]))
             mean = sums[0] / sums[2]
             advantages = whiten(advantages, mask, mean, sums[1] / sums[2] - mean.pow(2))
+        values |= _dp_means({"kl": kl.sum(1)})
+        rollouts = Rollouts(tokens, labels, mask, old_logp, old_values, advantages * mask, returns, ref_logp)
+        return rollouts, values
+
+    def _rollout_stats(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Reward, its parts and the response length over every rollout sampled (before any filtering)."""
         stats = {
-            "reward": score,
-            "kl": kl.sum(1),
-            "response_length": torch.tensor(rlens, dtype=torch.float32),
-            **{f"reward_{k}": v for k, v in parts.items()},
+            "reward": batch["score"],
+            "response_length": torch.tensor(batch["rlens"], dtype=torch.float32),
+            **{f"reward_{k}": v for k, v in batch["parts"].items()},
         }
         values = _dp_means(stats)
-        values["reward_std"] = _dp_std(score)
-        values["rollout_tokens_per_s"] = _dp_sum(torch.tensor([float(new_tokens)]))[0].item() / max(rollout_s, 1e-9)
-        rollouts = Rollouts(tokens, labels, mask, old_logp, old_values, advantages * mask, returns)
-        return rollouts, values
+        values["reward_std"] = _dp_std(batch["score"])
+        values["rollout_tokens_per_s"] = (
+            _dp_sum(torch.tensor([float(batch["new_tokens"])]))[0].item() / max(batch["seconds"], 1e-9)
+        )
+        return values
 
     # -- training -------------------------------------------------------------------------------
 
@@ -307,12 +376,20 @@ class Ppo:
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             # The policy that sampled the rollouts is softmax(logits / temperature): its log-probabilities.
             logp, entropy = vocab_parallel_logp_entropy(logits / self.ro.temperature, b["labels"])
-            pg, clip_fraction, approx_kl = policy_loss(logp, b["old_logp"], b["advantages"], b["mask"],
-                                                       self.hp.clip_eps)  # fmt: skip
+            hp = self.hp
+            pg, clip_fraction, approx_kl = policy_loss(
+                logp, b["old_logp"], b["advantages"], b["mask"], hp.clip_low or hp.clip_eps,
+                clip_high=hp.clip_high or hp.clip_eps, aggregation=hp.aggregation, max_new_tokens=self.ro.max_new_tokens,
+            )  # fmt: skip
             ent = masked_mean(entropy, b["mask"])
-            loss = pg - self.hp.entropy_coef * ent
+            loss = pg - hp.entropy_coef * ent
             report = {"loss": loss.detach().clone(), "policy_loss": pg.detach(), "clip_fraction": clip_fraction,
                       "approx_kl": approx_kl, "entropy": ent.detach()}  # fmt: skip
+            if hp.kl_penalty == "loss" and self.reference is not None:
+                kl_loss = aggregate(kl_penalty(logp, b["ref_logp"], hp.kl_estimator), b["mask"], hp.aggregation,
+                                    self.ro.max_new_tokens)  # fmt: skip
+                loss = loss + self.beta * kl_loss
+                report["loss"] = loss.detach().clone()
             return loss, report
 
         return logits, loss_func
@@ -408,8 +485,10 @@ class Ppo:
                 metrics.log(0, self.evaluate())
             loop_start = time.perf_counter()
             while iteration < self.iterations:
+                self.beta = beta
                 rollouts, values = self.collect(iteration, beta)
-                values |= self.optimize(rollouts, iteration)
+                if rollouts is not None:
+                    values |= self.optimize(rollouts, iteration)
                 iteration += 1
                 values["kl_coef"] = beta
                 beta = adapt_kl_coef(beta, values["kl"], self.hp.kl_target, self.hp.kl_horizon, self.samples)
