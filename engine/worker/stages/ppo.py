@@ -306,7 +306,7 @@ class Ppo:
             batch = self._sample(self._iteration_prompts(iteration + rounds * self.iterations), sampling, gen)
         groups = min(len(kept["rows"]) // k, want)
         # Every rank trains the same number of minibatches: the smallest rank's, in whole minibatches.
-        fewest = -float(comm.all_reduce(torch.tensor([-float(groups)]), group=ps.get_data_parallel_group())[0])
+        fewest = -float(comm.all_reduce(torch.tensor([-float(groups)]), group=ps.get_data_parallel_group(), op="max")[0])
         local = self.gbs // self.dp
         rows = int(fewest) * k // local * local
         out: dict[str, Any] = {key: v[:rows] for key, v in kept.items()}
