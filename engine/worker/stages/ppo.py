@@ -18,7 +18,9 @@ actor and the reference and the critic's values are computed, and advantages fol
 of the actor and one of the critic through Megatron's schedule. With `ppo.advantage: rloo` there is no
 critic: each response's advantage is its return minus the mean return of the other responses to the
 same prompt (REINFORCE leave-one-out, Ahmadian et al. 2024), which needs `responses_per_prompt` ≥ 2
-and costs one model less in memory and one backward pass less per minibatch. The mathematics is in
+and costs one model less in memory and one backward pass less per minibatch; `grpo` and `dr_grpo`
+normalise returns within each prompt's group instead. `kl_coef: 0` builds no reference; DAPO's dynamic
+sampling drops the groups that score alike and samples more prompts before the update. The mathematics is in
 engine.worker.ppo_math. Log-probabilities and entropy are those of the sampling distribution,
 softmax(logits / temperature), computed over vocabulary-parallel logits (tensor parallelism) without
 gathering them.
