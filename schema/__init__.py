@@ -20,6 +20,7 @@ from .model import PRESETS, ModelSpec
 from .recipe import Recipe
 from .stages import (
     DataStage,
+    DpoStage,
     PpoSpec,
     PpoStage,
     PretrainStage,
@@ -41,6 +42,7 @@ __all__ = [
     "ClusterProfile",
     "DataStage",
     "DedupSpec",
+    "DpoStage",
     "FileTokenizer",
     "HfTokenizer",
     "ModelSpec",

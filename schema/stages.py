@@ -101,6 +101,39 @@ class RewardModelStage(TrainingStage):
     )
 
 
+class DpoStage(TrainingStage):
+    """Stage 4c: offline preference optimisation of the policy on ranked pairs (DPO and its family)."""
+
+    kind: Literal["dpo"] = Field(description="direct preference optimisation")
+    init_from: str = Field(
+        description="sft, pretrain, dpo or ppo stage the policy starts from, or a checkpoint directory (a path: "
+        "contains '/' or starts with '.')"
+    )
+    data: str = Field(description="name of the data stage whose preference sources are trained on")
+    reference: str | None = Field(
+        default=None,
+        description="stage or checkpoint directory of the frozen reference policy; default: init_from's "
+        "checkpoint (simpo has no reference)",
+    )
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+        default="sigmoid",
+        description="sigmoid: DPO (Rafailov et al. 2023); ipo (Azar et al. 2023); hinge (SLiC-style); simpo: "
+        "reference-free, length-normalised, with a target margin (Meng et al. 2024)",
+    )
+    beta: float = Field(default=0.1, gt=0, le=1000, description="β: the implicit reward's scale")
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="cDPO: the assumed probability that a pair is mis-ranked (sigmoid)"
+    )
+    simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO's target margin γ between the rewards")
+    rpo_alpha: float | None = Field(
+        default=None, gt=0, description="RPO: add α × the chosen response's mean NLL to the loss; none: off"
+    )
+    batching: Batching = Field(
+        default="bucketed",
+        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length",
+    )
+
+
 class RewardSpec(Spec):
     """A reward function from the `engine.rewards` entry points, weighted into the total reward."""
 
@@ -196,18 +229,6 @@ class PpoSpec(Spec):
         return self.advantage != "gae"
 
     @property
-    def aggregation(self) -> str:
-        if self.loss_aggregation != "auto":
-            return self.loss_aggregation
-        return "sequence_sum_token_norm" if self.advantage == "dr_grpo" else "token_mean"
-
-    @property
-    def whiten(self) -> bool:
-        if self.whiten_advantages is not None:
-            return self.whiten_advantages
-        return self.advantage in ("gae", "rloo")
-
-    @property
     def uses_reference(self) -> bool:
         """A reference model is built only when a KL penalty can be non-zero."""
         return self.kl_coef > 0
@@ -236,4 +257,6 @@ class PpoStage(TrainingStage):
 
 
 # Every stage kind's recipe model; engine.kinds declares what else each kind is.
-Stage = Annotated[DataStage | PretrainStage | SftStage | RewardModelStage | PpoStage, Field(discriminator="kind")]
+Stage = Annotated[
+    DataStage | PretrainStage | SftStage | RewardModelStage | DpoStage | PpoStage, Field(discriminator="kind")
+]

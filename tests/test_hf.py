@@ -74,7 +74,8 @@ def test_other_references_take_no_paths(tmp_path: Path) -> None:
     ckpt = str(_checkpoint(tmp_path / "imported"))
     err = problems_of(f"stages.ppo.reward_model={ckpt}", f"stages.ppo.critic_from={ckpt}")
     assert sorted(err.paths()) == ["stages.ppo.critic_from", "stages.ppo.reward_model"]
-    assert "only the init_from of pretrain, sft and reward_model stages and a ppo stage's policy accept" in err.render()
+    assert "only the init_from of pretrain, sft, reward_model and dpo stages, a dpo stage's reference and a ppo " \
+        "stage's policy accept" in err.render()
 
 
 def test_a_ppo_policy_may_be_a_checkpoint_directory(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ def test_policy_and_data_kinds_are_derived() -> None:
 
 def test_a_plan_from_another_version_with_an_unknown_kind_cannot_run() -> None:
     plan = compile_with()
-    odd = plan.model_copy(update={"jobs": (*plan.jobs[:1], Job.model_validate({**plan.jobs[1].model_dump(), "kind": "dpo"}))})
+    odd = plan.model_copy(update={"jobs": (*plan.jobs[:1], Job.model_validate({**plan.jobs[1].model_dump(), "kind": "kto"}))})
     _, problems = select(odd, None)
     assert [p.path for p in problems] == [f"stages.{plan.jobs[1].name}"] and "no worker" in problems[0].message
 

@@ -56,13 +56,14 @@ def test_continuation_starts_from_the_earlier_policy_and_reward_model(tmp_path: 
     first = _finish(tmp_path / "tiny", (), 1, {"sft": [str(tmp_path / "tiny/pretrain/checkpoints/step_00000002")]})
     plan = compile_with()
     overrides, stages, round_ = continuation(plan, first)
-    assert round_ == 2 and stages == ["data", "sft", "reward", "ppo"]
+    assert round_ == 2 and stages == ["data", "sft", "reward", "dpo", "ppo"]
     tokenizer = (first / "data" / "tokenizer" / "tokenizer.json").resolve()
     assert overrides == [
         "~tokenizer",  # the next round tokenizes with round 1's tokenizer, not one trained anew
         f'tokenizer={{kind: file, path: "{tokenizer}"}}',
         f"stages.sft.init_from={(first / 'ppo/checkpoints/step_00000002').resolve()}",
         f"stages.reward.init_from={(first / 'reward/checkpoints/step_00000002').resolve()}",
+        f"stages.dpo.init_from={(first / 'ppo/checkpoints/step_00000002').resolve()}",  # and its reference
     ]
     assert next_run_dir(first, 2) == str(tmp_path / "tiny-r2")
     assert next_run_dir(tmp_path / "tiny-r2", 3) == str(tmp_path / "tiny-r3")
@@ -83,7 +84,7 @@ def test_lineage_follows_parents_across_rounds(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert records[0]["data_manifests"] == {}  # no manifest.json was written in this fake run
     assert [r["round"] for r in list_runs(tmp_path)] == [1, 2]
-    assert list_runs(tmp_path)[1]["finished"] == "5/5"
+    assert list_runs(tmp_path)[1]["finished"] == "6/6"
     with pytest.raises(EngineError, match="no finished stage"):
         chain(tmp_path)
 

@@ -29,7 +29,7 @@ def test_overrides_reach_nested_keys_and_list_items() -> None:
 
 def test_override_deletes_a_stage() -> None:
     r = load_recipe(TINY, ["~stages.ppo"])
-    assert list(r.stages) == ["data", "pretrain", "sft", "reward"]
+    assert list(r.stages) == ["data", "pretrain", "sft", "reward", "dpo"]
 
 
 def test_malformed_override_is_a_problem() -> None:

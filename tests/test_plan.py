@@ -43,10 +43,11 @@ def test_plan_is_byte_identical_across_processes() -> None:
 def test_jobs_form_a_dag_in_recipe_order() -> None:
     plan = compile_with()
     names = [j.name for j in plan.jobs]
-    assert names == ["data", "pretrain", "sft", "reward", "ppo"]
+    assert names == ["data", "pretrain", "sft", "reward", "dpo", "ppo"]
     for i, job in enumerate(plan.jobs):
         assert set(job.depends_on) <= set(names[:i])
     assert plan.job("ppo").depends_on == ("data", "sft", "reward")
+    assert plan.job("dpo").depends_on == ("data", "sft")  # its reference defaults to init_from's checkpoint
     assert plan.job("pretrain").depends_on == ("data",)
 
 
@@ -61,7 +62,7 @@ def test_artifacts_flow_between_jobs() -> None:
 def test_cache_keys_change_downstream_of_a_change_only() -> None:
     before = {j.name: j.cache_key for j in compile_with().jobs}
     after = {j.name: j.cache_key for j in compile_with("stages.sft.training.lr=5e-4").jobs}
-    assert [n for n in before if before[n] != after[n]] == ["sft", "reward", "ppo"]
+    assert [n for n in before if before[n] != after[n]] == ["sft", "reward", "dpo", "ppo"]
     model_change = {j.name: j.cache_key for j in compile_with("model.seq_length=96").jobs}
     assert [n for n in before if before[n] == model_change[n]] == ["data"]
 

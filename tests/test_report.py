@@ -168,7 +168,7 @@ def test_stages_without_metrics_show_as_not_run(tmp_path: Path) -> None:
     bare.mkdir()
     shutil.copy(tmp_path / "run" / "plan.json", bare / "plan.json")
     page = render_report(bare)
-    assert page.count('<span class="state not-run">not run</span>') == 2 * 5  # plan table and section heading
+    assert page.count('<span class="state not-run">not run</span>') == 2 * 6  # plan table and section heading
     assert "no recipe.resolved.yaml" in page
 
 

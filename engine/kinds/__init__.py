@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import EngineError
-from . import data, ppo, pretrain, reward_model, sft
+from . import data, dpo, ppo, pretrain, reward_model, sft
 from .base import (
     Chart,
     HeldOut,
@@ -30,7 +30,7 @@ from .base import (
 )
 
 KINDS: dict[str, StageKind[Any]] = {
-    k.name: k for k in (data.KIND, pretrain.KIND, sft.KIND, reward_model.KIND, ppo.KIND)
+    k.name: k for k in (data.KIND, pretrain.KIND, sft.KIND, reward_model.KIND, dpo.KIND, ppo.KIND)
 }
 
 

@@ -164,3 +164,126 @@ class PairwisePreference:
         return {f"{prefix}loss": values["loss_sum"] / n, f"{prefix}accuracy": values["correct_sum"] / n,
                 f"{prefix}margin": values["margin_sum"] / n, f"{prefix}chosen_reward": values["chosen_sum"] / n,
                 f"{prefix}rejected_reward": values["rejected_sum"] / n}  # fmt: skip
+
+
+def sequence_logps(per_token_nll: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability, response tokens) per row from the model's per-token NLL [b, s] and the
+    response mask: log π(y | x) = −Σ_t nll_t over the response's positions."""
+    mask = mask.float()
+    return -(per_token_nll.float() * mask).sum(1), mask.sum(1)
+
+
+def preference_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
+    *, loss: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per pair: (loss, implicit reward margin) of the DPO family from sequence log-probabilities.
+
+    With h = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r)):
+
+        sigmoid  −(1 − ε) log σ(β h) − ε log σ(−β h)          DPO; ε = label_smoothing is cDPO
+        ipo      (h − 1/(2β))²                                Azar et al. 2023
+        hinge    max(0, 1 − β h)                              SLiC-style
+        simpo    −log σ(β (ℓ_c − ℓ_r) − γ)                    ℓ = log π(y) / |y|, no reference (Meng et al. 2024)
+
+    The margin is β h (simpo: β (ℓ_c − ℓ_r)): the implicit rewards' difference; a pair counts as correct
+    when it is positive.
+    """
+    if loss == "simpo":
+        assert chosen_tokens is not None and rejected_tokens is not None
+        margin = beta * (chosen / chosen_tokens.clamp(min=1.0) - rejected / rejected_tokens.clamp(min=1.0))
+        return -F.logsigmoid(margin - gamma), margin
+    assert ref_chosen is not None and ref_rejected is not None
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if loss == "sigmoid":
+        per = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss == "ipo":
+        per = (h - 1.0 / (2.0 * beta)).pow(2)
+    elif loss == "hinge":
+        per = torch.relu(1.0 - beta * h)
+    else:
+        raise ValueError(f"unknown preference loss {loss!r}")
+    return per, beta * h
+
+
+@dataclass(frozen=True)
+class ReferenceLogps:
+    """A frozen policy's forward step for DPO: the summed log-probability of each row's response."""
+
+    device: str
+
+    def forward_step(self, data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, LossFunc]:
+        batch = to_device(next(data), self.device)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+        def loss_func(per_token: torch.Tensor, non_loss_data: bool = False) -> Any:
+            logp, _ = sequence_logps(per_token, batch["loss_mask"])
+            return logp.detach()
+
+        return output, loss_func
+
+
+@dataclass(frozen=True)
+class DirectPreference:
+    """The DPO family on (chosen, rejected) pairs, rows as the reward model's (chosen rows, then rejected):
+    the policy's summed response log-probabilities against a frozen reference's (`frozen`, delivered as
+    batch["reference"]), the loss of `preference_loss`, optionally RPO's NLL on the chosen response.
+    `weight` zeroes padding pairs in evaluation."""
+
+    device: str
+    loss: str
+    beta: float
+    label_smoothing: float = 0.0
+    gamma: float = 0.0
+    rpo_alpha: float | None = None
+    keys: tuple[str, ...] = ("loss", "loss_sum", "correct_sum", "margin_sum", "chosen_logp_sum", "rejected_logp_sum",
+                             "chosen_nll_sum", "pairs")  # fmt: skip
+    head: Head = "lm"
+    rows_per_sample: int = 2
+    fresh: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+    frozen: tuple[FrozenModel, ...] = ()
+
+    def forward_step(self, data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, LossFunc]:
+        batch = to_device(next(data), self.device)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+        def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            logp, tokens = sequence_logps(per_token, batch["loss_mask"])
+            chosen, rejected = logp.chunk(2)
+            n_chosen, n_rejected = tokens.chunk(2)
+            ref = batch.get("reference")
+            ref_chosen, ref_rejected = ref.float().chunk(2) if ref is not None else (None, None)
+            per_pair, margin = preference_loss(
+                chosen, rejected, ref_chosen, ref_rejected, loss=self.loss, beta=self.beta,
+                label_smoothing=self.label_smoothing, gamma=self.gamma, chosen_tokens=n_chosen,
+                rejected_tokens=n_rejected,
+            )  # fmt: skip
+            nll = -chosen / n_chosen.clamp(min=1.0)  # the chosen response's mean NLL per token
+            if self.rpo_alpha is not None:
+                per_pair = per_pair + self.rpo_alpha * nll
+            weight = batch["weight"].float()
+            loss = (per_pair * weight).sum() / weight.sum().clamp(min=1.0)
+            report = {
+                "loss": loss.detach().clone(),
+                "loss_sum": (per_pair.detach() * weight).sum(),
+                "correct_sum": ((margin > 0).float() * weight).sum(),
+                "margin_sum": (margin.detach() * weight).sum(),
+                "chosen_logp_sum": (chosen.detach() * weight).sum(),
+                "rejected_logp_sum": (rejected.detach() * weight).sum(),
+                "chosen_nll_sum": (nll.detach() * weight).sum(),
+                "pairs": weight.sum(),
+            }
+            return loss, report
+
+        return output, loss_func
+
+    def summarise(self, values: dict[str, float], prefix: str = "") -> dict[str, float]:
+        """Loss, implicit-reward accuracy and margin, and the chosen and rejected responses' log-probabilities,
+        per pair."""
+        n = max(values["pairs"], 1e-12)
+        return {f"{prefix}loss": values["loss_sum"] / n, f"{prefix}accuracy": values["correct_sum"] / n,
+                f"{prefix}margin": values["margin_sum"] / n, f"{prefix}chosen_logp": values["chosen_logp_sum"] / n,
+                f"{prefix}rejected_logp": values["rejected_logp_sum"] / n,
+                f"{prefix}chosen_nll": values["chosen_nll_sum"] / n}  # fmt: skip

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ def metrics(run_dir: Path, stage: str) -> list[dict[str, float]]:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("tiny")
-    done = engine("run", str(TINY), "--stages", "data,pretrain,sft,reward", f"run_dir={run}", *SHORT)
+    done = engine("run", str(TINY), "--stages", "data,pretrain,sft,reward,dpo", f"run_dir={run}", *SHORT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return run
 
@@ -121,6 +122,50 @@ def test_reward_model_trains_at_pp2_as_at_dp2(run_dir: Path, tmp_path: Path) -> 
     assert sorted(ours) == list(range(1, 12))
     for step, loss in reference.items():
         assert ours[step] == pytest.approx(loss, abs=1e-4), step
+
+
+def test_dpo_ranks_heldout_pairs_by_its_implicit_reward(run_dir: Path) -> None:
+    """DPO from the SFT checkpoint, which is also its frozen reference: at step 0 the policy is the reference
+    (loss ln 2, margin 0); after 100 steps the implicit reward β·(log π − log π_ref) ranks the held-out pairs."""
+    lines = metrics(run_dir, "dpo")
+    start, end = lines[0], lines[-1]
+    print(f"DPO: val loss {start['val_loss']:.4f} → {end['val_loss']:.4f}, accuracy {start['val_accuracy']:.3f} → "
+          f"{end['val_accuracy']:.3f}, margin {end['val_margin']:.3f}")  # fmt: skip
+    assert start["step"] == 0 and start["val_loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert start["val_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert end["step"] == 100 and end["val_loss"] < start["val_loss"] - 0.1 and end["val_accuracy"] > 0.8
+    assert end["val_chosen_logp"] > end["val_rejected_logp"]
+    meta = read_meta(latest_checkpoint(run_dir / "dpo" / "checkpoints"))  # type: ignore[arg-type]
+    assert meta["model"] == "policy" and "head" not in meta
+
+
+@pytest.mark.parametrize("layout", ["stages.dpo.parallelism.tp=2", "stages.dpo.parallelism.pp=2"])
+def test_dpo_at_tp2_and_pp2_trains_as_at_dp2(run_dir: Path, tmp_path: Path, layout: str) -> None:
+    """The reference's log-probabilities go through the same pipeline schedule: the first three steps at TP2
+    or PP2 from the same SFT checkpoint (equal learning rates in warmup) give the fixture's DP2 losses."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "data", copy / "data")
+    shutil.copytree(run_dir / "sft" / "checkpoints", copy / "sft" / "checkpoints")
+    done = engine("run", str(TINY), "--stages", "dpo", f"run_dir={copy}", "stages.dpo.training.steps=3", layout,
+                  "stages.dpo.training.eval_interval=100")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ours = {m["step"]: m for m in metrics(copy, "dpo")}
+    reference = {m["step"]: m for m in metrics(run_dir, "dpo") if m["step"] <= 3}
+    assert ours[0]["val_loss"] == pytest.approx(reference[0]["val_loss"], abs=1e-4)
+    for step in (1, 2, 3):
+        assert ours[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-4), step
+
+
+def test_simpo_trains_without_a_reference(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "data", copy / "data")
+    shutil.copytree(run_dir / "sft" / "checkpoints", copy / "sft" / "checkpoints")
+    done = engine("run", str(TINY), "--stages", "dpo", f"run_dir={copy}", "stages.dpo.loss=simpo",
+                  "stages.dpo.beta=2.0", "stages.dpo.training.steps=20", "stages.dpo.training.eval_interval=20")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "reference:" not in done.stdout
+    lines = metrics(copy, "dpo")
+    assert lines[-1]["val_accuracy"] > lines[0]["val_accuracy"] and lines[-1]["val_loss"] < lines[0]["val_loss"]
 
 
 def test_sft_refuses_a_checkpoint_with_another_tokenizer(run_dir: Path, tmp_path: Path) -> None:

@@ -115,6 +115,11 @@ class Ppo:
             raise EngineError(f"stages.{job.name}.parallelism.pp={lay.pp}: PPO rollouts run at pp=1; use tp instead")
         self.ro, self.hp, self.t = spec.rollout, spec.ppo, spec.training
         self.beta = float(self.hp.kl_coef)  # the KL coefficient of the current iteration
+        hp = self.hp
+        auto = "sequence_sum_token_norm" if hp.advantage == "dr_grpo" else "token_mean"
+        self.aggregation = auto if hp.loss_aggregation == "auto" else hp.loss_aggregation
+        # Group-normalised advantages (grpo, dr_grpo) are not whitened again unless the recipe says so.
+        self.whiten = hp.whiten_advantages if hp.whiten_advantages is not None else hp.advantage in ("gae", "rloo")
         self.dp, self.dp_rank = lay.dp, ps.get_data_parallel_rank()
         self.gbs, self.mbs = self.t.global_batch_size, self.t.micro_batch_size
         self.samples = self.ro.prompts_per_iteration * self.ro.responses_per_prompt
@@ -347,7 +352,7 @@ class Ppo:
             old_values = self._values(self.critic.chunks, tokens) * mask
             rewards = token_rewards(score, kl, mask, in_return)
             advantages, returns = gae(rewards, old_values, mask, self.hp.gamma, self.hp.lam)
-        if self.hp.whiten:
+        if self.whiten:
             sums = _dp_sum(torch.stack([(advantages * mask).sum(), (advantages.pow(2) * mask).sum(), mask.sum()]))
             mean = sums[0] / sums[2]
             advantages = whiten(advantages, mask, mean, sums[1] / sums[2] - mean.pow(2))
@@ -381,14 +386,14 @@ class Ppo:
             hp = self.hp
             pg, clip_fraction, approx_kl = policy_loss(
                 logp, b["old_logp"], b["advantages"], b["mask"], hp.clip_low or hp.clip_eps,
-                clip_high=hp.clip_high or hp.clip_eps, aggregation=hp.aggregation, max_new_tokens=self.ro.max_new_tokens,
+                clip_high=hp.clip_high or hp.clip_eps, aggregation=self.aggregation, max_new_tokens=self.ro.max_new_tokens,
             )  # fmt: skip
             ent = masked_mean(entropy, b["mask"])
             loss = pg - hp.entropy_coef * ent
             report = {"loss": loss.detach().clone(), "policy_loss": pg.detach(), "clip_fraction": clip_fraction,
                       "approx_kl": approx_kl, "entropy": ent.detach()}  # fmt: skip
             if hp.kl_penalty == "loss" and self.reference is not None:
-                kl_loss = aggregate(kl_penalty(logp, b["ref_logp"], hp.kl_estimator), b["mask"], hp.aggregation,
+                kl_loss = aggregate(kl_penalty(logp, b["ref_logp"], hp.kl_estimator), b["mask"], self.aggregation,
                                     self.ro.max_new_tokens)  # fmt: skip
                 loss = loss + self.beta * kl_loss
                 report["loss"] = loss.detach().clone()
