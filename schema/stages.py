@@ -142,6 +142,14 @@ class RewardSpec(Spec):
     params: dict[str, Any] = Field(
         default_factory=dict, description="the plugin's parameters, validated by the plugin's own model"
     )
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=86_400, description="most seconds one batched call may take; none: no limit"
+    )
+    on_timeout: Literal["stop", "zero"] = Field(
+        default="stop",
+        description="a call past timeout_s: stop the stage naming the plugin, or score that batch 0 and count it "
+        "(logged as reward_timeouts_<plugin>)",
+    )
 
 
 class RolloutSpec(Spec):

@@ -34,7 +34,34 @@ class Scorer:
         self.rewards = []
         for spec in rewards:
             found = plugin.rewards()[spec.plugin]
-            self.rewards.append((spec.plugin, spec.weight, found, found.params.model_validate(spec.params)))
+            self.rewards.append((spec.plugin, spec.weight, found, found.params.model_validate(spec.params), spec))
+        self.timeouts: dict[str, int] = {}  # calls past their time limit that were scored 0, per plugin
+
+    @staticmethod
+    def _call(score: Any, params: Any, batch: list[plugin.RewardSample], timeout: float | None) -> Any:
+        """One batched call; with a time limit, on a daemon thread. Python cannot stop a thread: a call past
+        its limit is abandoned (it ends, or not, on its own), never joined, so it holds up neither training
+        nor the process's exit."""
+        if timeout is None:
+            return score(params, batch)
+        import threading
+
+        out: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                out["values"] = score(params, batch)
+            except BaseException as exc:  # handed to the caller below
+                out["error"] = exc
+
+        thread = threading.Thread(target=call, name="reward-plugin", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError
+        if "error" in out:
+            raise out["error"]
+        return out["values"]
 
     def samples(self, prompts: list[dict[str, Any]], rows: list[list[int]], plens: list[int],
                 rlens: list[int]) -> list[plugin.RewardSample]:  # fmt: skip
@@ -63,11 +90,19 @@ class Scorer:
             last = torch.tensor([len(r) - 1 for r in rm_rows])
             parts["reward_model"] = values.gather(1, last.unsqueeze(1)).squeeze(1)
             total += self.reward_model_weight * parts["reward_model"]
-        for i, (name, weight, found, params) in enumerate(self.rewards):
+        for i, (name, weight, found, params, spec) in enumerate(self.rewards):
             where = f"stages.{self.stage}.rewards[{i}]"
             fix = "fix the plugin or remove it from the recipe"
             try:
-                values_list = found.score(params, batch)
+                values_list = self._call(found.score, params, batch, spec.timeout_s)
+            except TimeoutError:
+                if spec.on_timeout == "stop":
+                    raise EngineError(
+                        f"{where}: reward plugin {name!r} took longer than timeout_s={spec.timeout_s} for a batch of "
+                        f"{len(batch)} responses; make it faster, raise timeout_s, or set on_timeout: zero"
+                    ) from None
+                self.timeouts[name] = self.timeouts.get(name, 0) + 1
+                values_list = [0.0] * len(batch)
             except Exception as exc:  # a plugin's own failure: name it, no traceback
                 raise EngineError(
                     f"{where}: reward plugin {name!r} failed: {type(exc).__name__}: {exc}; {fix}"

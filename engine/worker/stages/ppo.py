@@ -369,6 +369,10 @@ class Ppo:
         }
         values = _dp_means(stats)
         values["reward_std"] = _dp_std(batch["score"])
+        for spec in self.spec.rewards:  # calls scored 0 past their time limit, so far, on all ranks
+            if spec.timeout_s is not None and spec.on_timeout == "zero":
+                count = float(self.scorer.timeouts.get(spec.plugin, 0))
+                values[f"reward_timeouts_{spec.plugin}"] = float(_dp_sum(torch.tensor([count]))[0])
         values["rollout_tokens_per_s"] = (
             _dp_sum(torch.tensor([float(batch["new_tokens"])]))[0].item() / max(batch["seconds"], 1e-9)
         )
