@@ -361,7 +361,8 @@ class Ppo:
         return rollouts, values
 
     def _rollout_stats(self, batch: dict[str, Any]) -> dict[str, float]:
-        """Reward, its parts and the response length over every rollout sampled (before any filtering)."""
+        """Reward, its parts and the response length over the iteration's first round of rollouts, before
+        dynamic sampling filters or refills it (what the policy does on the prompts it was given)."""
         stats = {
             "reward": batch["score"],
             "response_length": torch.tensor(batch["rlens"], dtype=torch.float32),
