@@ -26,6 +26,7 @@ SHORT = [
     "stages.pretrain.checkpointing.interval=10",
     "stages.sft.training.steps=20", "stages.sft.training.eval_interval=10",
     "stages.reward.training.steps=20", "stages.reward.training.eval_interval=10",
+    "stages.dpo.training.steps=20", "stages.dpo.training.eval_interval=10",
     "stages.ppo.training.steps=2", "stages.ppo.eval_prompts=8",
 ]  # fmt: skip
 
@@ -69,18 +70,20 @@ def with_data(chain: Path, target: Path) -> Path:
 
 def test_each_stage_is_its_own_slurm_job_chained_by_afterok(chain: Path, env: dict[str, str]) -> None:
     jobs = record(chain)
-    assert list(jobs) == ["data", "pretrain", "sft", "reward", "ppo"]
+    assert list(jobs) == ["data", "pretrain", "sft", "reward", "dpo", "ppo"]
     ids = {name: j["job_id"] for name, j in jobs.items()}
-    assert len(set(ids.values())) == 5
-    for name, upstream in (("pretrain", ["data"]), ("sft", ["data", "pretrain"]), ("ppo", ["data", "sft", "reward"])):
+    assert len(set(ids.values())) == 6
+    chained = (("pretrain", ["data"]), ("sft", ["data", "pretrain"]), ("dpo", ["data", "sft"]),
+               ("ppo", ["data", "sft", "reward"]))  # fmt: skip
+    for name, upstream in chained:
         script = (chain / name / "slurm" / f"{ids[name]}_submission.sh").read_text()
         assert f"#SBATCH --dependency=afterok:{':'.join(ids[u] for u in upstream)}" in script, script
         assert "#SBATCH --kill-on-invalid-dep=yes" in script and "#SBATCH --requeue" in script
-    for stage in ("pretrain", "sft", "reward", "ppo"):
+    for stage in ("pretrain", "sft", "reward", "dpo", "ppo"):
         assert metrics(chain, stage)[-1]["step"] > 0
         assert (chain / stage / "done.json").is_file()
     shown = engine("status", str(chain), env=env)
-    assert shown.returncode == 0 and shown.stdout.count("COMPLETED") == 5, shown.stdout
+    assert shown.returncode == 0 and shown.stdout.count("COMPLETED") == 6, shown.stdout
     # Submitting again skips every stage: each finished with the same cache key.
     again = engine("run", str(TINY), f"run_dir={chain}", *SHORT, "--wait", env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -152,7 +152,7 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     for target, says in (
         (tmp_path / "nowhere", "does not exist"),
         (tmp_path / "run" / "reward", "is a reward_model checkpoint (a scalar head"),
-        (tmp_path / "run", "has no complete checkpoint of a ppo, sft or pretrain stage"),
+        (tmp_path / "run", "has no complete checkpoint of a ppo, dpo, sft or pretrain stage"),
     ):
         done = _chat(str(target), "--prompt", "1+1=")
         assert done.returncode == 2, (target, done.stderr[-3000:])
@@ -171,7 +171,7 @@ def test_the_newest_policy_of_a_run(tmp_path: Path) -> None:
     jobs = [{"name": n, "kind": k} for n, k in (("base", "pretrain"), ("tune", "sft"), ("rm", "reward_model"),
                                                 ("rl", "ppo"))]  # fmt: skip
     (tmp_path / "plan.json").write_text(json.dumps({"run_dir": "runs/x", "jobs": jobs}))
-    with pytest.raises(EngineError, match="no complete checkpoint of a ppo, sft or pretrain stage"):
+    with pytest.raises(EngineError, match="no complete checkpoint of a ppo, dpo, sft or pretrain stage"):
         newest_policy(tmp_path)
     base = _stage(tmp_path, "base", 400)
     assert newest_policy(tmp_path) == base
