@@ -120,6 +120,25 @@ def pair_scores(values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return values.float().gather(1, last.long().unsqueeze(1)).squeeze(1)
 
 
+def weighted_pairs(
+    per_pair: torch.Tensor, margin: torch.Tensor, weight: torch.Tensor, **sums: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a preference objective, the weighted mean of `per_pair` (`weight` zeroes padding pairs),
+    and what it reports: the weighted sums of the loss, of the correct pairs (margin > 0), of the margin and
+    of each of `sums`, and the pairs counted."""
+    w = weight.float()
+    loss = (per_pair * w).sum() / w.sum().clamp(min=1.0)
+    report = {
+        "loss": loss.detach().clone(),
+        "loss_sum": (per_pair.detach() * w).sum(),
+        "correct_sum": ((margin > 0).float() * w).sum(),
+        "margin_sum": (margin.detach() * w).sum(),
+        **{k: (v.detach() * w).sum() for k, v in sums.items()},
+        "pairs": w.sum(),
+    }
+    return loss, report
+
+
 @dataclass(frozen=True)
 class PairwisePreference:
     """Bradley–Terry on (chosen, rejected) pairs: a micro-batch holds the chosen sequences, then the rejected
@@ -141,20 +160,9 @@ class PairwisePreference:
         def loss_func(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             scores = pair_scores(values, batch["last"])
             chosen, rejected = scores.chunk(2)
-            weight = batch["weight"].float()
             diff = chosen - rejected
             per_pair = -F.logsigmoid(diff - self.margin)
-            loss = (per_pair * weight).sum() / weight.sum().clamp(min=1.0)
-            report = {
-                "loss": loss.detach().clone(),
-                "loss_sum": (per_pair.detach() * weight).sum(),
-                "correct_sum": ((diff > 0).float() * weight).sum(),
-                "margin_sum": (diff.detach() * weight).sum(),
-                "chosen_sum": (chosen.detach() * weight).sum(),
-                "rejected_sum": (rejected.detach() * weight).sum(),
-                "pairs": weight.sum(),
-            }
-            return loss, report
+            return weighted_pairs(per_pair, diff, batch["weight"], chosen_sum=chosen, rejected_sum=rejected)
 
         return output, loss_func
 
@@ -263,19 +271,8 @@ class DirectPreference:
             nll = -chosen / n_chosen.clamp(min=1.0)  # the chosen response's mean NLL per token
             if self.rpo_alpha is not None:
                 per_pair = per_pair + self.rpo_alpha * nll
-            weight = batch["weight"].float()
-            loss = (per_pair * weight).sum() / weight.sum().clamp(min=1.0)
-            report = {
-                "loss": loss.detach().clone(),
-                "loss_sum": (per_pair.detach() * weight).sum(),
-                "correct_sum": ((margin > 0).float() * weight).sum(),
-                "margin_sum": (margin.detach() * weight).sum(),
-                "chosen_logp_sum": (chosen.detach() * weight).sum(),
-                "rejected_logp_sum": (rejected.detach() * weight).sum(),
-                "chosen_nll_sum": (nll.detach() * weight).sum(),
-                "pairs": weight.sum(),
-            }
-            return loss, report
+            return weighted_pairs(per_pair, margin, batch["weight"], chosen_logp_sum=chosen,
+                                  rejected_logp_sum=rejected, chosen_nll_sum=nll)  # fmt: skip
 
         return output, loss_func
 

@@ -18,6 +18,24 @@ HERE = Path(__file__).resolve().parent
 RECIPE = HERE / "pretrain.yaml"
 VOCAB, EOD, PAD = 96, 1, 0
 
+# Run as `python -c MEGATRON_LOGITS tokens.pt out.pt ARTIFACT...`: the logits Megatron-Core computes for a batch of
+# token ids with each artifact's newest checkpoint, saved as {artifact: [batch, seq, vocab]}.
+MEGATRON_LOGITS = """
+import sys, torch
+from pathlib import Path
+from engine.hf import session
+from engine.hf.to_hf import resolve_checkpoint
+from engine.worker.checkpoint import read_meta
+tokens = torch.load(sys.argv[1])
+out = {}
+for artifact in sys.argv[3:]:
+    ckpt = resolve_checkpoint(Path(artifact))
+    with session.megatron("probe", read_meta(ckpt)["architecture"]) as s:
+        session.load(s, ckpt)
+        out[artifact] = session.logits(s, tokens)
+torch.save(out, sys.argv[2])
+"""
+
 
 def synthetic_docs(seed: int, n: int) -> list[list[int]]:
     """Learnable streams: each token is (3·previous + 7) mod 90 + 2, with 10% noise."""

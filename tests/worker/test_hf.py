@@ -22,26 +22,12 @@ from engine.errors import EngineError
 from engine.hf import convert
 
 from ..conftest import REPO
+from .helpers import MEGATRON_LOGITS
 
 transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4
 HF_VOCAB = 320  # the tokenizer's 300 ids padded to a multiple of 64: the import keeps every row
-MEGATRON_LOGITS = """
-import sys, torch
-from pathlib import Path
-from engine.hf import session
-from engine.hf.to_hf import resolve_checkpoint
-from engine.worker.checkpoint import read_meta
-tokens = torch.load(sys.argv[1])
-out = {}
-for artifact in sys.argv[3:]:
-    ckpt = resolve_checkpoint(Path(artifact))
-    with session.megatron("probe", read_meta(ckpt)["architecture"]) as s:
-        session.load(s, ckpt)
-        out[artifact] = session.logits(s, tokens)
-torch.save(out, sys.argv[2])
-"""
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

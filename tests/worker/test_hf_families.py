@@ -23,6 +23,7 @@ from engine.errors import EngineError
 from engine.hf import convert
 
 from ..conftest import REPO
+from .helpers import MEGATRON_LOGITS
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,21 +126,6 @@ def test_export_refuses_an_architecture_no_family_has() -> None:
     assert convert.export_family({**convert.FIXED, "qkv_bias": True}, None)[0] is convert.FAMILIES["qwen2"]
 
 
-MEGATRON_LOGITS = """
-import sys, torch
-from pathlib import Path
-from engine.hf import session
-from engine.hf.to_hf import resolve_checkpoint
-from engine.worker.checkpoint import read_meta
-tokens = torch.load(sys.argv[1])
-out = {}
-for artifact in sys.argv[3:]:
-    ckpt = resolve_checkpoint(Path(artifact))
-    with session.megatron("probe", read_meta(ckpt)["architecture"]) as s:
-        session.load(s, ckpt)
-        out[artifact] = session.logits(s, tokens)
-torch.save(out, sys.argv[2])
-"""
 
 
 @pytest.mark.slow

@@ -16,34 +16,24 @@ from __future__ import annotations
 
 from megatron.core import parallel_state as ps
 
-from ...artifacts import read_manifest
 from ...errors import EngineError
 from ...kinds import either, producing
 from ...schema import DpoStage
 from .. import checkpoint
-from ..batches import ChatBatches, PairRows
 from ..context import Context
 from ..handoff import checked_parent
 from ..mcore import build_job
 from ..objectives import DirectPreference, FrozenModel, ReferenceLogps
 from ..train import Task, train
+from .reward_model import pair_batches
 
 META = {"model": "policy"}
 
 
 def run(ctx: Context, spec: DpoStage) -> None:
     plan, job = ctx.plan, ctx.job
-    assert job.estimate is not None and job.layout is not None
-    if job.layout.cp > 1:
-        raise EngineError(
-            f"stages.{job.name}.parallelism.cp={job.layout.cp}: DPO sums each response's log-probabilities, "
-            "which context parallelism splits across ranks; use cp: 1 for this stage"
-        )
-    tokenizer = read_manifest(plan.dataset(spec.data))["tokenizer"]
-    data = ChatBatches(plan, job, data=spec.data, training=spec.training, batching=spec.batching,
-                       shape=PairRows(pad=int(tokenizer["pad"])))  # fmt: skip
-    if ctx.is_logger:
-        print(f"[{job.name}] {data.describe()}", flush=True)
+    assert job.estimate is not None
+    tokenizer, data = pair_batches(ctx, spec, reads="DPO sums each response's log-probabilities")
     frozen: tuple[FrozenModel, ...] = ()
     if spec.loss != "simpo":
         reference = checked_parent(ctx, spec.reference or spec.init_from, tokenizer)

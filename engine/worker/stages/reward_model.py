@@ -11,11 +11,13 @@ with its head.
 
 from __future__ import annotations
 
+from typing import Any
+
 from megatron.core import parallel_state as ps
 
 from ...artifacts import read_manifest
 from ...errors import EngineError
-from ...schema import RewardModelStage
+from ...schema import DpoStage, RewardModelStage
 from ..batches import ChatBatches, PairRows
 from ..context import Context
 from ..mcore import SCALAR_HEAD, build_job
@@ -25,19 +27,28 @@ from ..train import Task, train
 META = {"model": "reward_model", "head": {"name": SCALAR_HEAD, "outputs": 1, "read_at": "last_token"}}
 
 
-def run(ctx: Context, spec: RewardModelStage) -> None:
+def pair_batches(ctx: Context, spec: RewardModelStage | DpoStage, *, reads: str) -> tuple[dict[str, Any], ChatBatches]:
+    """The data stage's tokenizer and the stage's ranked-pair batches, announced; `reads` says what the stage
+    reads of each sequence, which is why context parallelism (splitting sequences across ranks) is refused."""
     plan, job = ctx.plan, ctx.job
-    assert job.estimate is not None and job.layout is not None
+    assert job.layout is not None
     if job.layout.cp > 1:
         raise EngineError(
-            f"stages.{job.name}.parallelism.cp={job.layout.cp}: the reward model reads each sequence's last "
-            "token, which context parallelism splits across ranks; use cp: 1 for this stage"
+            f"stages.{job.name}.parallelism.cp={job.layout.cp}: {reads}, which context parallelism splits across "
+            "ranks; use cp: 1 for this stage"
         )
     tokenizer = read_manifest(plan.dataset(spec.data))["tokenizer"]
     data = ChatBatches(plan, job, data=spec.data, training=spec.training, batching=spec.batching,
                        shape=PairRows(pad=int(tokenizer["pad"])))  # fmt: skip
     if ctx.is_logger:
         print(f"[{job.name}] {data.describe()}", flush=True)
+    return tokenizer, data
+
+
+def run(ctx: Context, spec: RewardModelStage) -> None:
+    plan, job = ctx.plan, ctx.job
+    assert job.estimate is not None
+    tokenizer, data = pair_batches(ctx, spec, reads="the reward model reads each sequence's last token")
     objective = PairwisePreference(ctx.device, margin=spec.margin, fresh=(SCALAR_HEAD + ".",), meta=META)
     built = build_job(job, plan.model, training=spec.training, device=ctx.device, steps=job.estimate.steps,
                       head=objective.head)  # fmt: skip
