@@ -250,6 +250,11 @@ class PpoStage(TrainingStage):
         description="sft, pretrain or ppo stage the actor (and the frozen reference) start from, or a checkpoint "
         "directory (a path: contains '/' or starts with '.'), such as an earlier round's policy"
     )
+    reference: str | None = Field(
+        default=None,
+        description="stage or checkpoint directory of the frozen reference policy the KL is measured against; "
+        "default: the policy's checkpoint",
+    )
     reward_model: str | None = Field(
         default=None, description="reward_model stage scoring responses; none: reward functions only"
     )

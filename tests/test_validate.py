@@ -305,6 +305,8 @@ def test_fp8_param_gather_needs_the_distributed_optimizer() -> None:
         (["stages.ppo.ppo.overlong_buffer=9"], "stages.ppo.ppo.overlong_buffer", "exceeds rollout.max_new_tokens=8"),
         (["stages.ppo.ppo.kl_coef=0", "stages.ppo.ppo.kl_target=0.1"], "stages.ppo.ppo.kl_target", "stays 0"),
         (["stages.ppo.ppo.kl_penalty=loss"], "stages.ppo.ppo.kl_estimator", "use kl_estimator: k3"),
+        (["stages.ppo.ppo.kl_coef=0", "stages.ppo.reference=sft"], "stages.ppo.reference", "builds no reference model"),
+        (["stages.ppo.reference=reward"], "stages.ppo.reference", "reward_model"),
     ],
 )  # fmt: skip
 def test_critic_free_rl_options_are_checked(overrides: list[str], path: str, says: str) -> None:

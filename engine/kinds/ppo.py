@@ -75,6 +75,12 @@ def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
             f"={hp.overlong_buffer} exceeds rollout.max_new_tokens={ro.max_new_tokens}",
             f"use at most {ro.max_new_tokens}",
         )
+    if not hp.uses_reference and stage.reference is not None:
+        yield Problem(
+            f"{where}.reference",
+            f"={stage.reference!r} with ppo.kl_coef=0, which builds no reference model",
+            "remove reference, or set ppo.kl_coef > 0",
+        )
     if hp.kl_coef == 0 and hp.kl_target is not None:
         yield Problem(
             f"{where}.ppo.kl_target",
@@ -133,6 +139,7 @@ KIND = StageKind(
     references=(
         Reference("prompts", ("data",), records="prompt"),
         Reference("policy", ("sft", "pretrain", "ppo"), checkpoint_ok=True),
+        Reference("reference", ("sft", "pretrain", "dpo", "ppo"), checkpoint_ok=True),
         Reference("reward_model", ("reward_model",)),
         Reference("critic_from", ("reward_model",)),
     ),

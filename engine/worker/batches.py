@@ -283,9 +283,14 @@ class SequenceRows:
 
 @dataclass(frozen=True)
 class PairRows:
-    """Two rows per ranked pair, chosen first: prompt + response, labels, response-token mask, last index."""
+    """Two rows per ranked pair, chosen first: prompt + response, labels, response-token mask, last index.
+
+    The mask covers the reply up to and including its first `stop` token, the tokens a policy generates
+    (what follows, such as an end-of-sequence token after the end of turn, is read by the reward model at
+    `last` but never sampled); with no `stop` ids it covers the whole reply."""
 
     pad: int
+    stop: tuple[int, ...] = ()
     records: RecordKind = "preference"
     rows_per_sample: int = 2
     noun: str = "pairs"
@@ -311,10 +316,14 @@ class PairRows:
             i = max(int(i), 0)  # a filler pair repeats sample 0 with weight 0
             prompt = ds["prompt"][i]
             for half, key in ((0, "chosen"), (1, "rejected")):
-                row = np.concatenate([prompt, ds[key][i]])[:seq]
+                reply = ds[key][i]
+                row = np.concatenate([prompt, reply])[:seq]
                 k, n = half * m + r, len(row)
                 tokens[k, :n], labels[k, : n - 1] = row, row[1:]
-                mask[k, max(min(len(prompt), n) - 1, 0) : n - 1] = 1.0  # positions whose next token is the response's
+                ends = np.flatnonzero(np.isin(reply, self.stop))
+                generated = min(len(prompt) + (int(ends[0]) + 1 if len(ends) else len(reply)), n)
+                # The positions whose next token is generated.
+                mask[k, max(min(len(prompt), n) - 1, 0) : generated - 1] = 1.0
                 last[k] = n - 1
         return {
             "tokens": torch.from_numpy(tokens), "position_ids": positions(2 * m, seq),

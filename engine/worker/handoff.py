@@ -81,3 +81,17 @@ def checked_parent(ctx: Context, stage: str, tokenizer: dict[str, Any]) -> Path:
     architecture = ctx.plan.model.model_dump(mode="json")
     check_contract(parent, checkpoint.read_meta(parent), architecture=architecture, tokenizer=tokenizer)
     return parent
+
+
+def checked_policy(ctx: Context, stage: str, tokenizer: dict[str, Any], *, field: str) -> Path:
+    """checked_parent for a checkpoint that must be a language model (a policy), not a scalar-head one;
+    `field` is the recipe field that named it, for the message."""
+    from ..kinds import either, producing
+
+    parent = checked_parent(ctx, stage, tokenizer)
+    if "head" in checkpoint.read_meta(parent):
+        raise EngineError(
+            f"stages.{ctx.job.name}.{field}: {parent} is a scalar-head checkpoint (a reward model or critic); "
+            f"the {field} must be a policy (a {either(producing('policy'))} stage's)"
+        )
+    return parent

@@ -58,3 +58,28 @@ def test_sequence_logps_sum_the_response_tokens_only() -> None:
 def test_an_unknown_loss_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown preference loss"):
         preference_loss(*POLICY, *REFERENCE, loss="kto", beta=0.1)
+
+
+def test_pair_rows_mask_the_generated_reply_only() -> None:
+    """DPO sums log-probabilities over what a policy generates: the reply up to its first stop token
+    (included). The end-of-sequence token a reward-model row carries after it stays out of the mask but
+    in the row, where `last` reads it."""
+    import numpy as np
+
+    from engine.worker.batches import PairRows
+
+    end, eos = 3, 2
+    rows = [{"prompt": [1, 5, 40, 3, 6], "chosen": [50, 51, end, eos], "rejected": [60, end, eos]}]
+    shape = PairRows(pad=0, stop=(end, eos))
+    ds = shape.load(rows)
+    batch = shape.rows(ds, np.array([0]), 12)
+    # Row 0 (chosen): positions 4..6 predict 50, 51, end; position 7 predicts eos.
+    assert batch["loss_mask"][0].nonzero().flatten().tolist() == [4, 5, 6]
+    assert batch["labels"][0, 4:8].tolist() == [50, 51, end, eos]
+    assert batch["loss_mask"][1].nonzero().flatten().tolist() == [4, 5]
+    assert batch["last"].tolist() == [8, 7]  # the reward model still reads the closing eos
+    whole = PairRows(pad=0).rows(ds, np.array([0]), 12)["loss_mask"]
+    assert whole[0].nonzero().flatten().tolist() == [4, 5, 6, 7]
+    # A reply cut by the sequence length keeps the positions that fit.
+    cut = shape.rows(ds, np.array([0]), 7)
+    assert cut["loss_mask"][0].nonzero().flatten().tolist() == [4, 5]

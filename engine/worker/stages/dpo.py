@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from megatron.core import parallel_state as ps
 
-from ...errors import EngineError
-from ...kinds import either, producing
 from ...schema import DpoStage
-from .. import checkpoint
 from ..context import Context
-from ..handoff import checked_parent
+from ..handoff import checked_policy
 from ..mcore import build_job
 from ..objectives import DirectPreference, FrozenModel, ReferenceLogps
 from ..train import Task, train
@@ -36,12 +33,7 @@ def run(ctx: Context, spec: DpoStage) -> None:
     tokenizer, data = pair_batches(ctx, spec, reads="DPO sums each response's log-probabilities")
     frozen: tuple[FrozenModel, ...] = ()
     if spec.loss != "simpo":
-        reference = checked_parent(ctx, spec.reference or spec.init_from, tokenizer)
-        if "head" in checkpoint.read_meta(reference):
-            raise EngineError(
-                f"stages.{job.name}.reference: {reference} is a scalar-head checkpoint (a reward model or critic); "
-                f"the reference must be a policy (a {either(producing('policy'))} stage's)"
-            )
+        reference = checked_policy(ctx, spec.reference or spec.init_from, tokenizer, field="reference")
         frozen = (FrozenModel("reference", head="lm", checkpoint=reference,
                               forward_step=ReferenceLogps(ctx.device).forward_step),)  # fmt: skip
         if ctx.is_logger:

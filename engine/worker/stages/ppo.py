@@ -56,7 +56,7 @@ from ..batches import Mixture, positions, read_sources, source_weights
 from ..context import Context
 from ..faults import maybe_kill
 from ..generate import Sampling, generate
-from ..handoff import checked_parent, meta_for
+from ..handoff import checked_parent, checked_policy, meta_for
 from ..logprobs import vocab_parallel_logp_entropy
 from ..loop import train_step
 from ..mcore import SCALAR_HEAD, build_frozen, build_job
@@ -186,7 +186,9 @@ class Ppo:
         comm.barrier()
         policy = checked_parent(self.ctx, self.spec.policy, self.tokenizer)
         if self.reference is not None:
-            self._load(policy, self.reference)
+            reference = (policy if self.spec.reference is None
+                         else checked_policy(self.ctx, self.spec.reference, self.tokenizer, field="reference"))  # fmt: skip
+            self._load(reference, self.reference)
         if self.reward_model is not None and self.spec.reward_model is not None:
             self._load(checked_parent(self.ctx, self.spec.reward_model, self.tokenizer), self.reward_model)
         layout = self.job.layout.model_dump()

@@ -11,11 +11,14 @@ with its head.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from megatron.core import parallel_state as ps
 
 from ...artifacts import read_manifest
+from ...chat import template_for
+from ...corpus.tokenizer import load as load_tokenizer
 from ...errors import EngineError
 from ...schema import DpoStage, RewardModelStage
 from ..batches import ChatBatches, PairRows
@@ -38,8 +41,9 @@ def pair_batches(ctx: Context, spec: RewardModelStage | DpoStage, *, reads: str)
             "ranks; use cp: 1 for this stage"
         )
     tokenizer = read_manifest(plan.dataset(spec.data))["tokenizer"]
+    template = template_for(tokenizer, load_tokenizer(Path(tokenizer["path"])))
     data = ChatBatches(plan, job, data=spec.data, training=spec.training, batching=spec.batching,
-                       shape=PairRows(pad=int(tokenizer["pad"])))  # fmt: skip
+                       shape=PairRows(pad=int(tokenizer["pad"]), stop=tuple(template.stop)))  # fmt: skip
     if ctx.is_logger:
         print(f"[{job.name}] {data.describe()}", flush=True)
     return tokenizer, data
