@@ -39,6 +39,7 @@ class DataStage(Spec):
 
 
 Batching = Literal["bucketed", "padded"]
+SftBatching = Literal["bucketed", "padded", "packed"]
 
 
 def is_checkpoint_path(value: str) -> bool:
@@ -79,9 +80,10 @@ class SftStage(TrainingStage):
         description="pretrain or sft stage to start from, or a checkpoint directory (a path: contains '/' or starts with '.')"
     )
     data: str = Field(description="name of the data stage whose conversation sources are trained on")
-    batching: Batching = Field(
+    batching: SftBatching = Field(
         default="bucketed",
-        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length",
+        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length; "
+        "packed: several conversations per row (first-fit decreasing), attention kept within each",
     )
 
 

@@ -322,3 +322,12 @@ def test_grpo_with_dapos_options_compiles_and_kl_zero_builds_no_reference() -> N
     assert with_ref is not None and without is not None
     # One frozen model fewer: the reference's weights leave the memory estimate.
     assert without.memory.total < with_ref.memory.total
+
+
+def test_packing_is_refused_where_its_mask_cannot_reach_attention() -> None:
+    assert problems_of("stages.sft.batching=packed", "stages.sft.parallelism.pp=2").paths() == ["stages.sft.batching"]
+    h8 = REPO / "recipes" / "h100" / "llama3_8b.yaml"
+    err = problems_of("stages.sft.batching=packed", recipe=h8)
+    assert err.paths() == ["stages.sft.batching"] and "PackedSeqParams" in err.render()
+    assert compile_with("stages.sft.batching=packed").job("sft") is not None
+    assert "stages.reward.batching" in problems_of("stages.reward.batching=packed").paths()

@@ -52,7 +52,7 @@ from ..artifacts import read_manifest
 from ..compile import Job, Plan
 from ..errors import EngineError
 from ..schema import RecordKind, Training
-from ..schema.stages import Batching
+from ..schema.stages import SftBatching
 
 WINDOW = 16  # global batches per length-sorting window
 Batch = dict[str, torch.Tensor]
@@ -190,6 +190,31 @@ def positions(rows: int, seq: int) -> torch.Tensor:
     return torch.arange(seq, dtype=torch.int64).unsqueeze(0).expand(rows, seq).contiguous()
 
 
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins (lists of indices into `lengths`) of total length ≤ `capacity` each, by first-fit decreasing:
+    the longest first, each into the first bin it fits. Deterministic (a stable sort, ties by index)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(int(i))
+                room[b] -= n
+                break
+        else:
+            bins.append([int(i)])
+            room.append(capacity - n)
+    return bins
+
+
+def packed_geometry(lengths: np.ndarray, *, cap: int, multiple: int) -> tuple[list[list[int]], int]:
+    """(bins, row length) of one micro-batch's samples packed into rows of at most `cap` positions."""
+    bins = first_fit_decreasing(np.minimum(lengths, cap), cap)
+    fill = max((int(np.minimum(lengths[b], cap).sum()) for b in bins), default=1)
+    return bins, step_length(fill, cap=cap, multiple=multiple)
+
+
 @dataclass
 class Order:
     """The per-epoch sample order, length-grouped when bucketed; deterministic in (seed, epoch)."""
@@ -280,6 +305,38 @@ class SequenceRows:
             "loss_mask": torch.from_numpy(mask), "position_ids": positions(len(idx), seq),
         }  # fmt: skip
 
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> Batch:
+        """The same conversations packed several to a row: the tokens, labels and loss mask of each placed
+        one after another, position ids restarting at 0 for each, and a block-diagonal causal attention
+        mask (True: masked) so that no position attends across a conversation's boundary. Every position
+        of a conversation sees exactly what it sees in its own row, so the loss and its gradients are the
+        unpacked rows'. Filler indices (−1) are left out."""
+        real = idx[idx >= 0]
+        bins, seq = packed_geometry(ds["lengths"][real], cap=cap, multiple=multiple)
+        rows = max(len(bins), 1)
+        tokens = np.full((rows, seq), self.pad, dtype=np.int64)
+        labels = np.full((rows, seq), self.pad, dtype=np.int64)
+        mask = np.zeros((rows, seq), dtype=np.float32)
+        pos = np.zeros((rows, seq), dtype=np.int64)
+        allowed = np.zeros((rows, seq, seq), dtype=bool)
+        for r, members in enumerate(bins):
+            at = 0
+            for j in members:
+                t, m = ds["tokens"][int(real[j])], ds["mask"][int(real[j])]
+                n = min(len(t) - 1, cap)
+                tokens[r, at : at + n], labels[r, at : at + n], mask[r, at : at + n] = t[:n], t[1 : n + 1], m[1 : n + 1]
+                pos[r, at : at + n] = np.arange(n)
+                allowed[r, at : at + n, at : at + n] = np.tri(n, dtype=bool)
+                at += n
+            allowed[r, np.arange(at, seq), np.arange(at, seq)] = True  # padding attends to itself alone
+        if not bins:
+            allowed[0] = np.eye(seq, dtype=bool)
+        return {
+            "tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(mask), "position_ids": torch.from_numpy(pos),
+            "attention_mask": torch.from_numpy(~allowed).unsqueeze(1),
+        }  # fmt: skip
+
 
 @dataclass(frozen=True)
 class PairRows:
@@ -336,13 +393,15 @@ class ChatBatches:
     """Training and validation batches of one chat stage's job, in the rows of `shape`."""
 
     def __init__(
-        self, plan: Plan, job: Job, *, data: str, training: Training, batching: Batching, shape: RowShape
+        self, plan: Plan, job: Job, *, data: str, training: Training, batching: SftBatching, shape: RowShape
     ) -> None:
         assert job.layout is not None
         self.shape, self.data = shape, data
         self.gbs, self.mbs, self.dp = training.global_batch_size, training.micro_batch_size, job.layout.dp
         self.cap, self.multiple = plan.model.seq_length, pad_multiple(job)
-        self.bucketed = batching == "bucketed"
+        self.bucketed, self.packed = batching == "bucketed", batching == "packed"
+        if self.packed and not isinstance(shape, SequenceRows):
+            raise EngineError(f"stages.{job.name}.batching=packed: only conversations (sft) are packed")
         by_source = read_sources(plan, stage=job.name, data=data, records=shape.records, split="train")
         self.train_set = shape.load([s for samples in by_source.values() for s in samples])
         self.valid_set = shape.load(read_shards(plan, stage=job.name, data=data, records=shape.records, split="valid"))
@@ -363,7 +422,12 @@ class ChatBatches:
             zip(self.sources, self.mixture.shares(), self.mixture.counts(), strict=True))  # fmt: skip
         return (f"{tr['n']} training {self.shape.noun} ({self.valid_set['n']} held out), mean length "
                 f"{tr['lengths'].mean():.1f} tokens, {cut} cut at {self.cap}; "
-                f"batching: {'length-bucketed' if self.bucketed else 'padded to seq_length'}{mix}")  # fmt: skip
+                f"batching: {self._batching_words()}{mix}")  # fmt: skip
+
+    def _batching_words(self) -> str:
+        if self.packed:
+            return f"packed (first-fit decreasing into rows of at most {self.cap}, micro-batch by micro-batch)"
+        return "length-bucketed" if self.bucketed else "padded to seq_length"
 
     def _length_of(self, dataset: Samples, idx: np.ndarray) -> int:
         real = idx[idx >= 0]
@@ -378,7 +442,12 @@ class ChatBatches:
         def make() -> Iterator[Batch]:
             for m in range(len(idx) // block):
                 first = m * block + dp_rank * self.mbs
-                yield self.shape.rows(dataset, idx[first : first + self.mbs], seq)
+                chunk = idx[first : first + self.mbs]
+                if self.packed:
+                    assert isinstance(self.shape, SequenceRows)
+                    yield self.shape.packed(dataset, chunk, cap=self.cap, multiple=self.multiple)
+                else:
+                    yield self.shape.rows(dataset, chunk, seq)
 
         return make
 
@@ -390,14 +459,27 @@ class ChatBatches:
 
     def step_batches(self, dp_rank: int) -> Callable[[int], tuple[MakeIter, int, dict[str, float]]]:
         """What the training loop asks for: consumed samples → (micro-batches, sequence length, values
-        to log: the padded fraction, the step's sequence length and its real tokens)."""
+        to log: the padded fraction, the step's sequence length, its real tokens and the positions computed)."""
 
         def batches(consumed: int) -> tuple[MakeIter, int, dict[str, float]]:
             make, seq, real = self.train_batches(consumed, dp_rank)
-            waste = 1.0 - real / (seq * self.gbs * self.shape.rows_per_sample)
-            return make, seq, {"pad_fraction": waste, "seq_length": float(seq), "real_tokens": float(real)}
+            if self.packed:
+                computed = self._computed(self.order.samples(consumed, self.gbs))
+            else:
+                computed = seq * self.gbs * self.shape.rows_per_sample
+            return make, seq, {"pad_fraction": 1.0 - real / computed, "seq_length": float(seq),
+                               "real_tokens": float(real), "computed_tokens": float(computed)}  # fmt: skip
 
         return batches
+
+    def _computed(self, idx: np.ndarray) -> int:
+        """Positions the model runs over in one packed global batch, every rank's micro-batches together."""
+        total, lengths = 0, self.train_set["lengths"]
+        for first in range(0, len(idx) - len(idx) % self.mbs, self.mbs):
+            chunk = idx[first : first + self.mbs]
+            bins, seq = packed_geometry(lengths[chunk[chunk >= 0]], cap=self.cap, multiple=self.multiple)
+            total += max(len(bins), 1) * seq
+        return total
 
     def valid_batches(self, dp_rank: int) -> list[tuple[MakeIter, int, int]]:
         """The held-out samples (at most eval_iters global batches), in global batches sorted by length;

@@ -100,7 +100,8 @@ class LanguageModel:
         if ps.get_context_parallel_world_size() > 1:
             # Each context-parallel rank keeps two of 2·cp sequence chunks (load-balanced causal attention).
             batch = get_batch_on_this_cp_rank(batch)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        # Packed rows carry their block-diagonal causal mask; others attend causally (Megatron's default).
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             mask = batch["loss_mask"].float()

@@ -153,7 +153,8 @@ def train(ctx: Context, built: Any, task: Task, *, training: Training, checkpoin
             result = train_step(built, make, num_microbatches=nmb, seq_length=seq, **schedule)
             step, consumed = step + 1, consumed + gbs
             seconds = time.perf_counter() - began
-            computed = gbs * objective.rows_per_sample * seq  # positions the model runs over, padding included
+            # Positions the model runs over, padding included (packed rows: fewer and of their own length).
+            computed = extra.pop("computed_tokens", gbs * objective.rows_per_sample * seq)
             real = extra.pop("real_tokens", computed)
             values: dict[str, float] = {"loss": result.loss}
             values |= {k: v for k, v in objective.summarise(result.values).items() if k != "loss"}
