@@ -74,8 +74,11 @@ def test_other_references_take_no_paths(tmp_path: Path) -> None:
     ckpt = str(_checkpoint(tmp_path / "imported"))
     err = problems_of(f"stages.ppo.reward_model={ckpt}", f"stages.ppo.critic_from={ckpt}")
     assert sorted(err.paths()) == ["stages.ppo.critic_from", "stages.ppo.reward_model"]
-    assert "only the init_from of pretrain, sft, reward_model and dpo stages, a dpo stage's reference and a ppo " \
-        "stage's policy accept" in err.render()
+    assert "only the init_from of pretrain, sft, reward_model and dpo stages, the reference of dpo and ppo " \
+        "stages and a ppo stage's policy accept" in err.render()
+    # A ppo stage's reference may be a checkpoint directory: the plan depends on no stage for it.
+    ppo = compile_with(f"stages.ppo.reference={ckpt}").job("ppo")
+    assert ppo.config["reference"] == ckpt
 
 
 def test_a_ppo_policy_may_be_a_checkpoint_directory(tmp_path: Path) -> None:
