@@ -1,7 +1,7 @@
 """SFT on length-skewed conversations: packed vs bucketed vs padded rows, in one run.
 
 Conversation lengths are drawn the way chat data has them: most short (log-normal, median ~40 tokens),
-a tenth of them long, near `seq_length` (256). The same data stage and the same initial checkpoint feed
+a tenth of them long, near `seq_length` (256); the SFT start-up line printed says what they came to. The same data stage and the same initial checkpoint feed
 three SFT runs of `--steps` steps each, `batching` packed, bucketed and padded, repeated `--repeats`
 times in rotating order (interleaved, so that a slow moment of this machine falls on every variant).
 Printed per variant: the median over runs of the median `real_tokens_per_s` of a run's steps (the first
@@ -71,8 +71,9 @@ def write_inputs(root: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": words(rng, 60)}) + "\n")
     with (root / "chats.jsonl").open("w") as f:
         for _ in range(n):
-            # Words, not tokens: a word is about two tokens of the trained tokenizer.
-            total = int(rng.integers(90, 125)) if rng.random() < 0.1 else int(min(rng.lognormal(3.0, 0.6), 110))
+            # Words, not tokens: a word is about four tokens of the trained tokenizer (with the template's
+            # tokens, 62 words come near 256).
+            total = int(rng.integers(50, 62)) if rng.random() < 0.1 else int(min(rng.lognormal(2.2, 0.6), 50))
             ask = max(total // 4, 1)
             messages = [{"role": "user", "content": words(rng, ask)},
                         {"role": "assistant", "content": words(rng, total - ask)}]  # fmt: skip
