@@ -210,8 +210,9 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 def packed_geometry(lengths: np.ndarray, *, cap: int, multiple: int) -> tuple[list[list[int]], int]:
     """(bins, row length) of one micro-batch's samples packed into rows of at most `cap` positions."""
-    bins = first_fit_decreasing(np.minimum(lengths, cap), cap)
-    fill = max((int(np.minimum(lengths[b], cap).sum()) for b in bins), default=1)
+    clipped = np.minimum(lengths, cap)
+    bins = first_fit_decreasing(clipped, cap)
+    fill = max((int(clipped[b].sum()) for b in bins), default=1)
     return bins, step_length(fill, cap=cap, multiple=multiple)
 
 
@@ -451,24 +452,19 @@ class ChatBatches:
 
         return make
 
-    def train_batches(self, consumed: int, dp_rank: int) -> tuple[MakeIter, int, int]:
-        """(micro-batch factory, sequence length, real tokens of all ranks) of the step starting at `consumed`."""
-        idx = self.order.samples(consumed, self.gbs)
-        seq = self._length_of(self.train_set, idx)
-        return self._make(self.train_set, idx, seq, dp_rank), seq, self.shape.real_tokens(self.train_set, idx, seq)
-
     def step_batches(self, dp_rank: int) -> Callable[[int], tuple[MakeIter, int, dict[str, float]]]:
-        """What the training loop asks for: consumed samples → (micro-batches, sequence length, values
-        to log: the padded fraction, the step's sequence length, its real tokens and the positions computed)."""
+        """What the training loop asks for: consumed samples → (micro-batches of this rank, sequence length,
+        values to log: the padded fraction, the step's sequence length, the real tokens of all ranks and the
+        positions computed)."""
 
         def batches(consumed: int) -> tuple[MakeIter, int, dict[str, float]]:
-            make, seq, real = self.train_batches(consumed, dp_rank)
-            if self.packed:
-                computed = self._computed(self.order.samples(consumed, self.gbs))
-            else:
-                computed = seq * self.gbs * self.shape.rows_per_sample
-            return make, seq, {"pad_fraction": 1.0 - real / computed, "seq_length": float(seq),
-                               "real_tokens": float(real), "computed_tokens": float(computed)}  # fmt: skip
+            idx = self.order.samples(consumed, self.gbs)
+            seq = self._length_of(self.train_set, idx)
+            real = self.shape.real_tokens(self.train_set, idx, seq)
+            computed = self._computed(idx) if self.packed else seq * self.gbs * self.shape.rows_per_sample
+            return self._make(self.train_set, idx, seq, dp_rank), seq, {
+                "pad_fraction": 1.0 - real / computed, "seq_length": float(seq), "real_tokens": float(real),
+                "computed_tokens": float(computed)}  # fmt: skip
 
         return batches
 

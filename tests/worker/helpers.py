@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,3 +107,15 @@ def probe(plan_path: Path, nproc: int, out: Path) -> subprocess.CompletedProcess
 def losses(run_dir: Path, stage: str = "pretrain") -> dict[int, float]:
     """Loss per step; for steps logged twice (a killed run and its resume) the later line wins."""
     return {int(m["step"]): m["loss"] for m in metrics(run_dir, stage)}
+
+
+def masking_check(tmp_path: Path, check: str, *, port: int) -> dict[str, Any]:
+    """Run tests/worker/masking_check.py's `check` (labels or packing) on a fresh pretrain plan's model, in its
+    own process, and return the JSON it prints."""
+    _, plan_path = make_plan(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    done = subprocess.run([sys.executable, str(HERE / "masking_check.py"), str(plan_path), check],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=HERE.parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result

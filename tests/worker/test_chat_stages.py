@@ -19,7 +19,7 @@ from engine.load import load_recipe
 from engine.worker.checkpoint import latest_checkpoint, read_meta
 
 from ..conftest import REPO
-from .helpers import make_plan
+from .helpers import make_plan, masking_check
 
 pytestmark = pytest.mark.slow
 
@@ -222,13 +222,7 @@ def test_sft_refuses_a_checkpoint_with_another_tokenizer(run_dir: Path, tmp_path
 
 
 def test_loss_mask_keeps_prompt_labels_out_of_loss_and_gradients(tmp_path: Path) -> None:
-    _, plan_path = make_plan(tmp_path)
-    script = Path(__file__).with_name("masking_check.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29537"}
-    done = subprocess.run([sys.executable, str(script), str(plan_path)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=REPO)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = masking_check(tmp_path, "labels", port=29537)
     assert result["assistant_tokens"] > 0 and result["prompt_tokens"] > result["assistant_tokens"]
     assert result["prompt"] == {"loss_change": 0.0, "grad_change": 0.0}
     # At initialisation the logits are near uniform, so new labels move the loss by ~1e-3: far above the

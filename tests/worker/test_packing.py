@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from engine.worker.batches import first_fit_decreasing, packed_geometry
 
-from ..conftest import REPO
-from .helpers import make_plan
+from .helpers import masking_check
 
 
 def test_first_fit_decreasing_fills_rows_in_order_of_length() -> None:
@@ -32,13 +27,7 @@ def test_first_fit_decreasing_fills_rows_in_order_of_length() -> None:
 def test_packed_rows_give_the_padded_rows_loss_and_gradients(tmp_path: Path) -> None:
     """Eight conversations of skewed lengths in 5 packed rows instead of 8: loss and gradients equal the
     padded rows' to 1e-5 (float32 rounding), and without the block-diagonal mask they would not."""
-    _, plan_path = make_plan(tmp_path)
-    script = Path(__file__).with_name("packing_check.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29541"}
-    done = subprocess.run([sys.executable, str(script), str(plan_path)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=REPO)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = masking_check(tmp_path, "packing", port=29541)
     assert result["rows"][1] < result["rows"][0] and result["positions"][1] < result["positions"][0]
     assert result["tokens"][0] == result["tokens"][1] > 0
     assert result["loss"] < 1e-5 and result["grad"] < 1e-5
