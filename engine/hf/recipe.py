@@ -110,8 +110,6 @@ def finetune_recipe(
                 training["adam_beta2"] = ADAM_BETA2.get(family or "", training["adam_beta2"])
             if size == "gpu_large" and billions > 80 and "resources" in stage:
                 stage["resources"] = {"nodes": stage["resources"]["nodes"] * math.ceil(billions / 80)}
-        if any(stage.get("parallelism", {}).get("pp", 1) > 1 and "rollout" in stage for stage in stages.values()):
-            note += "; RL at pp>1 is planned, but its worker runs rollouts at pp=1 only (engine run says so)"
     if _fit(stages, model, rows):
         note += "; tensor/pipeline sizes or rollout lengths reduced to fit this model"
     shown = f"{billions:.1f}B" if billions >= 0.1 else f"{billions * 1e3:.2f}M"

@@ -131,9 +131,6 @@ class StageKind(Generic[S]):
     rules: Callable[[str, S, RuleContext], Iterator[Problem]] = no_rules
     # What a job computes and holds, from the stage and the model's sequence length; None: no training job.
     workload: Callable[[S, int], Workload] | None = None
-    # Problems that keep `engine run` from starting a valid plan (one a later engine version runs): its
-    # workers cannot do this yet. Given the stage's dotted path and the stage.
-    run_problems: Callable[[str, S], Iterator[Problem]] | None = None
     next_round: NextRound = field(default_factory=NextRound)
     held_out: tuple[HeldOut, ...] = ()
     charts: tuple[Chart, ...] = (LOSS, LR)

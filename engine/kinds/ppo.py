@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .. import __version__, plugin
+from .. import plugin
 from ..errors import Problem
 from ..schema import PpoStage
 from .base import LR, Chart, HeldOut, Reference, RuleContext, StageKind, Workload
@@ -121,16 +121,6 @@ def workload(stage: PpoStage, seq_length: int) -> Workload:
     )
 
 
-def run_problems(where: str, stage: PpoStage) -> Iterator[Problem]:
-    pp = stage.parallelism.pp
-    if pp > 1:
-        yield Problem(
-            f"{where}.parallelism.pp",
-            f"={pp}: the PPO worker of engine {__version__} runs rollouts without pipeline parallelism, so the run cannot start",
-            "use pp: 1 and split the model with tp (the plan itself is valid for later versions)",
-        )
-
-
 KIND = StageKind(
     name="ppo",
     model=PpoStage,
@@ -145,7 +135,6 @@ KIND = StageKind(
     ),
     rules=rules,
     workload=workload,
-    run_problems=run_problems,
     held_out=(
         HeldOut("val_reward", "val reward (greedy)", summary="reward"),
         HeldOut("val_accuracy", "val accuracy (greedy)", summary="accuracy"),

@@ -21,8 +21,8 @@ def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]
     if unknown:
         return [], [Problem("--stages", f"names no stage: {', '.join(unknown)}", f"stages: {', '.join(names)}")]
     jobs = [j for j in plan.jobs if only is None or j.name in only]
-    # A plan written by another engine version may name kinds this one does not know, or layouts its
-    # workers cannot run yet; `engine run` refuses it before anything starts.
+    # A plan written by another engine version may name kinds this one does not know; `engine run`
+    # refuses it before anything starts.
     problems = [
         Problem(
             f"stages.{job.name}",
@@ -32,10 +32,6 @@ def select(plan: Plan, only: list[str] | None) -> tuple[list[Job], list[Problem]
         for job in jobs
         if job.kind not in KINDS
     ]
-    for job in jobs:
-        kind = KINDS.get(job.kind)
-        if kind is not None and kind.run_problems is not None:
-            problems += kind.run_problems(f"stages.{job.name}", kind.model.model_validate(job.config))
     return jobs, problems
 
 

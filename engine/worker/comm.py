@@ -10,6 +10,9 @@ tensor on the device the group's backend needs and hand host values back.
 
 `deliver_from_last_stage` is how outputs that only the last pipeline stage computes (per-token
 log-probabilities, values, scores of a forward-only schedule) reach every rank of the pipeline.
+Decoding outside Megatron's schedules (engine.worker.generate) passes hidden states between stages with
+`send_to_next_stage` / `recv_from_previous_stage` and hands the sampled tokens to every stage with
+`pipeline_broadcast`: these take tensors already on the job's device.
 """
 
 from __future__ import annotations
@@ -50,6 +53,36 @@ def max_(tensor: torch.Tensor, *, group: Any) -> torch.Tensor:
     """The elementwise maximum over `group`, in place, of a tensor already on the job's device (logits)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor
+
+
+def send_to_next_stage(tensor: torch.Tensor) -> None:
+    """Hidden states (on the job's device) to the next pipeline stage; after the last, the first (the
+    next virtual chunk under interleaving)."""
+    from megatron.core import parallel_state as ps
+
+    dist.send(tensor.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+
+
+def recv_from_previous_stage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """What the previous pipeline stage sent with `send_to_next_stage`, on `device`."""
+    from megatron.core import parallel_state as ps
+
+    out = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(out, src=ps.get_pipeline_model_parallel_prev_rank())
+    return out
+
+
+def pipeline_broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's `tensor` (on the job's device; same shape and dtype on every stage) on every
+    stage. Without pipeline parallelism the tensor itself."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    group = ps.get_pipeline_model_parallel_group()
+    x = tensor.to(_device(group))
+    dist.broadcast(x, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
+    return x.to(tensor.device)
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:

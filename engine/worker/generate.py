@@ -12,6 +12,13 @@ step instead (no cache): the reference the rollout benchmark compares against.
 Under tensor parallelism the logits are gathered over the vocabulary shards, and every TP rank draws
 with an identically seeded generator, so all ranks sample the same tokens. Padded vocabulary entries
 are never sampled.
+
+Under pipeline parallelism `model` is the rank's list of model chunks (one per virtual stage). Each
+forward runs the chunks in pipeline order: a stage receives the previous stage's hidden states, runs its
+layers against its own KV cache (each rank's static inference context holds the keys and values of the
+layers it owns) and sends its output on; the last stage samples, and the drawn tokens are broadcast to
+every stage of the pipeline, so all ranks hold the same rows and stop together. One batch is in flight
+at a time: stages wait on each other (the pipeline bubble of decoding without micro-batches).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from . import comm
 
 
 @dataclass(frozen=True)
@@ -54,14 +63,47 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _pipeline_forward(chunks: list[torch.nn.Module], tokens: torch.Tensor, positions: torch.Tensor,
+                      **kwargs: object) -> torch.Tensor | None:  # fmt: skip
+    """The output of the model's last chunk on the last pipeline stage (None on the other stages): every
+    chunk in pipeline order, hidden states [s, b, h] passed from stage to stage."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_attr_wrapped_model
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp == 1 and len(chunks) == 1:
+        only: torch.Tensor = chunks[0](tokens, positions, None, **kwargs)
+        return only
+    stage = ps.get_pipeline_model_parallel_rank()
+    config = get_attr_wrapped_model(chunks[0], "config")
+    seq = tokens.shape[1] // (config.tensor_model_parallel_size if config.sequence_parallel else 1)
+    shape = (seq, tokens.shape[0], config.hidden_size)
+    out: torch.Tensor | None = None
+    for v, chunk in enumerate(chunks):
+        first, last = stage == 0 and v == 0, stage == pp - 1 and v == len(chunks) - 1
+        set_input = get_attr_wrapped_model(chunk, "set_input_tensor")
+        if not first:
+            set_input(comm.recv_from_previous_stage(shape, config.pipeline_dtype, tokens.device))
+        out = chunk(tokens, positions, None, **kwargs)
+        if not first:
+            set_input(None)
+        if not last:
+            assert out is not None
+            comm.send_to_next_stage(out)
+    return out if stage == pp - 1 else None
+
+
 @torch.no_grad()
 def generate(
-    model: torch.nn.Module, prompts: list[list[int]], *, max_new: int, sampling: Sampling, stop: list[int],
+    model: torch.nn.Module | list[torch.nn.Module], prompts: list[list[int]], *, max_new: int, sampling: Sampling, stop: list[int],
     pad: int, vocab_size: int, generator: torch.Generator, recompute: bool = False,
 ) -> Generated:  # fmt: skip
+    from megatron.core import parallel_state as ps
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    device = next(model.parameters()).device
+    chunks = model if isinstance(model, list) else [model]
+    last_stage = ps.get_pipeline_model_parallel_rank() == ps.get_pipeline_model_parallel_world_size() - 1
+    device = next(chunks[0].parameters()).device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     shortest, total = int(lengths.min()), int(lengths.max()) + max_new
@@ -72,28 +114,35 @@ def generate(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     produced = torch.zeros(batch, dtype=torch.long, device=device)
     positions = torch.arange(total, device=device).unsqueeze(0).expand(batch, total)
-    was_training = model.training
-    model.eval()
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
     ctx = None if recompute else StaticInferenceContext(batch, total)
 
-    def logits_at(pos: int) -> torch.Tensor:
-        """Logits for the token at `pos` (from the prefix before it)."""
+    def logits_at(pos: int) -> torch.Tensor | None:
+        """Logits for the token at `pos` (from the prefix before it), on the last pipeline stage."""
         if ctx is None:
-            out = model(tokens[:, :pos], positions[:, :pos], None, runtime_gather_output=True)
+            out = _pipeline_forward(chunks, tokens[:, :pos], positions[:, :pos], runtime_gather_output=True)
         elif ctx.sequence_len_offset == 0:
-            out = model(tokens[:, :pos], positions[:, :pos], None, inference_context=ctx, runtime_gather_output=True)
+            out = _pipeline_forward(chunks, tokens[:, :pos], positions[:, :pos], inference_context=ctx,
+                                    runtime_gather_output=True)  # fmt: skip
             ctx.sequence_len_offset = pos
         else:
-            out = model(tokens[:, pos - 1 : pos], positions[:, pos - 1 : pos], None, inference_context=ctx,
-                        runtime_gather_output=True)  # fmt: skip
+            out = _pipeline_forward(chunks, tokens[:, pos - 1 : pos], positions[:, pos - 1 : pos],
+                                    inference_context=ctx, runtime_gather_output=True)  # fmt: skip
             ctx.sequence_len_offset += 1
-        logits: torch.Tensor = out[:, -1, :vocab_size]
-        return logits
+        return None if out is None else out[:, -1, :vocab_size]
 
     steps = 0
     try:
         for pos in range(shortest, total):
-            drawn = sample(logits_at(pos), sampling, generator)
+            logits = logits_at(pos)
+            if last_stage:
+                assert logits is not None
+                drawn = sample(logits, sampling, generator)
+            else:
+                drawn = torch.empty(batch, dtype=torch.long, device=device)
+            drawn = comm.pipeline_broadcast(drawn)
             generating = pos >= lengths
             active = generating & ~done
             steps += int(active.sum())
@@ -103,5 +152,6 @@ def generate(
             if bool(done.all()):
                 break
     finally:
-        model.train(was_training)
+        for chunk, mode in zip(chunks, was_training, strict=True):
+            chunk.train(mode)
     return Generated(tokens=tokens, prompt_lengths=lengths, response_lengths=produced, new_tokens=steps)

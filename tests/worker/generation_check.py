@@ -1,5 +1,6 @@
 """Run under torchrun (Megatron is patched for CPU there): KV-cache generation against full recompute,
-and vocabulary-parallel log-probabilities and entropy against torch's. Rank 0 prints JSON.
+and vocabulary-parallel log-probabilities and entropy against torch's. Rank 0 prints JSON. Under pipeline
+parallelism (the plan's pretrain layout) only generation runs, through the pipeline.
 
     python -m torch.distributed.run --nproc-per-node=N tests/worker/generation_check.py plan.json
 """
@@ -33,17 +34,22 @@ def main() -> None:
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu", recompute=training.recompute))
-        (model,) = build_chunks(job, plan.model, config, device="cpu")
-        init_layout_independent([model], seed=3, std=0.2, num_layers=plan.model.num_layers)
+        chunks = build_chunks(job, plan.model, config, device="cpu")
+        init_layout_independent(chunks, seed=3, std=0.2, num_layers=plan.model.num_layers)
         prompts = [[5, 9, 13], [7, 8, 21, 30, 31, 2], [40, 41, 42, 43]]
         out: dict[str, object] = {}
         for name, sampling in (("greedy", Sampling(temperature=0.0)), ("sampled", Sampling(0.9, top_k=20, top_p=0.9))):
             for cache in (True, False):
-                got = generate(model, prompts, max_new=10, sampling=sampling, stop=[1], pad=0, vocab_size=96,
+                got = generate(chunks, prompts, max_new=10, sampling=sampling, stop=[1], pad=0, vocab_size=96,
                                generator=torch.Generator().manual_seed(11), recompute=not cache)  # fmt: skip
                 out[f"{name}_{'cache' if cache else 'recompute'}"] = {
                     "tokens": got.tokens.tolist(), "responses": got.response_lengths.tolist(),
                 }  # fmt: skip
+        if len(chunks) > 1 or job.layout is not None and job.layout.pp > 1:
+            if torch.distributed.get_rank() == 0:
+                print(json.dumps(out))
+            return
+        (model,) = chunks
         tokens = torch.tensor([[5, 9, 13, 17, 19, 23], [7, 8, 21, 30, 31, 2]])
         labels = torch.roll(tokens, -1, dims=1)
         model.eval()

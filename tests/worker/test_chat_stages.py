@@ -230,11 +230,12 @@ def test_loss_mask_keeps_prompt_labels_out_of_loss_and_gradients(tmp_path: Path)
     assert result["assistant"]["loss_change"] > 1e-4 and result["assistant"]["grad_change"] > 1e-4
 
 
-def _generation(tmp_path: Path, tp: int) -> dict[str, object]:
-    _, plan_path = make_plan(tmp_path / f"tp{tp}", f"stages.pretrain.parallelism.tp={tp}",
-                             f"stages.pretrain.resources.gpus_per_node={tp}")  # fmt: skip
+def _generation(tmp_path: Path, tp: int, pp: int = 1) -> dict[str, object]:
+    _, plan_path = make_plan(tmp_path / f"tp{tp}pp{pp}", f"stages.pretrain.parallelism.tp={tp}",
+                             f"stages.pretrain.parallelism.pp={pp}",
+                             f"stages.pretrain.resources.gpus_per_node={tp * pp}")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
            str(Path(__file__).with_name("generation_check.py")), str(plan_path)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -242,7 +243,7 @@ def _generation(tmp_path: Path, tp: int) -> dict[str, object]:
     return result
 
 
-def test_kv_cache_generation_equals_recompute_and_tp2_equals_tp1(tmp_path: Path) -> None:
+def test_kv_cache_generation_equals_recompute_and_tp2_pp2_tp2pp2_equal_one_process(tmp_path: Path) -> None:
     one = _generation(tmp_path, 1)
     # With the cache or recomputing every prefix, greedy and seeded sampling give the same tokens;
     # prompts of different lengths keep their own tokens; the stop token ends a row.
@@ -257,6 +258,12 @@ def test_kv_cache_generation_equals_recompute_and_tp2_equals_tp1(tmp_path: Path)
     assert two["logp_error"] < 1e-5 and two["entropy_error"] < 1e-5  # type: ignore[operator]
     diff = max(abs(a - b) for ra, rb in zip(one["logp"], two["logp"], strict=True) for a, b in zip(ra, rb, strict=True))  # type: ignore[call-overload]
     assert diff < 1e-4
+    # Through the pipeline (hidden states stage to stage, a KV cache per stage, tokens sampled on the last
+    # stage and broadcast), with and without TP: the same tokens, greedy and seeded sampling.
+    keys = ("greedy_cache", "greedy_recompute", "sampled_cache", "sampled_recompute")
+    for tp, pp in ((1, 2), (2, 2)):
+        piped = _generation(tmp_path, tp, pp)
+        assert {k: piped[k] for k in keys} == {k: one[k] for k in keys}, (tp, pp)
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,14 @@ Held-out evaluation (`eval_prompts` prompts of the valid split, answered greedil
 the rollouts: mean reward, and exact-match accuracy where prompts carry a reference) is logged at step 0, every `eval_interval`
 iterations and at the end. Checkpoints: the actor in the stage's checkpoint folder (meta.json carries
 the iteration and the KL coefficient), the critic under `critic/`, saved first; a restarted job resumes
-from the newest actor checkpoint whose critic exists. Rollouts run at pp=1 (the compiler refuses
-pipeline parallelism for PPO).
+from the newest actor checkpoint whose critic exists.
+
+Every layout the training stages take works here too. Under pipeline parallelism rollouts are decoded
+through the pipeline (engine.worker.generate: each stage keeps the KV cache of its own layers, the last
+samples and broadcasts the tokens); the log-probabilities, values and reward-model scores are forward-
+only passes through Megatron's schedule, whose last-stage outputs reach every rank
+(engine.worker.loop.forward_outputs); the updates run through the same 1F1B schedule as SFT's. Every
+rank then holds the same rollouts, scores and advantages, so what follows is layout-independent.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from ..faults import maybe_kill
 from ..generate import Sampling, generate
 from ..handoff import checked_parent, checked_policy, meta_for
 from ..logprobs import vocab_parallel_logp_entropy
-from ..loop import train_step
+from ..loop import forward_outputs, train_step
 from ..mcore import SCALAR_HEAD, build_frozen, build_job
 from ..metrics import Metrics
 from ..ppo_math import (
@@ -111,8 +117,6 @@ class Ppo:
         self.ctx, self.job, self.plan, self.spec = ctx, job, plan, spec
         lay, est = job.layout, job.estimate
         assert lay is not None and est is not None
-        if lay.pp > 1:
-            raise EngineError(f"stages.{job.name}.parallelism.pp={lay.pp}: PPO rollouts run at pp=1; use tp instead")
         self.ro, self.hp, self.t = spec.rollout, spec.ppo, spec.training
         self.beta = float(self.hp.kl_coef)  # the KL coefficient of the current iteration
         hp = self.hp
@@ -229,10 +233,9 @@ class Ppo:
     def _generate(self, prompts: list[dict[str, Any]], sampling: Sampling, gen: torch.Generator) -> tuple[Any, int]:
         """Token rows (prompt + response, padded), prompt and response lengths; tokens generated."""
         rows, plens, rlens, new = [], [], [], 0
-        actor = self.actor.chunks[0]
         for i in range(0, len(prompts), self.ro.batch_size):
             chunk = prompts[i : i + self.ro.batch_size]
-            out = generate(actor, [p["prompt"] for p in chunk], max_new=self.ro.max_new_tokens, sampling=sampling,
+            out = generate(self.actor.chunks, [p["prompt"] for p in chunk], max_new=self.ro.max_new_tokens, sampling=sampling,
                            stop=self.stop, pad=self.template.pad, vocab_size=self.vocab, generator=gen)  # fmt: skip
             new += out.new_tokens
             for r in range(len(chunk)):
@@ -252,33 +255,63 @@ class Ppo:
         labels = torch.cat([tokens[:, 1:], torch.full((len(rows), 1), self.template.pad, dtype=torch.long)], dim=1)
         return tokens, labels, mask
 
-    @torch.no_grad()
     def _logp(self, chunks: list[Any], tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """log π(label) per position (host tensors in and out; each batch runs on the job's device)."""
-        out = []
-        for i in range(0, len(tokens), self.ro.batch_size):
-            b = self._on_device(tokens[i : i + self.ro.batch_size], labels[i : i + self.ro.batch_size])
-            logits = chunks[0](b["tokens"], b["position_ids"], None) / self.ro.temperature
-            out.append(vocab_parallel_logp_entropy(logits, b["labels"])[0].cpu())
-        return torch.cat(out)
 
-    def _on_device(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        batch = {"tokens": tokens, "position_ids": positions(*tokens.shape)}
-        return comm.to_device(batch if labels is None else {**batch, "labels": labels}, self.ctx.device)
+        def step(data: Any, model: Any) -> tuple[torch.Tensor, Any]:
+            b = comm.to_device(next(data), self.ctx.device)
+            logits = model(b["tokens"], b["position_ids"], None)
+
+            def collect(logits: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+                return vocab_parallel_logp_entropy(logits / self.ro.temperature, b["labels"])[0].detach()
+
+            return logits, collect
+
+        return self._forward_rows(chunks, step, tokens, labels)
+
+    @torch.no_grad()
+    def _values(self, chunks: list[Any], tokens: torch.Tensor) -> torch.Tensor:
+        """A scalar-head model's value per position (host tensors in and out)."""
+
+        def step(data: Any, model: Any) -> tuple[torch.Tensor, Any]:
+            b = comm.to_device(next(data), self.ctx.device)
+            values = model(b["tokens"], b["position_ids"], None)
+
+            def collect(values: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+                return values.float().detach()
+
+            return values, collect
+
+        return self._forward_rows(chunks, step, tokens, None)
+
+    def _forward_rows(self, chunks: list[Any], step: Any, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """One output row per token row, from a forward-only pass through the pipeline schedule in micro-batches
+        of `rollout.batch_size` rows; the last stage's outputs are delivered to every rank. Under pipeline
+        parallelism every micro-batch has the same shape (the last is filled with copies of the first row,
+        whose outputs are dropped) and, interleaved, their number is a multiple of pp."""
+        size, n, width = self.ro.batch_size, len(tokens), tokens.shape[1]
+        assert self.job.layout is not None
+        pp, vpp = self.job.layout.pp, self.job.layout.vpp
+        count = -(-n // size)
+        if vpp > 1:
+            count = -(-count // pp) * pp
+        if pp > 1 and count * size > n:
+            fill = count * size - n
+            tokens = torch.cat([tokens, tokens[:1].expand(fill, width)])
+            labels = None if labels is None else torch.cat([labels, labels[:1].expand(fill, width)])
+        micro = []
+        for i in range(0, len(tokens), size):
+            rows = tokens[i : i + size]
+            batch = {"tokens": rows, "position_ids": positions(*rows.shape)}
+            micro.append(batch if labels is None else {**batch, "labels": labels[i : i + size]})
+        out = forward_outputs(chunks, lambda: iter(micro), forward_step=step, num_microbatches=len(micro),
+                              seq_length=width, mbs=size)  # fmt: skip
+        return torch.cat(out)[:n]
 
     def _generator(self, seed: int) -> torch.Generator:
         """A sampling generator on the job's device (sampling draws there; every TP rank seeds it alike)."""
         device = torch.device("cuda", torch.cuda.current_device()) if self.ctx.device == "cuda" else torch.device("cpu")
         return torch.Generator(device=device).manual_seed(seed)
-
-    @torch.no_grad()
-    def _values(self, chunks: list[Any], tokens: torch.Tensor) -> torch.Tensor:
-        """A scalar-head model's value per position (host tensors in and out)."""
-        size, out = self.ro.batch_size, []
-        for i in range(0, len(tokens), size):
-            b = self._on_device(tokens[i : i + size])
-            out.append(chunks[0](b["tokens"], b["position_ids"], None).float().cpu())
-        return torch.cat(out)
 
     def _sample(self, prompts: list[dict[str, Any]], sampling: Sampling, gen: torch.Generator) -> dict[str, Any]:
         """One round of rollouts for `prompts`, scored (overlong shaping included)."""
