@@ -448,6 +448,54 @@ def test_dr_grpo_puts_the_kl_penalty_in_the_loss(run_dir: Path, tmp_path: Path) 
     assert len(steps) == 3 and steps[0]["kl"] == 0.0 and 0.0 < steps[-1]["kl"] < 1.0, steps
 
 
+def _rl_iterations(run_dir: Path, tmp_path: Path, *overrides: str) -> tuple[list[dict[str, float]], list[dict[str, torch.Tensor]]]:
+    """Two RL iterations from the shared SFT and reward checkpoints: the metrics, and the rollouts each
+    iteration trained on (ENGINE_DUMP_ROLLOUTS)."""
+    copy = _ppo_copy(run_dir, tmp_path)
+    dump = tmp_path / "rollouts"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_DUMP_ROLLOUTS": str(dump)}
+    env.pop("ENGINE_FAULT", None)
+    done = subprocess.run([sys.executable, "-m", "engine", "run", str(TINY), "--stages", "ppo", f"run_dir={copy}",
+                           "stages.ppo.training.steps=2", "stages.ppo.eval_prompts=8", *overrides],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rollouts = [torch.load(f) for f in sorted(dump.glob("iteration_*_dp0.pt"))]
+    assert len(rollouts) == 2
+    return metrics(copy, "ppo"), rollouts
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "layouts"),
+    [("gae", {"pp2": ["pp=2"], "tp2pp2": ["tp=2", "pp=2"]}),
+     ("grpo", {"pp2": ["pp=2"], "pp2vpp3": ["pp=2", "vpp=3"]})],
+    ids=["ppo", "grpo"],
+)  # fmt: skip
+def test_rl_iterations_through_the_pipeline_equal_one_process(
+    run_dir: Path, tmp_path: Path, algorithm: str, layouts: dict[str, list[str]]
+) -> None:
+    """PPO (actor, critic, reference, reward model) and GRPO at pipeline layouts against one process: the same
+    rollouts token for token (sampled through the pipeline), and log-probabilities, values, scores,
+    advantages, returns, losses, gradient norms and the KL (non-zero in the second iteration) equal to 1e-4."""
+    algo = f"stages.ppo.ppo.advantage={algorithm}"
+    one, one_rollouts = _rl_iterations(run_dir, tmp_path / "one", algo, "stages.ppo.resources.gpus_per_node=1")
+    assert one[-1]["kl"] > 1e-4  # the second iteration's policy has moved from the reference
+    keys = [k for k in one[-1] if k not in ("step", "elapsed_s", "rollout_tokens_per_s")]
+    assert {"loss", "policy_loss", "kl", "reward", "grad_norm", "val_reward"} <= set(keys)
+    for name, layout in layouts.items():
+        size = math.prod(int(v.split("=")[1]) for v in layout if not v.startswith("vpp"))
+        args = [f"stages.ppo.parallelism.{v}" for v in layout] + [f"stages.ppo.resources.gpus_per_node={size}"]
+        ours, rollouts = _rl_iterations(run_dir, tmp_path / name, algo, *args)
+        for mine, theirs in zip(ours, one, strict=True):
+            for key in (k for k in keys if k in theirs):
+                assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (name, mine["step"], key)
+        for mine, theirs in zip(rollouts, one_rollouts, strict=True):
+            for key, value in theirs.items():
+                if value.dtype == torch.long:
+                    assert torch.equal(mine[key], value), (name, key)
+                else:
+                    assert float((mine[key] - value).abs().max()) < 1e-4, (name, key)
+
+
 def test_ppo_resumes_after_sigkill_as_if_uninterrupted(run_dir: Path, tmp_path: Path) -> None:
     """Rollouts are seeded by (seed, iteration, rank) and a checkpoint holds actor, critic, both
     optimizers and the KL coefficient, so iterations 3 and 4 after a kill at iteration 3 (last

@@ -42,6 +42,7 @@ rank then holds the same rollouts, scores and advantages, so what follows is lay
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,7 +394,20 @@ class Ppo:
             advantages = whiten(advantages, mask, mean, sums[1] / sums[2] - mean.pow(2))
         values |= _dp_means({"kl": kl.sum(1)})
         rollouts = Rollouts(tokens, labels, mask, old_logp, old_values, advantages * mask, returns, ref_logp)
+        self._dump(iteration, rollouts, score)
         return rollouts, values
+
+    def _dump(self, iteration: int, rollouts: Rollouts, score: torch.Tensor) -> None:
+        """With ENGINE_DUMP_ROLLOUTS=<folder>: each iteration's rollouts of each data-parallel rank, as they go
+        into the update (a debugging aid: what was sampled, scored and credited), written by one rank of the
+        replica as iteration_<N>_dp<R>.pt."""
+        where = os.environ.get("ENGINE_DUMP_ROLLOUTS")
+        if not where or ps.get_tensor_model_parallel_rank() != 0 or ps.get_pipeline_model_parallel_rank() != 0:
+            return
+        folder = Path(where)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({**vars(rollouts), "score": score},
+                   folder / f"iteration_{iteration:06d}_dp{self.dp_rank}.pt")  # fmt: skip
 
     def _rollout_stats(self, batch: dict[str, Any]) -> dict[str, float]:
         """Reward, its parts and the response length over the iteration's first round of rollouts, before
