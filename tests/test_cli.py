@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.load import load_recipe
+
 from .conftest import RECIPES, REPO, TINY
 
 ENGINE = Path(sys.executable).with_name("engine")
@@ -61,13 +63,22 @@ def test_memory_refusal_and_force() -> None:
     assert engine("plan", H8, "stages.pretrain.training.micro_batch_size=16", "--force").returncode == 0
 
 
-def test_run_refuses_what_a_worker_cannot_do_before_starting(tmp_path: Path) -> None:
-    done = engine("run", TINY, "stages.ppo.parallelism.pp=2", "stages.ppo.resources.gpus_per_node=2", cwd=tmp_path)
+def test_run_refuses_an_impossible_layout_before_starting(tmp_path: Path) -> None:
+    done = engine("run", TINY, "stages.ppo.parallelism.pp=4", "stages.ppo.resources.gpus_per_node=4", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert "stages.ppo.parallelism.pp=2: the PPO worker" in done.stderr
-    assert "stages.data" not in done.stderr and "stages.sft" not in done.stderr
+    assert "stages.ppo.parallelism.pp" in done.stderr and "num_layers" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()  # nothing started, not even the data stage
+
+
+def test_every_shipped_h100_recipe_dry_runs_every_stage(tmp_path: Path) -> None:
+    """The 8B, 70B and 405B recipes, their RL stages at pp=8 and pp=16 included: one command per stage."""
+    for recipe in sorted((REPO / "recipes" / "h100").glob("*.yaml")):
+        done = engine("run", recipe, "--dry-run", cwd=tmp_path)
+        assert done.returncode == 0, (recipe.name, done.stderr[-2000:])
+        stages = len(load_recipe(recipe).stages)
+        assert done.stdout.count("# command") == stages and "dry run: nothing was submitted" in done.stdout, recipe.name
+    assert not (tmp_path / "runs").exists()
 
 
 def test_run_rejects_unknown_stage_names(tmp_path: Path) -> None:
@@ -105,8 +116,8 @@ def test_module_entry_point() -> None:
 
 
 def test_dry_run_refuses_what_run_refuses() -> None:
-    done = engine("run", REPO / "recipes" / "h100" / "llama3_70b.yaml", "--dry-run")
-    assert done.returncode == 2 and "stages.ppo.parallelism.pp=8: the PPO worker" in done.stderr
+    done = engine("run", REPO / "recipes" / "h100" / "llama3_70b.yaml", "--dry-run", "--stages", "data,pretrian")
+    assert done.returncode == 2 and "--stages: names no stage: pretrian" in done.stderr
     assert "dry run" not in done.stdout
     assert engine("run", REPO / "recipes" / "h100" / "llama3_70b.yaml", "--dry-run", "--stages", "data,pretrain").returncode == 0
 
