@@ -269,6 +269,12 @@ class PpoStage(TrainingStage):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="sampling settings")
     ppo: PpoSpec = Field(default_factory=PpoSpec, description="PPO hyper-parameters")
     eval_prompts: int = Field(default=64, gt=0, le=10**7, description="held-out prompts scored before and after")
+    offload: list[Literal["reference", "reward_model", "critic"]] = Field(
+        default_factory=list,
+        description="roles kept in host memory except in the phases that use them: the reference and the reward "
+        "model outside scoring, the critic (weights, gradients, optimizer) during rollouts; the estimate counts "
+        "what each phase holds",
+    )
 
 
 # Every stage kind's recipe model; engine.kinds declares what else each kind is.

@@ -28,6 +28,15 @@ def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
             "(Megatron-Core runs inference without it)",
             "set sequence_parallel: false for the PPO stage",
         )
+    present = {"reference": stage.ppo.uses_reference, "reward_model": stage.reward_model is not None,
+               "critic": not stage.ppo.group_advantage}  # fmt: skip
+    why = {"reference": "ppo.kl_coef is 0, so no reference is built", "reward_model": "reward_model is not set",
+           "critic": f"ppo.advantage={stage.ppo.advantage} trains no critic"}  # fmt: skip
+    for i, role in enumerate(stage.offload):
+        if role in stage.offload[:i]:
+            yield Problem(f"{where}.offload[{i}]", f"{role!r} is listed twice", "list each role once")
+        elif not present[role]:
+            yield Problem(f"{where}.offload[{i}]", f"={role!r}: {why[role]}", f"remove {role!r} from offload")
     if stage.reward_model is None and not stage.rewards:
         yield Problem(
             f"{where}.rewards",

@@ -45,7 +45,7 @@ def main() -> None:
                 out[f"{name}_{'cache' if cache else 'recompute'}"] = {
                     "tokens": got.tokens.tolist(), "responses": got.response_lengths.tolist(),
                 }  # fmt: skip
-        if len(chunks) > 1 or job.layout is not None and job.layout.pp > 1:
+        if len(chunks) > 1 or (job.layout is not None and job.layout.pp > 1):
             if torch.distributed.get_rank() == 0:
                 print(json.dumps(out))
             return

@@ -448,7 +448,9 @@ def test_dr_grpo_puts_the_kl_penalty_in_the_loss(run_dir: Path, tmp_path: Path) 
     assert len(steps) == 3 and steps[0]["kl"] == 0.0 and 0.0 < steps[-1]["kl"] < 1.0, steps
 
 
-def _rl_iterations(run_dir: Path, tmp_path: Path, *overrides: str) -> tuple[list[dict[str, float]], list[dict[str, torch.Tensor]]]:
+def _rl_iterations(
+    run_dir: Path, tmp_path: Path, *overrides: str
+) -> tuple[list[dict[str, float]], list[dict[str, torch.Tensor]]]:
     """Two RL iterations from the shared SFT and reward checkpoints: the metrics, and the rollouts each
     iteration trained on (ENGINE_DUMP_ROLLOUTS)."""
     copy = _ppo_copy(run_dir, tmp_path)
@@ -459,15 +461,22 @@ def _rl_iterations(run_dir: Path, tmp_path: Path, *overrides: str) -> tuple[list
                            "stages.ppo.training.steps=2", "stages.ppo.eval_prompts=8", *overrides],
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if any(o.startswith("stages.ppo.offload=") for o in overrides):
+        line = next(x for x in done.stdout.splitlines() if "offloaded to host memory" in x)
+        assert all(f"{role} " in line for role in ("reference", "reward_model", "critic")), line
     rollouts = [torch.load(f) for f in sorted(dump.glob("iteration_*_dp0.pt"))]
     assert len(rollouts) == 2
     return metrics(copy, "ppo"), rollouts
 
 
+OFFLOAD = "offload=[reference,reward_model,critic]"
+
+
 @pytest.mark.parametrize(
     ("algorithm", "layouts"),
-    [("gae", {"pp2": ["pp=2"], "tp2pp2": ["tp=2", "pp=2"]}),
-     ("grpo", {"pp2": ["pp=2"], "pp2vpp3": ["pp=2", "vpp=3"]})],
+    [("gae", {"pp2": ["parallelism.pp=2"], "tp2pp2": ["parallelism.tp=2", "parallelism.pp=2"],
+              "pp2_offload": ["parallelism.pp=2", OFFLOAD]}),
+     ("grpo", {"pp2": ["parallelism.pp=2"], "pp2vpp3": ["parallelism.pp=2", "parallelism.vpp=3"]})],
     ids=["ppo", "grpo"],
 )  # fmt: skip
 def test_rl_iterations_through_the_pipeline_equal_one_process(
@@ -475,15 +484,17 @@ def test_rl_iterations_through_the_pipeline_equal_one_process(
 ) -> None:
     """PPO (actor, critic, reference, reward model) and GRPO at pipeline layouts against one process: the same
     rollouts token for token (sampled through the pipeline), and log-probabilities, values, scores,
-    advantages, returns, losses, gradient norms and the KL (non-zero in the second iteration) equal to 1e-4."""
+    advantages, returns, losses, gradient norms and the KL (non-zero in the second iteration) equal to 1e-4.
+    With the reference, the reward model and the critic offloaded to host memory between their phases,
+    PPO at PP2 is the same run as without."""
     algo = f"stages.ppo.ppo.advantage={algorithm}"
     one, one_rollouts = _rl_iterations(run_dir, tmp_path / "one", algo, "stages.ppo.resources.gpus_per_node=1")
     assert one[-1]["kl"] > 1e-4  # the second iteration's policy has moved from the reference
     keys = [k for k in one[-1] if k not in ("step", "elapsed_s", "rollout_tokens_per_s")]
     assert {"loss", "policy_loss", "kl", "reward", "grad_norm", "val_reward"} <= set(keys)
     for name, layout in layouts.items():
-        size = math.prod(int(v.split("=")[1]) for v in layout if not v.startswith("vpp"))
-        args = [f"stages.ppo.parallelism.{v}" for v in layout] + [f"stages.ppo.resources.gpus_per_node={size}"]
+        size = math.prod(int(v.split("=")[1]) for v in layout if v.startswith(("parallelism.tp", "parallelism.pp")))
+        args = [f"stages.ppo.{v}" for v in layout] + [f"stages.ppo.resources.gpus_per_node={size}"]
         ours, rollouts = _rl_iterations(run_dir, tmp_path / name, algo, *args)
         for mine, theirs in zip(ours, one, strict=True):
             for key in (k for k in keys if k in theirs):

@@ -41,6 +41,7 @@ rank then holds the same rollouts, scores and advantages, so what follows is lay
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -68,6 +69,7 @@ from ..logprobs import vocab_parallel_logp_entropy
 from ..loop import forward_outputs, train_step
 from ..mcore import SCALAR_HEAD, build_frozen, build_job
 from ..metrics import Metrics
+from ..offload import Role
 from ..ppo_math import (
     adapt_kl_coef,
     aggregate,
@@ -164,12 +166,32 @@ class Ppo:
         self.reward_model = (
             build_frozen(job, model, device=device, recompute=t.recompute, head="scalar") if spec.reward_model else None
         )
+        # Roles kept in host memory outside the phases that use them (`offload`; engine.worker.offload).
+        self.roles: dict[str, Role] = {}
+        if self.reference is not None:
+            self.roles["reference"] = Role("reference", self.reference, enabled="reference" in spec.offload)
+        if self.reward_model is not None:
+            self.roles["reward_model"] = Role("reward_model", self.reward_model, enabled="reward_model" in spec.offload)
+        if self.critic is not None:
+            self.roles["critic"] = Role("critic", self.critic.chunks, self.critic.optimizer,
+                                        enabled="critic" in spec.offload)  # fmt: skip
         self.scorer = Scorer(stage=job.name, rewards=spec.rewards, reward_model=self.reward_model,
-                             reward_model_weight=spec.reward_model_weight, values=self._values, tok=self.tok,
+                             reward_model_weight=spec.reward_model_weight, values=self._reward_values, tok=self.tok,
                              template=self.template)  # fmt: skip
         self.root = Path(job.outputs[0].path)
         self.critic_root = self.root.parent / "critic"
         self.background = checkpoint.Background() if spec.checkpointing.async_save else None
+
+    def _resident(self, name: str) -> Any:
+        """A context in which the role is on the device (offloaded again after it, if it is offloaded)."""
+        role = self.roles.get(name)
+        return role.resident() if role is not None else contextlib.nullcontext()
+
+    def _offload_idle(self) -> None:
+        """Offload every offloaded role (no-op for those already in host memory)."""
+        for role in self.roles.values():
+            if role.enabled:
+                role.offload()
 
     def _prompt_sources(self, split: str) -> dict[str, list[dict[str, Any]]]:
         """The prompts of each source that fit rollout.max_prompt_tokens."""
@@ -314,6 +336,10 @@ class Ppo:
         device = torch.device("cuda", torch.cuda.current_device()) if self.ctx.device == "cuda" else torch.device("cpu")
         return torch.Generator(device=device).manual_seed(seed)
 
+    def _reward_values(self, chunks: list[Any], tokens: torch.Tensor) -> torch.Tensor:
+        with self._resident("reward_model"):
+            return self._values(chunks, tokens)
+
     def _sample(self, prompts: list[dict[str, Any]], sampling: Sampling, gen: torch.Generator) -> dict[str, Any]:
         """One round of rollouts for `prompts`, scored (overlong shaping included)."""
         began = time.perf_counter()
@@ -374,7 +400,8 @@ class Ppo:
         rows, plens, score = chosen["rows"], chosen["plens"], chosen["score"]
         tokens, labels, mask = self._label_space(rows, plens)
         old_logp = self._logp(self.actor.chunks, tokens, labels) * mask
-        ref_logp = self._logp(self.reference, tokens, labels) * mask if self.reference is not None else old_logp
+        with self._resident("reference"):
+            ref_logp = self._logp(self.reference, tokens, labels) * mask if self.reference is not None else old_logp
         kl = kl_penalty(old_logp, ref_logp, self.hp.kl_estimator) * mask
         in_return = beta if self.hp.kl_penalty == "reward" else 0.0
         group = self.ro.responses_per_prompt
@@ -385,6 +412,7 @@ class Ppo:
             else:
                 advantages = grpo_advantages(score, kl, mask, in_return, group, scale=self.hp.advantage == "grpo")
         else:
+            self.roles["critic"].load()  # resident until the update is done (offloaded after it)
             old_values = self._values(self.critic.chunks, tokens) * mask
             rewards = token_rewards(score, kl, mask, in_return)
             advantages, returns = gae(rewards, old_values, mask, self.hp.gamma, self.hp.lam)
@@ -542,6 +570,11 @@ class Ppo:
             print(f"[{job.name}] {len(self.train_prompts)} training prompts, {len(self.eval_set)} held out; "
                   f"{self.samples} rollouts per iteration, {self.optimizer_steps} optimizer steps", flush=True)  # fmt: skip
         try:
+            self._offload_idle()
+            offloaded = [f"{r.name} {r.host_bytes / 2**20:.1f} MiB" for r in self.roles.values() if r.enabled]
+            if offloaded and ctx.is_logger:
+                print(f"[{job.name}] offloaded to host memory outside the phases that use them (rank 0): "
+                      f"{', '.join(offloaded)}", flush=True)  # fmt: skip
             if iteration == 0:
                 metrics.log(0, self.evaluate())
             loop_start = time.perf_counter()
@@ -550,6 +583,7 @@ class Ppo:
                 rollouts, values = self.collect(iteration, beta)
                 if rollouts is not None:
                     values |= self.optimize(rollouts, iteration)
+                self._offload_idle()
                 iteration += 1
                 values["kl_coef"] = beta
                 beta = adapt_kl_coef(beta, values["kl"], self.hp.kl_target, self.hp.kl_horizon, self.samples)
@@ -578,6 +612,10 @@ class Ppo:
 
     def save(self, iteration: int, beta: float, meta: dict[str, Any]) -> None:
         keep = self.spec.checkpointing.keep_last
+        with self._resident("critic"):
+            self._save(iteration, beta, meta, keep)
+
+    def _save(self, iteration: int, beta: float, meta: dict[str, Any], keep: int) -> None:
         if self.critic is not None:
             critic_meta = {
                 **meta,
