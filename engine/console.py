@@ -76,5 +76,11 @@ def plan_table(p: Plan) -> Table:
             human_time(est.wall_time_s),
         )
     n = next((j.estimate.params.total for j in p.jobs if j.estimate), 0)
-    table.caption = f"{human_count(n)} parameters · vocab {p.model.vocab_size} (padded {p.model.padded_vocab_size}) · run dir {p.run_dir}"
+    caption = [f"{human_count(n)} parameters · vocab {p.model.vocab_size} (padded {p.model.padded_vocab_size}) · run dir {p.run_dir}"]
+    for j in p.jobs:  # RL roles take turns: mem/gpu is the largest phase's
+        if j.estimate is not None and j.estimate.memory.phases:
+            phases = " · ".join(f"{k} {human_bytes(v)}" for k, v in j.estimate.memory.phases.items())
+            offload = j.config.get("offload") or []
+            caption.append(f"{j.name} mem/gpu by phase: {phases}" + (f" (offloaded: {', '.join(offload)})" if offload else ""))
+    table.caption = "\n".join(caption)
     return table

@@ -36,6 +36,14 @@ def tables() -> str:
                 + " + ".join(f"{mem[k] / GIB:.1f}" for k in PARTS)
                 + f" | {est['tokens_per_s']:,.0f} | {est['steps']:,} | {when} |"
             )
+        phased = [j for j in plan["jobs"] if (j.get("estimate") or {}).get("memory", {}).get("phases")]
+        for job in phased:
+            phases = job["estimate"]["memory"]["phases"]
+            offload = job["config"].get("offload") or []
+            out += ["", f"{job['name']} memory per GPU by phase (the roles take turns; the table's figure is the largest): "
+                    + " · ".join(f"{k} {v / GIB:.1f} GiB" for k, v in phases.items())
+                    + (f"; offloaded to host memory outside their phases: {', '.join(offload)}" if offload else
+                       "; nothing offloaded")]  # fmt: skip
         out.append("")
     return "\n".join(out)
 

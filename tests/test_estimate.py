@@ -120,6 +120,38 @@ def test_ppo_counts_four_models_and_the_kv_cache() -> None:
     assert est.memory.optimizer == pytest.approx(2 * est.params_per_gpu * 12 / 4, rel=1e-6)
 
 
+def test_rl_memory_is_the_largest_phase_and_offloading_takes_roles_out_of_phases() -> None:
+    recipe = H100 / "llama3_70b.yaml"
+    kept = compile_with(recipe=recipe).job("ppo").estimate
+    off = compile_with("stages.ppo.offload=[reference,reward_model,critic]", recipe=recipe).job("ppo").estimate
+    assert kept is not None and off is not None
+    m, o = kept.memory, off.memory
+    assert set(m.phases) == {"rollout", "scoring", "training"} and m.total == max(m.phases.values())
+    # Without offload every role is resident in every phase: they differ by KV cache, forward and activations.
+    assert m.phases["training"] - m.phases["rollout"] == m.activations - m.kv_cache
+    critic = (m.weights + m.gradients + m.optimizer) / 2  # actor and critic hold the same state
+    frozen = m.frozen_models  # reference + reward model
+    # Offloaded: rollouts hold neither frozen model nor the critic; training holds the critic, not the frozen
+    # models; scoring brings the offloaded roles back one at a time (the critic is the largest).
+    assert m.phases["rollout"] - o.phases["rollout"] == pytest.approx(frozen + critic, abs=2)
+    assert m.phases["training"] - o.phases["training"] == pytest.approx(frozen, abs=2)
+    assert m.phases["scoring"] - o.phases["scoring"] == pytest.approx(frozen, abs=2)
+    assert o.total == max(o.phases.values()) < m.total
+    # Each offloaded role crosses the host link twice per iteration: the estimate is slower, not faster.
+    assert off.step_time_s > kept.step_time_s
+    sft = compile_with(recipe=recipe).job("sft").estimate
+    assert sft is not None and sft.memory.phases == {}
+
+
+def test_offloading_a_role_the_stage_does_not_build_is_refused() -> None:
+    err = problems_of("stages.ppo.ppo.advantage=grpo", "stages.ppo.offload=[critic,reference,reference]")
+    found = {p.path: p for p in err.problems}
+    assert "trains no critic" in found["stages.ppo.offload[0]"].message
+    assert "listed twice" in found["stages.ppo.offload[2]"].message
+    err = problems_of("stages.ppo.ppo.kl_coef=0", "stages.ppo.offload=[reference]")
+    assert [p.path for p in err.problems] == ["stages.ppo.offload[0]"] and "kl_coef is 0" in err.problems[0].message
+
+
 def test_a_job_over_gpu_memory_is_refused_unless_forced() -> None:
     err = problems_of("stages.pretrain.training.micro_batch_size=16", recipe=H100 / "llama3_8b.yaml")
     [problem] = err.problems

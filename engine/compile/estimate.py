@@ -66,6 +66,8 @@ from __future__ import annotations
 
 import math
 
+from pydantic import Field
+
 from ..kinds import Workload
 from ..schema import ClusterProfile, TrainingStage
 from ..schema.cluster import Throughput
@@ -73,6 +75,8 @@ from .resolve import Frozen, Layout, ResolvedModel, ResolvedPrecision
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 2 * GIB  # CUDA context, cuBLAS workspaces, NCCL buffers
+# Pinned host <-> device copies per GPU (offloaded roles), about half of PCIe Gen5 x16 with 8 GPUs sharing a host.
+HOST_COPY_BYTES_PER_S = 25e9
 
 
 class ParamCounts(Frozen):
@@ -84,7 +88,9 @@ class ParamCounts(Frozen):
 
 
 class Memory(Frozen):
-    """Bytes per GPU on the busiest pipeline stage."""
+    """Bytes per GPU on the busiest pipeline stage. The parts are what each holds while it is resident; an RL
+    job's roles take turns (`phases`: the total of each phase, offloaded roles left out where they are in host
+    memory) and `total` is the largest phase's."""
 
     weights: int
     gradients: int
@@ -94,6 +100,7 @@ class Memory(Frozen):
     frozen_models: int
     overhead: int
     total: int
+    phases: dict[str, int] = Field(default_factory=dict)
 
     @property
     def total_gib(self) -> float:
@@ -211,6 +218,13 @@ def activation_bytes(
     return first, last
 
 
+def scoring_bytes(m: ResolvedModel, lay: Layout, *, seq: int, rows: int, act_bytes: int, flash_attention: bool) -> float:
+    """A forward-only pass over `rows` sequences: nothing is kept for a backward pass, so one layer's
+    activations at a time, plus the fp32 logits of the last stage."""
+    layer = layer_activation_bytes(m, lay, seq, rows, "selective" if flash_attention else "none", act_bytes)
+    return layer + 4 * seq * rows * m.padded_vocab_size / lay.tp
+
+
 def estimate_job(
     *,
     stage: TrainingStage,
@@ -247,8 +261,24 @@ def estimate_job(
         kv_heads = max(1, model.num_query_groups // layout.tp)
         layers = max(layout.stage_layers(model.num_layers))
         kv_cache = 2 * layers * kv_heads * model.kv_channels * seq * w.kv_cache_rows * act_bytes
-    frozen = params * act_bytes * w.frozen_models
+    frozen_one = params * act_bytes
+    frozen = frozen_one * w.frozen_models
     overhead = CUDA_OVERHEAD_BYTES if cluster.device == "cuda" else 0
+    state = params * (wb + gb + ob)  # one trained model's weights, gradients and optimizer states
+    phases: dict[str, int] = {}
+    if w.kv_cache_rows:
+        # RL: rollouts (the KV cache), scoring (forward-only passes: one layer's working set and the logits of
+        # a rollout batch at a time), training (activations). Offloaded roles come to the device one at a time
+        # for scoring; the offloaded critic stays from its scoring pass through the update.
+        base = state * (trained - w.offloaded_trained_models) + frozen_one * (w.frozen_models - w.offloaded_frozen_models)
+        forward = scoring_bytes(model, layout, seq=seq, rows=w.kv_cache_rows, act_bytes=act_bytes,
+                                flash_attention=cluster.device == "cuda")  # fmt: skip
+        visiting = max(frozen_one if w.offloaded_frozen_models else 0.0, state if w.offloaded_trained_models else 0.0)
+        phases = {
+            "rollout": int(base + kv_cache + overhead),
+            "scoring": int(base + visiting + forward + overhead),
+            "training": int(base + state * w.offloaded_trained_models + acts + overhead),
+        }
     memory = Memory(
         weights=int(params * wb * trained),
         gradients=int(params * gb * trained),
@@ -257,7 +287,8 @@ def estimate_job(
         kv_cache=int(kv_cache),
         frozen_models=int(frozen),
         overhead=overhead,
-        total=int(params * (wb + gb + ob) * trained + max(acts, kv_cache) + frozen + overhead),
+        total=max(phases.values()) if phases else int(state * trained + acts + frozen + overhead),
+        phases=phases,
     )
     tokens_per_step = w.samples * seq
     fpt = flops_per_token(model, seq)
@@ -270,6 +301,9 @@ def estimate_job(
                                       tokens=tokens_per_step * (w.passes + w.forward_passes / 3),
                                       microbatches=microbatches, trained=trained, params=params,
                                       recompute=t.recompute)  # fmt: skip
+    if cluster.device == "cuda":  # each offloaded role goes to the device and back once per step
+        moved = 2 * (frozen_one * w.offloaded_frozen_models + state * w.offloaded_trained_models)
+        step_time += moved / HOST_COPY_BYTES_PER_S
     return Estimate(
         params=counts,
         params_per_gpu=int(params),

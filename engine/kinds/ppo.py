@@ -114,8 +114,9 @@ def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
 def workload(stage: PpoStage, seq_length: int) -> Workload:
     """Per iteration: the actor (and, with GAE, the critic) train `epochs` times over the rollouts;
     sampling, the reference, the reward model and the old log-probabilities (and values) are forward
-    passes. Up to four models are resident: actor and critic with optimizer states, the reference (none
-    when kl_coef is 0) and the reward model as weights only; rollouts generate `rollout.batch_size` rows with a KV cache."""
+    passes. Up to four models: actor and critic with optimizer states, the reference (none when kl_coef is 0)
+    and the reward model as weights only, those in `offload` on the device only in the phases that use them;
+    rollouts generate `rollout.batch_size` rows with a KV cache."""
     ro = stage.rollout
     critic = not stage.ppo.group_advantage
     trained = 2 if critic else 1
@@ -127,6 +128,8 @@ def workload(stage: PpoStage, seq_length: int) -> Workload:
         trained_models=trained,
         frozen_models=int(stage.ppo.uses_reference) + (1 if stage.reward_model else 0),
         kv_cache_rows=ro.batch_size,
+        offloaded_trained_models=int("critic" in stage.offload),
+        offloaded_frozen_models=sum(role in stage.offload for role in ("reference", "reward_model")),
     )
 
 
