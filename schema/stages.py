@@ -38,8 +38,7 @@ class DataStage(Spec):
     )
 
 
-Batching = Literal["bucketed", "padded"]
-SftBatching = Literal["bucketed", "padded", "packed"]
+Batching = Literal["bucketed", "padded", "packed"]
 
 
 def is_checkpoint_path(value: str) -> bool:
@@ -80,7 +79,7 @@ class SftStage(TrainingStage):
         description="pretrain or sft stage to start from, or a checkpoint directory (a path: contains '/' or starts with '.')"
     )
     data: str = Field(description="name of the data stage whose conversation sources are trained on")
-    batching: SftBatching = Field(
+    batching: Batching = Field(
         default="bucketed",
         description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length; "
         "packed: several conversations per row (first-fit decreasing), attention kept within each",
@@ -99,7 +98,8 @@ class RewardModelStage(TrainingStage):
     margin: float = Field(default=0.0, ge=0, description="margin in the loss −log σ(r_c − r_r − margin)")
     batching: Batching = Field(
         default="bucketed",
-        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length",
+        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length; "
+        "packed: several sequences per row (first-fit decreasing, a pair's two among them), attention kept within each",
     )
 
 
@@ -132,7 +132,8 @@ class DpoStage(TrainingStage):
     )
     batching: Batching = Field(
         default="bucketed",
-        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length",
+        description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length; "
+        "packed: several sequences per row (first-fit decreasing, a pair's two among them), attention kept within each",
     )
 
 

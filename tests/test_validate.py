@@ -330,4 +330,8 @@ def test_packing_is_refused_where_its_mask_cannot_reach_attention() -> None:
     err = problems_of("stages.sft.batching=packed", recipe=h8)
     assert err.paths() == ["stages.sft.batching"] and "PackedSeqParams" in err.render()
     assert compile_with("stages.sft.batching=packed").job("sft") is not None
-    assert "stages.reward.batching" in problems_of("stages.reward.batching=packed").paths()
+    # The pair stages pack too, under the same rules.
+    for stage in ("reward", "dpo"):
+        assert compile_with(f"stages.{stage}.batching=packed").job(stage) is not None
+        err = problems_of(f"stages.{stage}.batching=packed", f"stages.{stage}.parallelism.pp=2")
+        assert err.paths() == [f"stages.{stage}.batching"] and "pipeline sends" in err.render()

@@ -1,10 +1,11 @@
-"""Rule helpers the kinds share: plugins named by a recipe, their parameters, numbers that JSON cannot hold."""
+"""Rule helpers the kinds share: plugins named by a recipe, their parameters, numbers that JSON cannot hold,
+where packed batching can run."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -53,3 +54,24 @@ def non_finite(path: str, value: object) -> Iterator[Problem]:
     elif isinstance(value, list):
         for i, v in enumerate(value):
             yield from non_finite(f"{path}[{i}]", v)
+
+
+def packing_rules(where: str, stage: Any, ctx: Any) -> Iterator[Problem]:
+    """Packing (`batching: packed`, SFT, reward model, DPO) runs where each row's block-diagonal attention mask
+    reaches the attention: the local layer spec (CPU, or GPUs with ENGINE_LAYER_SPEC=local), one pipeline
+    stage (packed micro-batches have rows of their own number and length, which pipeline sends do not), no
+    context parallelism."""
+    if stage.batching != "packed":
+        return
+    par, at = stage.parallelism, f"{where}.batching"
+    if par.pp > 1:
+        yield Problem(at, f"=packed with parallelism.pp={par.pp}: packed micro-batches vary in shape, which "
+                      "pipeline sends do not", "use batching: bucketed, or pp: 1")  # fmt: skip
+    if par.cp > 1:
+        yield Problem(at, f"=packed with parallelism.cp={par.cp}: the block-diagonal mask is not split across "
+                      "context-parallel ranks", "use batching: bucketed, or cp: 1")  # fmt: skip
+    cluster = ctx.cluster
+    if cluster is not None and cluster.device == "cuda" and cluster.env.get("ENGINE_LAYER_SPEC") != "local":
+        yield Problem(at, f"=packed on cluster {cluster.name!r} (Transformer Engine layers): packed sequences "
+                      "there need THD inputs (PackedSeqParams), which this stage does not build",
+                      "use batching: bucketed, or set env ENGINE_LAYER_SPEC: local in the cluster profile")  # fmt: skip

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from ..errors import Problem
 from ..schema import DpoStage
 from .base import LOSS, LR, Chart, HeldOut, NextRound, Reference, RuleContext, StageKind, Workload
+from .checks import packing_rules
 
 
 def workload(stage: DpoStage, seq_length: int) -> Workload:
@@ -24,6 +25,7 @@ def rules(where: str, stage: DpoStage, ctx: RuleContext) -> Iterator[Problem]:
     if stage.label_smoothing and stage.loss != "sigmoid":
         yield Problem(f"{where}.label_smoothing", f"={stage.label_smoothing} with loss={stage.loss}",
                       "label smoothing is cDPO's, for loss=sigmoid; remove it")  # fmt: skip
+    yield from packing_rules(where, stage, ctx)
 
 
 KIND = StageKind(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..schema import RewardModelStage
 from .base import LOSS, LR, Chart, HeldOut, NextRound, Reference, StageKind
+from .checks import packing_rules
 from .pretrain import sequence_workload
 
 KIND = StageKind(
@@ -15,6 +16,7 @@ KIND = StageKind(
         Reference("data", ("data",), records="preference"),
         Reference("init_from", ("sft", "pretrain", "reward_model"), checkpoint_ok=True),
     ),
+    rules=packing_rules,
     workload=sequence_workload,
     next_round=NextRound(start_from="reward_model"),
     held_out=(

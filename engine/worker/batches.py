@@ -52,7 +52,7 @@ from ..artifacts import read_manifest
 from ..compile import Job, Plan
 from ..errors import EngineError
 from ..schema import RecordKind, Training
-from ..schema.stages import SftBatching
+from ..schema.stages import Batching
 
 WINDOW = 16  # global batches per length-sorting window
 Batch = dict[str, torch.Tensor]
@@ -274,6 +274,10 @@ class RowShape(Protocol):
 
     def rows(self, ds: Samples, idx: np.ndarray, seq: int) -> Batch: ...
 
+    def geometry(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> tuple[list[list[int]], int]: ...
+
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> Batch: ...
+
 
 @dataclass(frozen=True)
 class SequenceRows:
@@ -306,6 +310,10 @@ class SequenceRows:
             "loss_mask": torch.from_numpy(mask), "position_ids": positions(len(idx), seq),
         }  # fmt: skip
 
+    def geometry(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> tuple[list[list[int]], int]:
+        """(bins of positions in `idx`'s real samples, row length) of `packed`."""
+        return packed_geometry(ds["lengths"][idx[idx >= 0]], cap=cap, multiple=multiple)
+
     def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> Batch:
         """The same conversations packed several to a row: the tokens, labels and loss mask of each placed
         one after another, position ids restarting at 0 for each, and a block-diagonal causal attention
@@ -313,7 +321,7 @@ class SequenceRows:
         of a conversation sees exactly what it sees in its own row, so the loss and its gradients are the
         unpacked rows'. Filler indices (−1) are left out."""
         real = idx[idx >= 0]
-        bins, seq = packed_geometry(ds["lengths"][real], cap=cap, multiple=multiple)
+        bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
         rows = max(len(bins), 1)
         tokens = np.full((rows, seq), self.pad, dtype=np.int64)
         labels = np.full((rows, seq), self.pad, dtype=np.int64)
@@ -363,6 +371,22 @@ class PairRows:
         p = ds["prompt"].lengths[idx]  # each row of a pair has its own length
         return int(sum(np.minimum(p + ds[k].lengths[idx], seq).sum() for k in ("chosen", "rejected")))
 
+    def _sequences(self, ds: Samples, idx: np.ndarray, cap: int) -> list[tuple[np.ndarray, int, int]]:
+        """Each pair's chosen sequences, then its rejected ones: (tokens cut at `cap`, first masked position,
+        end of the mask). A filler pair (−1) repeats sample 0 (with weight 0)."""
+        out = []
+        for key in ("chosen", "rejected"):
+            for i in idx:
+                i = max(int(i), 0)
+                prompt, reply = ds["prompt"][i], ds[key][i]
+                row = np.concatenate([prompt, reply])[:cap]
+                n = len(row)
+                ends = np.flatnonzero(np.isin(reply, self.stop))
+                generated = min(len(prompt) + (int(ends[0]) + 1 if len(ends) else len(reply)), n)
+                # The positions whose next token is generated.
+                out.append((row, max(min(len(prompt), n) - 1, 0), generated - 1))
+        return out
+
     def rows(self, ds: Samples, idx: np.ndarray, seq: int) -> Batch:
         m = len(idx)
         tokens = np.full((2 * m, seq), self.pad, dtype=np.int64)
@@ -370,23 +394,61 @@ class PairRows:
         mask = np.zeros((2 * m, seq), dtype=np.float32)
         last = np.zeros(2 * m, dtype=np.int64)
         weight = (idx >= 0).astype(np.float32)
-        for r, i in enumerate(idx):
-            i = max(int(i), 0)  # a filler pair repeats sample 0 with weight 0
-            prompt = ds["prompt"][i]
-            for half, key in ((0, "chosen"), (1, "rejected")):
-                reply = ds[key][i]
-                row = np.concatenate([prompt, reply])[:seq]
-                k, n = half * m + r, len(row)
-                tokens[k, :n], labels[k, : n - 1] = row, row[1:]
-                ends = np.flatnonzero(np.isin(reply, self.stop))
-                generated = min(len(prompt) + (int(ends[0]) + 1 if len(ends) else len(reply)), n)
-                # The positions whose next token is generated.
-                mask[k, max(min(len(prompt), n) - 1, 0) : generated - 1] = 1.0
-                last[k] = n - 1
+        for k, (row, start, end) in enumerate(self._sequences(ds, idx, seq)):
+            n = len(row)
+            tokens[k, :n], labels[k, : n - 1] = row, row[1:]
+            mask[k, start:end] = 1.0
+            last[k] = n - 1
         return {
             "tokens": torch.from_numpy(tokens), "position_ids": positions(2 * m, seq),
             "labels": torch.from_numpy(labels), "loss_mask": torch.from_numpy(mask),
             "last": torch.from_numpy(last), "weight": torch.from_numpy(weight),
+        }  # fmt: skip
+
+    def _lengths(self, ds: Samples, idx: np.ndarray) -> np.ndarray:
+        i = np.maximum(idx, 0)
+        p = ds["prompt"].lengths[i]
+        return np.concatenate([p + ds["chosen"].lengths[i], p + ds["rejected"].lengths[i]])
+
+    def geometry(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> tuple[list[list[int]], int]:
+        """(bins of sequence numbers — chosen 0..m−1, rejected m..2m−1 — and row length) of `packed`."""
+        return packed_geometry(self._lengths(ds, idx), cap=cap, multiple=multiple)
+
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> Batch:
+        """The pairs' 2m sequences packed several to a row, as SequenceRows.packed packs conversations
+        (position ids restarting, block-diagonal causal mask). Each sequence k keeps its place in the pair
+        order through `row` (its packed row) and `last` (its last position there); `segment` gives the
+        sequence of every position (2m for padding), so that per-sequence sums (DPO's log-probabilities)
+        and reads (the reward model's score) are those of the unpacked rows."""
+        m = len(idx)
+        sequences = self._sequences(ds, idx, cap)
+        bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
+        rows = len(bins)
+        tokens = np.full((rows, seq), self.pad, dtype=np.int64)
+        labels = np.full((rows, seq), self.pad, dtype=np.int64)
+        mask = np.zeros((rows, seq), dtype=np.float32)
+        pos = np.zeros((rows, seq), dtype=np.int64)
+        segment = np.full((rows, seq), 2 * m, dtype=np.int64)
+        allowed = np.zeros((rows, seq, seq), dtype=bool)
+        row_of, last = np.zeros(2 * m, dtype=np.int64), np.zeros(2 * m, dtype=np.int64)
+        for r, members in enumerate(bins):
+            at = 0
+            for k in members:
+                row, start, end = sequences[k]
+                n = len(row)
+                tokens[r, at : at + n], labels[r, at : at + n - 1] = row, row[1:]
+                mask[r, at + start : at + end] = 1.0
+                pos[r, at : at + n], segment[r, at : at + n] = np.arange(n), k
+                allowed[r, at : at + n, at : at + n] = np.tri(n, dtype=bool)
+                row_of[k], last[k] = r, at + n - 1
+                at += n
+            allowed[r, np.arange(at, seq), np.arange(at, seq)] = True  # padding attends to itself alone
+        return {
+            "tokens": torch.from_numpy(tokens), "position_ids": torch.from_numpy(pos),
+            "labels": torch.from_numpy(labels), "loss_mask": torch.from_numpy(mask),
+            "attention_mask": torch.from_numpy(~allowed).unsqueeze(1), "segment": torch.from_numpy(segment),
+            "row": torch.from_numpy(row_of), "last": torch.from_numpy(last),
+            "weight": torch.from_numpy((idx >= 0).astype(np.float32)),
         }  # fmt: skip
 
 
@@ -394,15 +456,13 @@ class ChatBatches:
     """Training and validation batches of one chat stage's job, in the rows of `shape`."""
 
     def __init__(
-        self, plan: Plan, job: Job, *, data: str, training: Training, batching: SftBatching, shape: RowShape
+        self, plan: Plan, job: Job, *, data: str, training: Training, batching: Batching, shape: RowShape
     ) -> None:
         assert job.layout is not None
         self.shape, self.data = shape, data
         self.gbs, self.mbs, self.dp = training.global_batch_size, training.micro_batch_size, job.layout.dp
         self.cap, self.multiple = plan.model.seq_length, pad_multiple(job)
         self.bucketed, self.packed = batching == "bucketed", batching == "packed"
-        if self.packed and not isinstance(shape, SequenceRows):
-            raise EngineError(f"stages.{job.name}.batching=packed: only conversations (sft) are packed")
         by_source = read_sources(plan, stage=job.name, data=data, records=shape.records, split="train")
         self.train_set = shape.load([s for samples in by_source.values() for s in samples])
         self.valid_set = shape.load(read_shards(plan, stage=job.name, data=data, records=shape.records, split="valid"))
@@ -427,7 +487,8 @@ class ChatBatches:
 
     def _batching_words(self) -> str:
         if self.packed:
-            return f"packed (first-fit decreasing into rows of at most {self.cap}, micro-batch by micro-batch)"
+            return (f"packed (first-fit decreasing into rows of at most {self.cap}, micro-batch by micro-batch"
+                    + (", each pair's two sequences packed as any others)" if self.shape.rows_per_sample == 2 else ")"))
         return "length-bucketed" if self.bucketed else "padded to seq_length"
 
     def _length_of(self, dataset: Samples, idx: np.ndarray) -> int:
@@ -445,7 +506,6 @@ class ChatBatches:
                 first = m * block + dp_rank * self.mbs
                 chunk = idx[first : first + self.mbs]
                 if self.packed:
-                    assert isinstance(self.shape, SequenceRows)
                     yield self.shape.packed(dataset, chunk, cap=self.cap, multiple=self.multiple)
                 else:
                     yield self.shape.rows(dataset, chunk, seq)
@@ -470,10 +530,10 @@ class ChatBatches:
 
     def _computed(self, idx: np.ndarray) -> int:
         """Positions the model runs over in one packed global batch, every rank's micro-batches together."""
-        total, lengths = 0, self.train_set["lengths"]
+        total = 0
         for first in range(0, len(idx) - len(idx) % self.mbs, self.mbs):
             chunk = idx[first : first + self.mbs]
-            bins, seq = packed_geometry(lengths[chunk[chunk >= 0]], cap=self.cap, multiple=self.multiple)
+            bins, seq = self.shape.geometry(self.train_set, chunk, cap=self.cap, multiple=self.multiple)
             total += max(len(bins), 1) * seq
         return total
 

@@ -116,8 +116,11 @@ class LanguageModel:
         return {f"{prefix}loss": values["nll_sum"] / max(values["tokens"], 1e-12)}
 
 
-def pair_scores(values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The scalar of each sequence at its last real token: values [b, s], last [b] → [b]."""
+def pair_scores(values: torch.Tensor, last: torch.Tensor, row: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar of each sequence at its last real token: values [b, s], last [b] → [b]. Packed rows hold
+    several sequences: `row` [n] is each one's row and `last` [n] its last position there."""
+    if row is not None:
+        return values.float()[row.long(), last.long()]
     return values.float().gather(1, last.long().unsqueeze(1)).squeeze(1)
 
 
@@ -156,10 +159,10 @@ class PairwisePreference:
 
     def forward_step(self, data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, LossFunc]:
         batch = to_device(next(data), self.device)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
 
         def loss_func(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            scores = pair_scores(values, batch["last"])
+            scores = pair_scores(values, batch["last"], batch.get("row"))
             chosen, rejected = scores.chunk(2)
             diff = chosen - rejected
             per_pair = -F.logsigmoid(diff - self.margin)
@@ -175,11 +178,24 @@ class PairwisePreference:
                 f"{prefix}rejected_reward": values["rejected_sum"] / n}  # fmt: skip
 
 
-def sequence_logps(per_token_nll: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    per_token_nll: torch.Tensor, mask: torch.Tensor, segment: torch.Tensor | None = None, sequences: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability, response tokens) per row from the model's per-token NLL [b, s] and the
-    response mask: log π(y | x) = −Σ_t nll_t over the response's positions."""
+    response mask: log π(y | x) = −Σ_t nll_t over the response's positions. Packed rows: per sequence,
+    `segment` [b, s] naming each position's sequence (`sequences` for padding)."""
     mask = mask.float()
-    return -(per_token_nll.float() * mask).sum(1), mask.sum(1)
+    if segment is None:
+        return -(per_token_nll.float() * mask).sum(1), mask.sum(1)
+    index = segment.long().flatten()
+    sums = torch.zeros(sequences + 1, device=mask.device).index_add(0, index, (per_token_nll.float() * mask).flatten())
+    counts = torch.zeros(sequences + 1, device=mask.device).index_add(0, index, mask.flatten())
+    return -sums[:sequences], counts[:sequences]
+
+
+def _sequence_logps(per_token: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps of a micro-batch of pair rows, packed or not."""
+    return sequence_logps(per_token, batch["loss_mask"], batch.get("segment"), 2 * len(batch["weight"]))
 
 
 def preference_loss(
@@ -224,10 +240,10 @@ class ReferenceLogps:
 
     def forward_step(self, data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, LossFunc]:
         batch = to_device(next(data), self.device)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
         def loss_func(per_token: torch.Tensor, non_loss_data: bool = False) -> Any:
-            logp, _ = sequence_logps(per_token, batch["loss_mask"])
+            logp, _ = _sequence_logps(per_token, batch)
             return logp.detach()
 
         return output, loss_func
@@ -256,10 +272,10 @@ class DirectPreference:
 
     def forward_step(self, data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, LossFunc]:
         batch = to_device(next(data), self.device)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            logp, tokens = sequence_logps(per_token, batch["loss_mask"])
+            logp, tokens = _sequence_logps(per_token, batch)
             chosen, rejected = logp.chunk(2)
             n_chosen, n_rejected = tokens.chunk(2)
             ref = batch.get("reference")

@@ -3,12 +3,16 @@ Prints JSON.
 
     python tests/worker/masking_check.py plan.json labels    # loss and gradients under label perturbations
     python tests/worker/masking_check.py plan.json packing   # padded rows against packed rows
+    python tests/worker/masking_check.py plan.json pairs     # the same for preference pairs (RM, DPO)
 
 `labels`: for each perturbation (prompt labels, assistant labels), how much the loss and the gradients
 moved. `packing`: the same conversations as padded rows and as packed rows
 (engine.worker.batches.SequenceRows.packed): the rows each way, the largest loss and gradient
 differences, and the same with the packed rows' attention mask removed (attention then crosses the
-conversations' boundaries), which must differ.
+conversations' boundaries), which must differ. `pairs`: ranked pairs as padded and as packed rows
+(engine.worker.batches.PairRows.packed) through the reward model's loss (a scalar-head model) and DPO's
+(with RPO's NLL term, against reference log-probabilities of the same rows), and the reference's
+per-sequence log-probabilities themselves: the same differences.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ import numpy as np
 import torch
 
 from engine.chat import SpecialIds, render
-from engine.worker.batches import SequenceRows
+from engine.worker.batches import PairRows, SequenceRows
 from engine.worker.context import Context, init_distributed, job_spec, load_plan, shutdown
 from engine.worker.env import rank_info
 from engine.worker.mcore import build_chunks, config_kwargs, init_layout_independent
-from engine.worker.objectives import LanguageModel
+from engine.worker.objectives import DirectPreference, LanguageModel, PairwisePreference, ReferenceLogps
 
 IDS = SpecialIds(pad=0, bos=1, eos=2, end=3, roles={"system": 4, "user": 5, "assistant": 6})
 
@@ -43,9 +47,9 @@ def dataset_of(conversations: list[list[tuple[str, str]]]) -> dict[str, Any]:
     return SequenceRows(pad=IDS.pad).load([{"tokens": t, "loss_mask": m} for t, m in rendered])
 
 
-def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor], objective: Any = None) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    output, loss_func = LanguageModel("cpu").forward_step(iter([batch]), model)
+    output, loss_func = (objective or LanguageModel("cpu")).forward_step(iter([batch]), model)
     loss, _ = loss_func(output)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -92,7 +96,48 @@ def packing(model: torch.nn.Module, seq: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-CHECKS = {"labels": label_perturbations, "packing": packing}
+def _differences(model: torch.nn.Module, padded: dict[str, Any], packed: dict[str, Any], objective: Any) -> dict[str, float]:
+    base_loss, base_grads = loss_and_grads(model, padded, objective)
+    loss, grads = loss_and_grads(model, packed, objective)
+    unmasked = {k: v for k, v in packed.items() if k != "attention_mask"}
+    cross_loss, cross_grads = loss_and_grads(model, unmasked, objective)
+    return {"loss": abs(loss - base_loss), "grad": float((grads - base_grads).abs().max()),
+            "crossing_loss": abs(cross_loss - base_loss),
+            "crossing_grad": float((cross_grads - base_grads).abs().max())}  # fmt: skip
+
+
+def pairs(model: torch.nn.Module, seq: int, scalar: torch.nn.Module) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+
+    def text(n: int) -> list[int]:
+        return encode("".join(chr(97 + int(c)) for c in rng.integers(0, 26, n)))
+
+    end = [IDS.end, IDS.eos]  # a reply closes as the template closes it; the mask stops at the end of turn
+    samples = [{"prompt": text(p), "chosen": text(c) + end, "rejected": text(r) + end}
+               for p, c, r in ((4, 3, 20), (9, 2, 2), (3, 14, 5), (6, 1, 8), (2, 25, 3))]  # fmt: skip
+    shape = PairRows(pad=IDS.pad, stop=(IDS.end,))
+    ds, idx = shape.load(samples), np.array([0, 1, 2, 3, 4, -1])  # a filler pair, as validation has
+    padded, packed = shape.rows(ds, idx, seq), shape.packed(ds, idx, cap=seq, multiple=1)
+    reference = ReferenceLogps("cpu")
+    with torch.no_grad():
+        refs = []
+        for batch in (padded, packed):
+            out, collect = reference.forward_step(iter([batch]), model)
+            refs.append(collect(out, non_loss_data=True))
+    # DPO against slightly different reference values, so that the loss is not at its h = 0 point.
+    ref = refs[0] + torch.linspace(-0.5, 0.5, len(refs[0]))
+    dpo = DirectPreference("cpu", loss="sigmoid", beta=0.1, rpo_alpha=1.0)
+    return {
+        "rows": [int(padded["tokens"].shape[0]), int(packed["tokens"].shape[0])],
+        "positions": [int(padded["tokens"].numel()), int(packed["tokens"].numel())],
+        # Sums over a response's tokens (|log p| up to ~200 here): float32 rounding is relative.
+        "reference_relative": float(((refs[0] - refs[1]).abs() / refs[0].abs().clamp(min=1.0)).max()),
+        "reward_model": _differences(scalar, padded, packed, PairwisePreference("cpu", margin=0.0)),
+        "dpo": _differences(model, {**padded, "reference": ref}, {**packed, "reference": ref}, dpo),
+    }  # fmt: skip
+
+
+CHECKS = {"labels": label_perturbations, "packing": packing, "pairs": pairs}
 
 
 def main() -> None:
@@ -110,7 +155,12 @@ def main() -> None:
         config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu", recompute=training.recompute))
         (model,) = build_chunks(job, plan.model, config, device="cpu")
         init_layout_independent([model], seed=1, std=plan.model.init_method_std, num_layers=plan.model.num_layers)
-        print(json.dumps(check(model, plan.model.seq_length)))
+        extra: dict[str, Any] = {}
+        if check is pairs:
+            (extra["scalar"],) = build_chunks(job, plan.model, config, device="cpu", head="scalar")
+            init_layout_independent([extra["scalar"]], seed=2, std=plan.model.init_method_std,
+                                    num_layers=plan.model.num_layers)  # fmt: skip
+        print(json.dumps(check(model, plan.model.seq_length, **extra)))
     finally:
         shutdown()
 

@@ -1,4 +1,5 @@
-"""Sequence packing for SFT: first-fit decreasing, and packed rows that train exactly as padded ones."""
+"""Sequence packing for SFT, the reward model and DPO: first-fit decreasing, and packed rows that train
+exactly as padded ones."""
 
 from __future__ import annotations
 
@@ -32,3 +33,17 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(tmp_path: Path) -> 
     assert result["tokens"][0] == result["tokens"][1] > 0
     assert result["loss"] < 1e-5 and result["grad"] < 1e-5
     assert result["crossing_loss"] > 1e-4 and result["crossing_grad"] > 1e-4
+
+
+def test_packed_pairs_give_the_padded_pairs_reward_model_and_dpo_losses_and_gradients(tmp_path: Path) -> None:
+    """Five ranked pairs and a filler pair (ten sequences of skewed lengths, each pair's two among them) in
+    fewer packed rows: the reward model's and DPO's losses and gradients, and the reference's per-sequence
+    log-probabilities (sums of ~30 tokens' log-probabilities: relatively, to 1e-6), equal the padded rows' to
+    1e-5; without the block-diagonal mask they would not."""
+    result = masking_check(tmp_path, "pairs", port=29543)
+    assert result["rows"][1] < result["rows"][0] and result["positions"][1] < result["positions"][0]
+    assert result["reference_relative"] < 1e-6
+    for objective in ("reward_model", "dpo"):
+        got = result[objective]
+        assert got["loss"] < 1e-5 and got["grad"] < 1e-5, (objective, got)
+        assert got["crossing_loss"] > 1e-4 and got["crossing_grad"] > 1e-4, (objective, got)
