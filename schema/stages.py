@@ -270,6 +270,12 @@ class PpoStage(TrainingStage):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="sampling settings")
     ppo: PpoSpec = Field(default_factory=PpoSpec, description="PPO hyper-parameters")
     eval_prompts: int = Field(default=64, gt=0, le=10**7, description="held-out prompts scored before and after")
+    batching: Literal["padded", "packed"] = Field(
+        default="padded",
+        description="micro-batches of the actor's and the critic's updates: padded: one rollout per row, padded to "
+        "the iteration's longest; packed: several per row (first-fit decreasing into seq_length), attention kept "
+        "within each",
+    )
     offload: list[Literal["reference", "reward_model", "critic"]] = Field(
         default_factory=list,
         description="roles kept in host memory except in the phases that use them: the reference and the reward "

@@ -335,3 +335,7 @@ def test_packing_is_refused_where_its_mask_cannot_reach_attention() -> None:
         assert compile_with(f"stages.{stage}.batching=packed").job(stage) is not None
         err = problems_of(f"stages.{stage}.batching=packed", f"stages.{stage}.parallelism.pp=2")
         assert err.paths() == [f"stages.{stage}.batching"] and "pipeline sends" in err.render()
+    # The RL stage packs its updates' micro-batches; its other batching is padded.
+    err = problems_of("stages.ppo.batching=packed", "stages.ppo.parallelism.pp=2")
+    assert err.paths() == ["stages.ppo.batching"] and "use batching: padded, or pp: 1" in err.render()
+    assert compile_with("stages.ppo.batching=packed").job("ppo") is not None

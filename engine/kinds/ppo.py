@@ -8,7 +8,7 @@ from .. import plugin
 from ..errors import Problem
 from ..schema import PpoStage
 from .base import LR, Chart, HeldOut, Reference, RuleContext, StageKind, Workload
-from .checks import installed, plugin_params, plugin_table
+from .checks import installed, packing_rules, plugin_params, plugin_table
 
 
 def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
@@ -37,6 +37,7 @@ def rules(where: str, stage: PpoStage, ctx: RuleContext) -> Iterator[Problem]:
             yield Problem(f"{where}.offload[{i}]", f"{role!r} is listed twice", "list each role once")
         elif not present[role]:
             yield Problem(f"{where}.offload[{i}]", f"={role!r}: {why[role]}", f"remove {role!r} from offload")
+    yield from packing_rules(where, stage, ctx)
     if stage.reward_model is None and not stage.rewards:
         yield Problem(
             f"{where}.rewards",

@@ -109,21 +109,33 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.T
 AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum_token_norm")
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str, max_new_tokens: int) -> torch.Tensor:
-    """One loss from per-token values `x` over the response tokens (see the module docstring)."""
+def aggregate(
+    x: torch.Tensor, mask: torch.Tensor, how: str, max_new_tokens: int, segment: torch.Tensor | None = None,
+    sequences: int = 0,
+) -> torch.Tensor:  # fmt: skip
+    """One loss from per-token values `x` over the response tokens (see the module docstring). Packed rows
+    hold several sequences: `segment` names each position's (`sequences` for padding)."""
     if how == "token_mean":
         return masked_mean(x, mask)
+    count = sequences if segment is not None else mask.shape[0]
     if how == "sequence_mean":
-        per = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if segment is None:
+            per = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        else:
+            index = segment.long().flatten()
+            sums = torch.zeros(count + 1, dtype=x.dtype, device=x.device).index_add(0, index, (x * mask).flatten())
+            tokens = torch.zeros(count + 1, dtype=x.dtype, device=x.device).index_add(0, index, mask.flatten().to(x.dtype))
+            per = sums[:count] / tokens[:count].clamp(min=1.0)
         return per.mean()
     if how == "sequence_sum_token_norm":
-        return (x * mask).sum() / (mask.shape[0] * max_new_tokens)
+        return (x * mask).sum() / (count * max_new_tokens)
     raise ValueError(f"unknown loss aggregation {how!r}")
 
 
 def policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
     *, clip_high: float | None = None, aggregation: str = "token_mean", max_new_tokens: int = 1,
+    segment: torch.Tensor | None = None, sequences: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(clipped surrogate loss, fraction of tokens clipped, approximate KL to π_old). The ratio is clipped
     to [1 − clip_eps, 1 + clip_high] (clip_high defaults to clip_eps: symmetric); the loss is aggregated
@@ -133,7 +145,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_new_tokens)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_new_tokens, segment, sequences)
     clip_fraction = masked_mean(((ratio < 1.0 - clip_eps) | (ratio > 1.0 + high)).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio.pow(2), mask)
     return loss, clip_fraction.detach(), approx_kl.detach()

@@ -473,29 +473,32 @@ OFFLOAD = "offload=[reference,reward_model,critic]"
 
 
 @pytest.mark.parametrize(
-    ("algorithm", "layouts"),
-    [("gae", {"pp2": ["parallelism.pp=2"], "tp2pp2": ["parallelism.tp=2", "parallelism.pp=2"],
-              "pp2_offload": ["parallelism.pp=2", OFFLOAD]}),
-     ("grpo", {"pp2": ["parallelism.pp=2"], "pp2vpp3": ["parallelism.pp=2", "parallelism.vpp=3"]})],
-    ids=["ppo", "grpo"],
+    ("base", "layouts"),
+    [(["ppo.advantage=gae"], {"pp2": ["parallelism.pp=2"], "tp2pp2": ["parallelism.tp=2", "parallelism.pp=2"],
+                              "pp2_offload": ["parallelism.pp=2", OFFLOAD], "packed": ["batching=packed"]}),
+     (["ppo.advantage=grpo"], {"pp2": ["parallelism.pp=2"], "pp2vpp3": ["parallelism.pp=2", "parallelism.vpp=3"]}),
+     (["ppo.advantage=dr_grpo"], {"packed": ["batching=packed"]}),
+     (["ppo.advantage=rloo", "ppo.loss_aggregation=sequence_mean"], {"packed": ["batching=packed"]})],
+    ids=["ppo", "grpo", "dr_grpo", "rloo_sequence_mean"],
 )  # fmt: skip
 def test_rl_iterations_through_the_pipeline_equal_one_process(
-    run_dir: Path, tmp_path: Path, algorithm: str, layouts: dict[str, list[str]]
+    run_dir: Path, tmp_path: Path, base: list[str], layouts: dict[str, list[str]]
 ) -> None:
     """PPO (actor, critic, reference, reward model) and GRPO at pipeline layouts against one process: the same
     rollouts token for token (sampled through the pipeline), and log-probabilities, values, scores,
     advantages, returns, losses, gradient norms and the KL (non-zero in the second iteration) equal to 1e-4.
     With the reference, the reward model and the critic offloaded to host memory between their phases,
-    PPO at PP2 is the same run as without."""
-    algo = f"stages.ppo.ppo.advantage={algorithm}"
-    one, one_rollouts = _rl_iterations(run_dir, tmp_path / "one", algo, "stages.ppo.resources.gpus_per_node=1")
+    PPO at PP2 is the same run as without; with packed updates (several rollouts per row) every loss
+    aggregation gives the padded rows' numbers."""
+    algo = [f"stages.ppo.{v}" for v in base]
+    one, one_rollouts = _rl_iterations(run_dir, tmp_path / "one", *algo, "stages.ppo.resources.gpus_per_node=1")
     assert one[-1]["kl"] > 1e-4  # the second iteration's policy has moved from the reference
     keys = [k for k in one[-1] if k not in ("step", "elapsed_s", "rollout_tokens_per_s")]
     assert {"loss", "policy_loss", "kl", "reward", "grad_norm", "val_reward"} <= set(keys)
     for name, layout in layouts.items():
         size = math.prod(int(v.split("=")[1]) for v in layout if v.startswith(("parallelism.tp", "parallelism.pp")))
         args = [f"stages.ppo.{v}" for v in layout] + [f"stages.ppo.resources.gpus_per_node={size}"]
-        ours, rollouts = _rl_iterations(run_dir, tmp_path / name, algo, *args)
+        ours, rollouts = _rl_iterations(run_dir, tmp_path / name, *algo, *args)
         for mine, theirs in zip(ours, one, strict=True):
             for key in (k for k in keys if k in theirs):
                 assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (name, mine["step"], key)

@@ -60,7 +60,7 @@ from ...errors import EngineError
 from ...plugins import exact_match
 from ...schema import PpoStage
 from .. import checkpoint, comm, preempt
-from ..batches import Mixture, positions, read_sources, source_weights
+from ..batches import Mixture, first_fit_decreasing, positions, read_sources, source_weights
 from ..context import Context
 from ..faults import maybe_kill
 from ..generate import Sampling, generate
@@ -103,15 +103,40 @@ class Rollouts:
     advantages: torch.Tensor
     returns: torch.Tensor
     ref_logp: torch.Tensor  # for a KL penalty in the loss
+    lengths: torch.Tensor  # each row's tokens, prompt and response
+
+    PER_TOKEN = ("tokens", "labels", "mask", "old_logp", "old_values", "advantages", "returns", "ref_logp")
 
     def minibatch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         seq = self.tokens.shape[1]
-        return {
-            "tokens": self.tokens[rows], "labels": self.labels[rows], "mask": self.mask[rows],
-            "old_logp": self.old_logp[rows], "old_values": self.old_values[rows],
-            "advantages": self.advantages[rows], "returns": self.returns[rows], "ref_logp": self.ref_logp[rows],
-            "position_ids": positions(len(rows), seq),
-        }  # fmt: skip
+        out = {k: getattr(self, k)[rows] for k in self.PER_TOKEN}
+        return {**out, "position_ids": positions(len(rows), seq)}
+
+    def packed(self, rows: torch.Tensor, cap: int, pad: int) -> dict[str, torch.Tensor]:
+        """The same rollouts packed several to a row of at most `cap` positions (first-fit decreasing), every
+        per-token tensor moved with its tokens, position ids restarting per rollout, a block-diagonal causal
+        mask (True: masked) and `segment`, each position's rollout (len(rows) for padding), for the losses
+        that aggregate per sequence."""
+        lengths = self.lengths[rows].numpy()
+        bins = first_fit_decreasing(lengths, cap)
+        width = max(int(lengths[b].sum()) for b in bins)
+        out = {k: torch.zeros((len(bins), width), dtype=getattr(self, k).dtype) for k in self.PER_TOKEN}
+        out["tokens"].fill_(pad)
+        out["labels"].fill_(pad)
+        pos = torch.zeros((len(bins), width), dtype=torch.long)
+        segment = torch.full((len(bins), width), len(rows), dtype=torch.long)
+        allowed = torch.zeros((len(bins), width, width), dtype=torch.bool)
+        for r, members in enumerate(bins):
+            at = 0
+            for j in members:
+                i, n = int(rows[j]), int(lengths[j])
+                for k in self.PER_TOKEN:
+                    out[k][r, at : at + n] = getattr(self, k)[i, :n]
+                pos[r, at : at + n], segment[r, at : at + n] = torch.arange(n), j
+                allowed[r, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+                at += n
+            allowed[r, torch.arange(at, width), torch.arange(at, width)] = True  # padding attends to itself alone
+        return {**out, "position_ids": pos, "segment": segment, "attention_mask": (~allowed).unsqueeze(1)}
 
 
 class Ppo:
@@ -421,7 +446,8 @@ class Ppo:
             mean = sums[0] / sums[2]
             advantages = whiten(advantages, mask, mean, sums[1] / sums[2] - mean.pow(2))
         values |= _dp_means({"kl": kl.sum(1)})
-        rollouts = Rollouts(tokens, labels, mask, old_logp, old_values, advantages * mask, returns, ref_logp)
+        lengths = torch.tensor([len(r) for r in rows])
+        rollouts = Rollouts(tokens, labels, mask, old_logp, old_values, advantages * mask, returns, ref_logp, lengths)
         self._dump(iteration, rollouts, score)
         return rollouts, values
 
@@ -460,7 +486,8 @@ class Ppo:
 
     def _actor_step(self, data: Any, model: Any) -> tuple[torch.Tensor, Any]:
         b = comm.to_device(next(data), self.ctx.device)
-        logits = model(b["tokens"], b["position_ids"], None)
+        logits = model(b["tokens"], b["position_ids"], b.get("attention_mask"))
+        segment = b.get("segment")  # packed rows: each position's rollout (self.mbs for padding)
 
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             # The policy that sampled the rollouts is softmax(logits / temperature): its log-probabilities.
@@ -469,6 +496,7 @@ class Ppo:
             pg, clip_fraction, approx_kl = policy_loss(
                 logp, b["old_logp"], b["advantages"], b["mask"], hp.clip_low or hp.clip_eps,
                 clip_high=hp.clip_high or hp.clip_eps, aggregation=self.aggregation, max_new_tokens=self.ro.max_new_tokens,
+                segment=segment, sequences=self.mbs,
             )  # fmt: skip
             ent = masked_mean(entropy, b["mask"])
             loss = pg - hp.entropy_coef * ent
@@ -476,7 +504,7 @@ class Ppo:
                       "approx_kl": approx_kl, "entropy": ent.detach()}  # fmt: skip
             if hp.kl_penalty == "loss" and self.reference is not None:
                 kl_loss = aggregate(kl_penalty(logp, b["ref_logp"], hp.kl_estimator), b["mask"], self.aggregation,
-                                    self.ro.max_new_tokens)  # fmt: skip
+                                    self.ro.max_new_tokens, segment, self.mbs)  # fmt: skip
                 loss = loss + self.beta * kl_loss
                 report["loss"] = loss.detach().clone()
             return loss, report
@@ -485,7 +513,7 @@ class Ppo:
 
     def _critic_step(self, data: Any, model: Any) -> tuple[torch.Tensor, Any]:
         b = comm.to_device(next(data), self.ctx.device)
-        values = model(b["tokens"], b["position_ids"], None)
+        values = model(b["tokens"], b["position_ids"], b.get("attention_mask"))
 
         def loss_func(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             loss = value_loss(values.float(), b["old_values"], b["returns"], b["mask"], self.hp.value_clip)
@@ -508,7 +536,10 @@ class Ppo:
                 rows = order[first : first + local]
 
                 def make(rows: torch.Tensor = rows) -> Any:
-                    return (rollouts.minibatch(rows[m * self.mbs : (m + 1) * self.mbs]) for m in range(nmb))
+                    micro = (rows[m * self.mbs : (m + 1) * self.mbs] for m in range(nmb))
+                    if self.spec.batching == "packed":
+                        return (rollouts.packed(r, self.plan.model.seq_length, self.template.pad) for r in micro)
+                    return (rollouts.minibatch(r) for r in micro)
 
                 common = dict(num_microbatches=nmb, seq_length=seq, mbs=self.mbs)
                 a = train_step(self.actor, make, forward_step=self._actor_step, keys=ACTOR_KEYS, **common)
