@@ -216,6 +216,43 @@ def packed_geometry(lengths: np.ndarray, *, cap: int, multiple: int) -> tuple[li
     return bins, step_length(fill, cap=cap, multiple=multiple)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where packed items go: each item's row and first position, and per position its position id (restarting
+    at 0 for each item), its item (`items` for padding) and the block-diagonal causal attention mask
+    (True: masked; a padding position attends to itself alone)."""
+
+    row: np.ndarray
+    start: np.ndarray
+    positions: np.ndarray
+    segment: np.ndarray
+    attention_mask: torch.Tensor  # [rows, 1, width, width]
+
+
+def pack(bins: list[list[int]], lengths: np.ndarray, width: int) -> Packing:
+    """The layout of items of `lengths` packed as `bins` says into rows of `width` positions (one empty row
+    when there are no bins)."""
+    items, rows = len(lengths), max(len(bins), 1)
+    row, start = np.zeros(items, dtype=np.int64), np.zeros(items, dtype=np.int64)
+    pos = np.zeros((rows, width), dtype=np.int64)
+    segment = np.full((rows, width), items, dtype=np.int64)
+    allowed = np.zeros((rows, width, width), dtype=bool)
+    fills = [0] * rows
+    for r, members in enumerate(bins):
+        at = 0
+        for k in members:
+            n = int(lengths[k])
+            row[k], start[k] = r, at
+            pos[r, at : at + n], segment[r, at : at + n] = np.arange(n), k
+            allowed[r, at : at + n, at : at + n] = np.tri(n, dtype=bool)
+            at += n
+        fills[r] = at
+    for r, at in enumerate(fills):
+        allowed[r, np.arange(at, width), np.arange(at, width)] = True
+    return Packing(row=row, start=start, positions=pos, segment=segment,
+                   attention_mask=torch.from_numpy(~allowed).unsqueeze(1))  # fmt: skip
+
+
 @dataclass
 class Order:
     """The per-epoch sample order, length-grouped when bucketed; deterministic in (seed, epoch)."""
@@ -322,28 +359,20 @@ class SequenceRows:
         unpacked rows'. Filler indices (−1) are left out."""
         real = idx[idx >= 0]
         bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
-        rows = max(len(bins), 1)
+        lengths = np.array([min(len(ds["tokens"][int(i)]) - 1, cap) for i in real], dtype=np.int64)
+        layout = pack(bins, lengths, seq)
+        rows = layout.positions.shape[0]
         tokens = np.full((rows, seq), self.pad, dtype=np.int64)
         labels = np.full((rows, seq), self.pad, dtype=np.int64)
         mask = np.zeros((rows, seq), dtype=np.float32)
-        pos = np.zeros((rows, seq), dtype=np.int64)
-        allowed = np.zeros((rows, seq, seq), dtype=bool)
-        for r, members in enumerate(bins):
-            at = 0
-            for j in members:
-                t, m = ds["tokens"][int(real[j])], ds["mask"][int(real[j])]
-                n = min(len(t) - 1, cap)
-                tokens[r, at : at + n], labels[r, at : at + n], mask[r, at : at + n] = t[:n], t[1 : n + 1], m[1 : n + 1]
-                pos[r, at : at + n] = np.arange(n)
-                allowed[r, at : at + n, at : at + n] = np.tri(n, dtype=bool)
-                at += n
-            allowed[r, np.arange(at, seq), np.arange(at, seq)] = True  # padding attends to itself alone
-        if not bins:
-            allowed[0] = np.eye(seq, dtype=bool)
+        for j, i in enumerate(real):
+            t, m = ds["tokens"][int(i)], ds["mask"][int(i)]
+            r, at, n = layout.row[j], layout.start[j], lengths[j]
+            tokens[r, at : at + n], labels[r, at : at + n], mask[r, at : at + n] = t[:n], t[1 : n + 1], m[1 : n + 1]
         return {
             "tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(mask), "position_ids": torch.from_numpy(pos),
-            "attention_mask": torch.from_numpy(~allowed).unsqueeze(1),
+            "loss_mask": torch.from_numpy(mask), "position_ids": torch.from_numpy(layout.positions),
+            "attention_mask": layout.attention_mask,
         }  # fmt: skip
 
 
@@ -420,34 +449,23 @@ class PairRows:
         order through `row` (its packed row) and `last` (its last position there); `segment` gives the
         sequence of every position (2m for padding), so that per-sequence sums (DPO's log-probabilities)
         and reads (the reward model's score) are those of the unpacked rows."""
-        m = len(idx)
         sequences = self._sequences(ds, idx, cap)
         bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
-        rows = len(bins)
+        lengths = np.array([len(row) for row, _, _ in sequences], dtype=np.int64)
+        layout = pack(bins, lengths, seq)
+        rows = layout.positions.shape[0]
         tokens = np.full((rows, seq), self.pad, dtype=np.int64)
         labels = np.full((rows, seq), self.pad, dtype=np.int64)
         mask = np.zeros((rows, seq), dtype=np.float32)
-        pos = np.zeros((rows, seq), dtype=np.int64)
-        segment = np.full((rows, seq), 2 * m, dtype=np.int64)
-        allowed = np.zeros((rows, seq, seq), dtype=bool)
-        row_of, last = np.zeros(2 * m, dtype=np.int64), np.zeros(2 * m, dtype=np.int64)
-        for r, members in enumerate(bins):
-            at = 0
-            for k in members:
-                row, start, end = sequences[k]
-                n = len(row)
-                tokens[r, at : at + n], labels[r, at : at + n - 1] = row, row[1:]
-                mask[r, at + start : at + end] = 1.0
-                pos[r, at : at + n], segment[r, at : at + n] = np.arange(n), k
-                allowed[r, at : at + n, at : at + n] = np.tri(n, dtype=bool)
-                row_of[k], last[k] = r, at + n - 1
-                at += n
-            allowed[r, np.arange(at, seq), np.arange(at, seq)] = True  # padding attends to itself alone
+        for k, (row, start, end) in enumerate(sequences):
+            r, at, n = layout.row[k], layout.start[k], len(row)
+            tokens[r, at : at + n], labels[r, at : at + n - 1] = row, row[1:]
+            mask[r, at + start : at + end] = 1.0
         return {
-            "tokens": torch.from_numpy(tokens), "position_ids": torch.from_numpy(pos),
+            "tokens": torch.from_numpy(tokens), "position_ids": torch.from_numpy(layout.positions),
             "labels": torch.from_numpy(labels), "loss_mask": torch.from_numpy(mask),
-            "attention_mask": torch.from_numpy(~allowed).unsqueeze(1), "segment": torch.from_numpy(segment),
-            "row": torch.from_numpy(row_of), "last": torch.from_numpy(last),
+            "attention_mask": layout.attention_mask, "segment": torch.from_numpy(layout.segment),
+            "row": torch.from_numpy(layout.row), "last": torch.from_numpy(layout.start + lengths - 1),
             "weight": torch.from_numpy((idx >= 0).astype(np.float32)),
         }  # fmt: skip
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.worker.batches import first_fit_decreasing, packed_geometry
+from engine.worker.batches import first_fit_decreasing, pack, packed_geometry
 
 from .helpers import masking_check
 
@@ -23,6 +23,17 @@ def test_first_fit_decreasing_fills_rows_in_order_of_length() -> None:
     assert rows == [[0], [1, 2]] and seq == 16
     rows, seq = packed_geometry(np.array([3, 2]), cap=16, multiple=8)
     assert rows == [[0, 1]] and seq == 8  # the row's fill, rounded up to the multiple
+
+
+def test_pack_places_items_with_restarting_positions_and_a_block_diagonal_mask() -> None:
+    layout = pack([[1, 2], [0]], np.array([2, 3, 1]), width=5)
+    assert layout.row.tolist() == [1, 0, 0] and layout.start.tolist() == [0, 0, 3]
+    assert layout.positions.tolist() == [[0, 1, 2, 0, 0], [0, 1, 0, 0, 0]]
+    assert layout.segment.tolist() == [[1, 1, 1, 2, 3], [0, 0, 3, 3, 3]]  # 3: padding
+    allowed = ~layout.attention_mask[:, 0].numpy()
+    # Item 1 (three positions) attends causally within itself; item 2 sees only itself; padding itself alone.
+    assert allowed[0].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
+    assert allowed[1, 1].tolist() == [1, 1, 0, 0, 0] and allowed[1, 4].tolist() == [0, 0, 0, 0, 1]
 
 
 def test_packed_rows_give_the_padded_rows_loss_and_gradients(tmp_path: Path) -> None:

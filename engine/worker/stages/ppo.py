@@ -60,7 +60,7 @@ from ...errors import EngineError
 from ...plugins import exact_match
 from ...schema import PpoStage
 from .. import checkpoint, comm, preempt
-from ..batches import Mixture, first_fit_decreasing, positions, read_sources, source_weights
+from ..batches import Mixture, first_fit_decreasing, pack, positions, read_sources, source_weights
 from ..context import Context
 from ..faults import maybe_kill
 from ..generate import Sampling, generate
@@ -120,23 +120,16 @@ class Rollouts:
         lengths = self.lengths[rows].numpy()
         bins = first_fit_decreasing(lengths, cap)
         width = max(int(lengths[b].sum()) for b in bins)
+        layout = pack(bins, lengths, width)
         out = {k: torch.zeros((len(bins), width), dtype=getattr(self, k).dtype) for k in self.PER_TOKEN}
         out["tokens"].fill_(pad)
         out["labels"].fill_(pad)
-        pos = torch.zeros((len(bins), width), dtype=torch.long)
-        segment = torch.full((len(bins), width), len(rows), dtype=torch.long)
-        allowed = torch.zeros((len(bins), width, width), dtype=torch.bool)
-        for r, members in enumerate(bins):
-            at = 0
-            for j in members:
-                i, n = int(rows[j]), int(lengths[j])
-                for k in self.PER_TOKEN:
-                    out[k][r, at : at + n] = getattr(self, k)[i, :n]
-                pos[r, at : at + n], segment[r, at : at + n] = torch.arange(n), j
-                allowed[r, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
-                at += n
-            allowed[r, torch.arange(at, width), torch.arange(at, width)] = True  # padding attends to itself alone
-        return {**out, "position_ids": pos, "segment": segment, "attention_mask": (~allowed).unsqueeze(1)}
+        for j, i in enumerate(rows.tolist()):
+            r, at, n = int(layout.row[j]), int(layout.start[j]), int(lengths[j])
+            for k in self.PER_TOKEN:
+                out[k][r, at : at + n] = getattr(self, k)[i, :n]
+        return {**out, "position_ids": torch.from_numpy(layout.positions), "segment": torch.from_numpy(layout.segment),
+                "attention_mask": layout.attention_mask}  # fmt: skip
 
 
 class Ppo:
