@@ -4,6 +4,10 @@
 * Near: MinHash signatures of word-shingle sets (Broder 1997) indexed by LSH bands (datasketch); a
   document whose estimated Jaccard similarity with a kept one exceeds the threshold is dropped.
   Memory grows with the number of kept documents' signatures (num_perm integers each), not with text.
+
+A document's `Signature` (its digest and MinHash values) depends on its text alone, so worker processes
+compute them; only the look-up in the index of kept documents (`keep_signature`), which depends on every
+earlier document, runs in one place, in document order.
 * Decontamination: a training document that shares any word n-gram (13 by default, as GPT-3's
   contamination analysis) with an evaluation prompt is dropped.
 """
@@ -30,6 +34,27 @@ def shingles(text: str, n: int) -> set[str]:
     return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What deduplication and the split need of a document: the SHA-256 of its normalised text and, with
+    near dedup, its MinHash values."""
+
+    digest: bytes
+    minhash: Any = None  # numpy uint64 [num_perm], or None
+
+
+def signature(text: str, spec: DedupSpec) -> Signature:
+    """A document's signature (a pure function of the text: worker processes compute it)."""
+    digest = hashlib.sha256(canonical(text).encode()).digest()
+    if not spec.near:
+        return Signature(digest)
+    from datasketch import MinHash
+
+    mh = MinHash(num_perm=spec.num_perm, seed=1)
+    mh.update_batch([s.encode() for s in shingles(text, spec.shingle_size)])
+    return Signature(digest, mh.hashvalues)
+
+
 @dataclass
 class Deduplicator:
     spec: DedupSpec
@@ -38,30 +63,31 @@ class Deduplicator:
     def __post_init__(self) -> None:
         self._hashes: set[bytes] = set()
         self._lsh: Any = None
+        self._template: Any = None
         self._count = 0
         if self.spec.near:
-            from datasketch import MinHashLSH
+            from datasketch import MinHash, MinHashLSH
 
             self._lsh = MinHashLSH(threshold=self.spec.threshold, num_perm=self.spec.num_perm)
-
-    def _minhash(self, text: str) -> Any:
-        from datasketch import MinHash
-
-        mh = MinHash(num_perm=self.spec.num_perm, seed=1)
-        mh.update_batch([s.encode() for s in shingles(text, self.spec.shingle_size)])
-        return mh
+            self._template = MinHash(num_perm=self.spec.num_perm, seed=1)
 
     def keep(self, text: str) -> bool:
         """True for the first of its kind; records it so that later duplicates are dropped."""
+        return self.keep_signature(signature(text, self.spec))
+
+    def keep_signature(self, sig: Signature) -> bool:
+        """`keep` for a document whose signature is computed: the look-up and the record of a kept one."""
         self.report["seen"] += 1
         if self.spec.exact:
-            digest = hashlib.sha256(canonical(text).encode()).digest()
-            if digest in self._hashes:
+            if sig.digest in self._hashes:
                 self.report["exact_duplicates"] += 1
                 return False
-            self._hashes.add(digest)
+            self._hashes.add(sig.digest)
         if self._lsh is not None:
-            mh = self._minhash(text)
+            from datasketch import MinHash
+
+            t = self._template
+            mh = MinHash(seed=1, hashvalues=sig.minhash, permutations=t.permutations, scheme=t.scheme)
             if self._lsh.query(mh):
                 self.report["near_duplicates"] += 1
                 return False

@@ -139,15 +139,43 @@ def test_chat_template_masks_only_assistant_replies() -> None:
 
 
 def test_worker_processes_give_the_same_outputs(tmp_path: Path) -> None:
-    one = _setup(tmp_path / "one")
-    two = _setup(tmp_path / "two", "stages.data.workers=2")
-    for ctx in (one, two):
+    """Cleaning, signatures (exact and near dedup) and tokenisation run in the pool: every output file is the
+    same bytes with 1, 2 or 3 workers, document order included."""
+    runs = [_setup(tmp_path / f"w{n}", f"stages.data.workers={n}", "stages.data.dedup.near=true") for n in (1, 2, 3)]
+    for ctx in runs:
         stage.run(ctx, job_spec(ctx.job))
-    m1, m2 = (
-        json.loads((p / "run" / "data" / "data" / "manifest.json").read_text())
-        for p in (tmp_path / "one", tmp_path / "two")
-    )
-    assert m1["report"] == m2["report"] and m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
+    outs = [tmp_path / f"w{n}" / "run" / "data" / "data" for n in (1, 2, 3)]
+    manifests = [json.loads((o / "manifest.json").read_text()) for o in outs]
+    for m in manifests[1:]:
+        assert m["report"] == manifests[0]["report"] and m["tokenizer"]["sha256"] == manifests[0]["tokenizer"]["sha256"]
+        # Shards included, byte for byte: their sha256 are the same on every run and with any worker count.
+        assert m["sources"] == manifests[0]["sources"]
+    assert manifests[0]["report"]["dedup"]["exact_duplicates"] == 1
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert any(f.suffix == ".bin" for f in files) and any(f.suffix == ".tar" for f in files)
+    for out in outs[1:]:
+        for f in files:
+            assert (out / f).read_bytes() == (outs[0] / f).read_bytes(), f
 
-    # Shards included, byte for byte: their sha256 are the same on every run and with any worker count.
-    assert m1["sources"] == m2["sources"]
+
+def test_index_writer_writes_megatrons_bytes(tmp_path: Path) -> None:
+    """engine.corpus.indexed writes what Megatron-Core's IndexedDatasetBuilder writes, and Megatron reads it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from engine.corpus.indexed import IndexWriter
+
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 60_000, size=int(n)).astype(np.uint16) for n in rng.integers(1, 50, size=37)]
+    ours = IndexWriter(tmp_path / "ours", np.dtype(np.uint16))
+    for first in range(0, len(docs), 10):  # in batches, as the stage appends them
+        batch = docs[first : first + 10]
+        ours.append(np.concatenate(batch), np.array([len(d) for d in batch]))
+    ours.finalize()
+    theirs = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for d in docs:
+        theirs.add_document(d, [len(d)])
+    theirs.finalize(str(tmp_path / "theirs.idx"))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes()
+    read = IndexedDataset(str(tmp_path / "ours"))
+    assert len(read) == len(docs) and all(np.array_equal(read[i], d) for i, d in enumerate(docs))

@@ -37,10 +37,19 @@ from ... import plugin
 from ...artifacts import SPLITS, read_json, write_json_atomic
 from ...chat import Template, template_for
 from ...corpus.clean import Cleaner
-from ...corpus.dedup import Decontaminator, Deduplicator, canonical
+from ...corpus.dedup import Decontaminator, Deduplicator, Signature, canonical, signature
 from ...corpus.tokenizer import describe, describe_hf, load, train_bpe
 from ...errors import EngineError, ForgedTurn
-from ...schema import CleaningSpec, DataStage, HfTokenizer, SourceSpec, SplitSpec, TokenizerSpec, TrainTokenizer
+from ...schema import (
+    CleaningSpec,
+    DataStage,
+    DedupSpec,
+    HfTokenizer,
+    SourceSpec,
+    SplitSpec,
+    TokenizerSpec,
+    TrainTokenizer,
+)
 from ..context import Context
 
 KIND_ORDER = {"prompt": 0, "text": 1, "conversation": 2, "preference": 3}
@@ -48,7 +57,12 @@ KIND_ORDER = {"prompt": 0, "text": 1, "conversation": 2, "preference": 3}
 
 def split_of(text: str, splits: SplitSpec) -> str:
     """train/valid/test from a hash of the content: stable, order-independent."""
-    x = int.from_bytes(hashlib.sha256(canonical(text).encode()).digest()[:8], "little") / 2**64
+    return split_of_digest(hashlib.sha256(canonical(text).encode()).digest(), splits)
+
+
+def split_of_digest(digest: bytes, splits: SplitSpec) -> str:
+    """split_of for the SHA-256 of the normalised text (a document's Signature.digest)."""
+    x = int.from_bytes(digest[:8], "little") / 2**64
     if x < splits.valid:
         return "valid"
     if x < splits.valid + splits.test:
@@ -102,30 +116,44 @@ class Progress:
                   f"{self.chars / rate / 1e6:.2f} MB/s", flush=True)  # fmt: skip
 
 
-_worker_cleaner: Cleaner | None = None
+_worker: tuple[Cleaner, DedupSpec] | None = None
+
+Cleaned = tuple[list[str | None], Signature | None]  # a record's cleaned texts; its signature unless dropped
 
 
-def _init_worker(spec: CleaningSpec) -> None:
-    global _worker_cleaner
-    _worker_cleaner = Cleaner(spec)
+def _init_worker(cleaning: CleaningSpec, dedup: DedupSpec) -> None:
+    global _worker
+    _worker = (Cleaner(cleaning), dedup)
 
 
-def _clean_batch(batch: list[list[str]]) -> tuple[list[list[str | None]], Counter[str]]:
-    """In a worker process: normalise and filter the texts of a batch of records."""
-    assert _worker_cleaner is not None
-    _worker_cleaner.report.clear()
-    cleaned = [[_worker_cleaner.clean(t) for t in texts] for texts in batch]
-    return cleaned, Counter(_worker_cleaner.report)
+def _clean_one(texts: list[str], cleaner: Cleaner, dedup: DedupSpec) -> Cleaned:
+    """A record's texts normalised and filtered, and the signature of what is kept (its dedup key)."""
+    cleaned = [cleaner.clean(t) for t in texts]
+    if any(c is None for c in cleaned):
+        return cleaned, None
+    return cleaned, signature(dedup_key(cleaned), dedup)
+
+
+def dedup_key(cleaned: list[str | None]) -> str:
+    return "\x00".join(c for c in cleaned if c is not None)
+
+
+def _clean_batch(batch: list[list[str]]) -> tuple[list[Cleaned], Counter[str]]:
+    """In a worker process: a batch of records cleaned, with their signatures."""
+    assert _worker is not None
+    cleaner, dedup = _worker
+    cleaner.report.clear()
+    return [_clean_one(texts, cleaner, dedup) for texts in batch], Counter(cleaner.report)
 
 
 def _cleaned(
-    records: Iterator[Any], cleaner: Cleaner, pool: Any, window: int
-) -> Iterator[tuple[Any, list[str | None]]]:
-    """(record, cleaned texts) in order. With a pool, a bounded window of batches is cleaned in the
-    worker processes at a time, so reading never runs ahead of cleaning by more than the window."""
+    records: Iterator[Any], cleaner: Cleaner, dedup: DedupSpec, pool: Any, window: int
+) -> Iterator[tuple[Any, Cleaned]]:
+    """(record, (cleaned texts, signature)) in order. With a pool, a bounded window of batches is cleaned and
+    signed in the worker processes at a time, so reading never runs ahead by more than the window."""
     if pool is None:
         for record in records:
-            yield record, [cleaner.clean(t) for t in _fields(record)]
+            yield record, _clean_one(_fields(record), cleaner, dedup)
         return
     batches = _batches(records, 256)
     while chunk := list(itertools.islice(batches, window)):
@@ -139,7 +167,8 @@ def collect(spec: DataStage, *, stage: str, spool: Path) -> dict[str, Any]:
     """Pass 1: read, clean, dedup, decontaminate and split every source into spool files."""
     cleaner = Cleaner(spec.cleaning)
     workers = spec.workers
-    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (spec.cleaning,)) if workers > 1 else None
+    pool = (multiprocessing.get_context("fork").Pool(workers, _init_worker, (spec.cleaning, spec.dedup))
+            if workers > 1 else None)  # fmt: skip
     try:
         return _collect(spec, stage, spool, cleaner, pool)
     finally:
@@ -161,15 +190,15 @@ def _collect(spec: DataStage, stage: str, spool: Path, cleaner: Cleaner, pool: A
         files = {s: (spool / f"{name}.{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
         try:
             records = _records(src, spec.strict, errors)
-            for record, cleaned in _cleaned(records, cleaner, pool, 2 * spec.workers):
+            for record, (cleaned, sig) in _cleaned(records, cleaner, dedup_spec, pool, 2 * spec.workers):
                 counts[name]["read"] += 1
                 progress.advance(name, sum(len(t) for t in _fields(record)))
-                if any(c is None for c in cleaned):
+                if sig is None:
                     continue
-                key = "\x00".join(c for c in cleaned if c is not None)
-                if not dedup.keep(key):
+                if not dedup.keep_signature(sig):
                     continue
-                split = split_of(key, splits)
+                key = dedup_key(cleaned)
+                split = split_of_digest(sig.digest, splits)
                 if deco is not None:
                     if kind == "prompt" and split != "train":
                         deco.add_eval([record.prompt])
@@ -248,37 +277,96 @@ def _batches(rows: Iterator[Any], size: int = 512) -> Iterator[list[Any]]:
         yield batch
 
 
-def write_text(tok: Any, eod: int, rows: Iterator[dict[str, Any]], prefix: str) -> dict[str, int]:
-    """One indexed dataset. HF tokenizers encodes each batch on all cores; the batch goes to the .bin in
-    one write. (Overlapping the write with the next batch's encoding measured slower on 2 cores.)"""
-    from itertools import chain
-
+def encode_texts(tok: Any, eod: int, texts: list[str], dtype: Any) -> tuple[Any, Any]:
+    """The documents' token ids, each followed by `eod`, flattened; and each one's length."""
     import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    dtype = np.uint16 if tok.get_vocab_size() < 65_000 else np.int32
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    docs = tokens = 0
+    # encode_batch_fast skips the offsets that encode_batch computes and we never use.
+    encoded = [enc.ids for enc in tok.encode_batch_fast(texts)]
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int32, count=len(encoded))
+    flat = np.fromiter(itertools.chain.from_iterable((*ids, eod) for ids in encoded), dtype=dtype,
+                       count=int(lengths.sum()))  # fmt: skip
+    return flat, lengths
 
-    def encode(batch: list[dict[str, Any]]) -> list[list[int]]:
-        # encode_batch_fast skips the offsets that encode_batch computes and we never use.
-        return [enc.ids for enc in tok.encode_batch_fast([r["text"] for r in batch])]
 
-    def append(encoded: list[list[int]]) -> None:
-        nonlocal docs, tokens
-        lengths = [len(ids) + 1 for ids in encoded]
-        flat = np.fromiter(chain.from_iterable((*ids, eod) for ids in encoded), dtype=dtype, count=sum(lengths))
-        builder.data_file.write(flat.tobytes())
-        # One sequence per document, as add_document(ids, [len(ids)]) would record it.
-        first = len(builder.sequence_lengths)
-        builder.sequence_lengths.extend(lengths)
-        builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
-        docs, tokens = docs + len(lengths), tokens + int(flat.size)
+class Tokenizing:
+    """Pass 2's tokenisation: in this process, or with `workers` > 1 in a pool of that many (forked after the
+    tokenizer is ready; each worker encodes on one core). Batches go out in a bounded window and come back
+    in order, so the outputs are the same bytes for any number of workers."""
 
-    for batch in _batches(rows, 1024):
-        append(encode(batch))
-    builder.finalize(prefix + ".idx")
-    return {"documents": docs, "tokens": tokens}
+    def __init__(self, tok: Any, template: Template, eod: int, workers: int) -> None:
+        import os
+
+        from ...corpus.indexed import token_dtype
+
+        self.state = (tok, template, eod, token_dtype(tok.get_vocab_size()))
+        self.window = 2 * workers
+        self.pool: Any = None
+        if workers > 1:
+            global _tokenizing
+            _tokenizing = self.state
+            # The workers encode single-threaded (said explicitly: HF tokenizers warns when it is forked
+            # after using its thread pool); this process keeps its own setting.
+            before = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                self.pool = multiprocessing.get_context("fork").Pool(workers)
+            finally:
+                if before is None:
+                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = before
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+    def _ordered(self, fn: Any, batches: Iterator[list[Any]]) -> Iterator[Any]:
+        if self.pool is None:
+            yield from (fn(batch, self.state) for batch in batches)
+            return
+        while chunk := list(itertools.islice(batches, self.window)):
+            yield from self.pool.map(_in_worker, [(fn, batch) for batch in chunk])
+
+    def write_text(self, rows: Iterator[dict[str, Any]], prefix: str) -> dict[str, int]:
+        """One indexed dataset (engine.corpus.indexed) of the rows' texts, each ending with <|eos|>."""
+        from ...corpus.indexed import IndexWriter
+
+        writer = IndexWriter(prefix, self.state[3])
+        for flat, lengths in self._ordered(_encode_batch, (list(b) for b in _batches(rows, 1024))):
+            writer.append(flat, lengths)
+        writer.finalize()
+        return {"documents": writer.documents, "tokens": writer.tokens}
+
+    def samples(self, rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any] | None]:
+        """Each spooled record as chat-template tokens (None where its text would forge a turn)."""
+        for batch in self._ordered(_tokenize_batch, _batches(rows, 256)):
+            yield from batch
+
+
+_tokenizing: tuple[Any, Template, int, Any] | None = None  # what forked tokenising workers use
+
+
+def _in_worker(job: tuple[Any, list[Any]]) -> Any:
+    fn, batch = job
+    assert _tokenizing is not None
+    return fn(batch, _tokenizing)
+
+
+def _encode_batch(rows: list[dict[str, Any]], state: tuple[Any, Template, int, Any]) -> tuple[Any, Any]:
+    tok, _, eod, dtype = state
+    return encode_texts(tok, eod, [r["text"] for r in rows], dtype)
+
+
+def _tokenize_batch(rows: list[dict[str, Any]], state: tuple[Any, Template, int, Any]) -> list[dict[str, Any] | None]:
+    template = state[1]
+    out: list[dict[str, Any] | None] = []
+    for row in rows:
+        try:
+            out.append(tokenize_row(row, template))
+        except ForgedTurn:
+            out.append(None)
+    return out
 
 
 def tokenize_row(row: dict[str, Any], template: Template) -> dict[str, Any]:
@@ -296,21 +384,17 @@ def tokenize_row(row: dict[str, Any], template: Template) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def write_shards(
-    rows: Iterator[dict[str, Any]], folder: Path, template: Template, per: int
-) -> tuple[list[dict[str, Any]], int]:
-    """The records as webdataset shards of `per` samples; also how many were dropped because a message's
-    text holds a special token of the template (parsed, it would forge a turn)."""
+def write_shards(samples: Iterator[dict[str, Any] | None], folder: Path, per: int) -> tuple[list[dict[str, Any]], int]:
+    """The tokenised records as webdataset shards of `per` samples; also how many were dropped (None) because a
+    message's text holds a special token of the template (parsed, it would forge a turn)."""
     import webdataset as wds
 
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, Any]] = []
     writer: Any = None
     forged, i = 0, 0
-    for row in rows:
-        try:
-            sample = tokenize_row(row, template)
-        except ForgedTurn:
+    for sample in samples:
+        if sample is None:
             forged += 1
             continue
         if i % per == 0:
@@ -359,29 +443,11 @@ def run(ctx: Context, spec: DataStage) -> None:
     print(f"[{job.name}] reading, cleaning and deduplicating {len(spec.sources)} sources", flush=True)
     report = collect(spec, stage=job.name, spool=build / "spool")
     tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
-    template = template_for(info, tok)
-
-    sources: dict[str, Any] = {}
-    for src in spec.sources:
-        name, kind = src.name, src.records
-        entry: dict[str, Any] = {"records": kind, "weight": src.weight, "splits": {}}
-        for split in SPLITS:
-            rows = _spooled(build / "spool", name, split)
-            if kind == "text":
-                (build / "data" / name).mkdir(exist_ok=True)
-                entry["splits"][split] = write_text(tok, info["eod"], rows, str(build / "data" / name / split))
-            else:
-                shards, forged = write_shards(rows, build / "data" / name / split, template, spec.shard_samples)
-                entry["splits"][split] = {
-                    "samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
-                    "shards": shards, **({"dropped_special_token_text": forged} if forged else {}),
-                }  # fmt: skip
-        sources[name] = entry
-        print(f"[{job.name}] {name}: " + ", ".join(f"{s} {v.get('documents', v.get('samples'))}"
-                                                  for s, v in entry["splits"].items()), flush=True)  # fmt: skip
-        if forged_total := sum(v.get("dropped_special_token_text", 0) for v in entry["splits"].values()):
-            print(f"[{job.name}] {name}: dropped {forged_total} records whose text holds a special token of the chat "
-                  "template (parsed, it would forge a turn)", flush=True)  # fmt: skip
+    tokenizing = Tokenizing(tok, template_for(info, tok), info["eod"], spec.workers)
+    try:
+        sources = _tokenize(job.name, spec, build, tokenizing)
+    finally:
+        tokenizing.close()
     mixture = effective_mixture(sources)
     for records, shares in mixture.items():
         print(f"[{job.name}] mixture of {records} records: "
@@ -394,6 +460,33 @@ def run(ctx: Context, spec: DataStage) -> None:
          "mixture": mixture},
     )  # fmt: skip
     _install(build, data_out, tok_out)
+
+
+def _tokenize(stage: str, spec: DataStage, build: Path, tokenizing: Tokenizing) -> dict[str, Any]:
+    """Pass 2: every source's spooled splits tokenised into indexed datasets (text) or shards."""
+    sources: dict[str, Any] = {}
+    for src in spec.sources:
+        name, kind = src.name, src.records
+        entry: dict[str, Any] = {"records": kind, "weight": src.weight, "splits": {}}
+        for split in SPLITS:
+            rows = _spooled(build / "spool", name, split)
+            if kind == "text":
+                (build / "data" / name).mkdir(exist_ok=True)
+                entry["splits"][split] = tokenizing.write_text(rows, str(build / "data" / name / split))
+            else:
+                shards, forged = write_shards(tokenizing.samples(rows), build / "data" / name / split,
+                                              spec.shard_samples)  # fmt: skip
+                entry["splits"][split] = {
+                    "samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+                    "shards": shards, **({"dropped_special_token_text": forged} if forged else {}),
+                }  # fmt: skip
+        sources[name] = entry
+        print(f"[{stage}] {name}: " + ", ".join(f"{s} {v.get('documents', v.get('samples'))}"
+                                                  for s, v in entry["splits"].items()), flush=True)  # fmt: skip
+        if forged_total := sum(v.get("dropped_special_token_text", 0) for v in entry["splits"].values()):
+            print(f"[{stage}] {name}: dropped {forged_total} records whose text holds a special token of the chat "
+                  "template (parsed, it would forge a turn)", flush=True)  # fmt: skip
+    return sources
 
 
 def effective_mixture(sources: dict[str, Any]) -> dict[str, dict[str, float]]:
