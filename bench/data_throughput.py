@@ -2,22 +2,24 @@
 
   (a) plain loop: one document at a time, `tokenizer.encode` + `IndexedDatasetBuilder.add_document`,
       one process — the reference;
-  (b) the stage's own tokenize-and-index path (batched `encode_batch`, on all cores) on the same
-      corpus and tokenizer;
+  (b) the stage's own tokenize-and-index path (batched `encode_batch_fast`, in this process, HF
+      tokenizers on all cores) on the same corpus and tokenizer;
   (b0) the ceiling for (b): HF tokenizers' `encode_batch_fast` alone, no indexing — (b) cannot beat it;
-  (c) the whole data stage, with cleaning and exact dedup;
-  (d) the whole data stage with near-duplicate dedup too.
-Docs/s are printed as ratios to (a). Peak RSS of (c) is measured in fresh processes on two corpus
+  (c) the whole data stage, with cleaning and exact dedup, at `workers` 1 and 2;
+  (d) the whole data stage with near-duplicate dedup too, at `workers` 1 and 2.
+(c) and (d) run in fresh processes, `--repeats` times in rotating order (interleaved), medians; docs/s are
+printed as ratios to (a), and workers 2 against workers 1. Peak RSS of (c) is measured on two corpus
 sizes; it should not grow with the corpus (the spools are on disk; the dedup index holds one hash per
 kept document).
 
-    .venv/bin/python bench/data_throughput.py [--mb 10] [--scale 4]
+    .venv/bin/python bench/data_throughput.py [--mb 10] [--scale 4] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,9 +90,10 @@ print(json.dumps({"seconds": time.perf_counter() - began, "rss_mb": resource.get
 """
 
 
-def whole_stage(tmp: Path, corpus: Path, tokenizer: Path, *, near: bool, tag: str) -> dict[str, float]:
+def whole_stage(tmp: Path, corpus: Path, tokenizer: Path, *, near: bool, tag: str, workers: int = 2) -> dict[str, float]:
     recipe = tmp / f"{tag}.yaml"
     text = RECIPE.replace("TOKENIZER", str(tokenizer)).replace("CORPUS", str(corpus))
+    text = text.replace("workers: 2", f"workers: {workers}")
     recipe.write_text(text.replace("NEAR", "true" if near else "false"))
     done = subprocess.run([sys.executable, "-c", STAGE, str(recipe), str(tmp / tag)], capture_output=True,
                           text=True, check=True, cwd=REPO)  # fmt: skip
@@ -102,11 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=10.0, help="corpus size for (a)-(d)")
     parser.add_argument("--scale", type=float, default=4.0, help="the larger corpus for the RSS check is this × mb")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each whole-stage variant, interleaved")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     sys.path.insert(0, str(REPO))
     from engine.corpus.tokenizer import train_bpe
-    from engine.worker.stages.collect import write_text
+    from engine.worker.stages.collect import Tokenizing
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -117,14 +121,22 @@ def main() -> None:
         tok.save(str(tmp / "tokenizer.json"))
         t_a = plain_loop(tok, docs, str(tmp / "plain"))
         began = time.perf_counter()
-        write_text(tok, 2, iter({"text": d} for d in docs), str(tmp / "stage"))
+        Tokenizing(tok, None, 2, workers=1).write_text(iter({"text": d} for d in docs), str(tmp / "stage"))
         t_b = time.perf_counter() - began
         began = time.perf_counter()
         for i in range(0, len(docs), 1024):
             tok.encode_batch_fast(docs[i : i + 1024])
         t_b0 = time.perf_counter() - began
-        c = whole_stage(tmp, corpus, tmp / "tokenizer.json", near=False, tag="c")
-        d = whole_stage(tmp, corpus, tmp / "tokenizer.json", near=True, tag="d")
+        variants = [(near, w) for near in (False, True) for w in (1, 2)]
+        seconds: dict[tuple[bool, int], list[float]] = {v: [] for v in variants}
+        rss: dict[tuple[bool, int], float] = {}
+        for r in range(args.repeats):
+            for near, w in variants[r % len(variants) :] + variants[: r % len(variants)]:
+                got = whole_stage(tmp, corpus, tmp / "tokenizer.json", near=near, tag=f"{int(near)}{w}-{r}", workers=w)
+                seconds[(near, w)].append(got["seconds"])
+                rss[(near, w)] = got["rss_mb"]
+        med = {v: statistics.median(t) for v, t in seconds.items()}
+        c = {"seconds": med[(False, 2)], "rss_mb": rss[(False, 2)]}
         big = tmp / "big.jsonl"
         n_big = make_corpus(big, args.mb * args.scale, seed=1)
         c_big = whole_stage(tmp, big, tmp / "tokenizer.json", near=False, tag="c_big")
@@ -132,9 +144,14 @@ def main() -> None:
     rate = n / t_a
     print(f"corpus: {n} documents, {args.mb:g} MB (generated)")
     print(f"(a) plain loop                  {rate:9.0f} docs/s   1.00×")
-    for label, seconds in (("(b0) encode_batch_fast alone", t_b0), ("(b) stage tokenize + index", t_b), ("(c) stage, clean + exact dedup", c["seconds"]),
-                           ("(d) stage, + near dedup", d["seconds"])):  # fmt: skip
-        print(f"{label:31s} {n / seconds:9.0f} docs/s   {t_a / seconds:.2f}×")
+    for label, took in (("(b0) encode_batch_fast alone", t_b0), ("(b) stage tokenize + index", t_b)):
+        print(f"{label:31s} {n / took:9.0f} docs/s   {t_a / took:.2f}×")
+    for near, name in ((False, "(c) stage, clean + exact dedup"), (True, "(d) stage, + near dedup")):
+        for w in (1, 2):
+            took = med[(near, w)]
+            print(f"{name + f', workers {w}':42s} {n / took:9.0f} docs/s   {t_a / took:.2f}×   "
+                  f"(runs: {', '.join(f'{t:.2f}' for t in seconds[(near, w)])} s)")  # fmt: skip
+        print(f"{name}: workers 2 / workers 1 = {med[(near, 1)] / med[(near, 2)]:.2f}×")
     print(f"peak RSS of (c): {c['rss_mb']:.0f} MB at {args.mb:g} MB, {c_big['rss_mb']:.0f} MB at "
           f"{args.mb * args.scale:g} MB ({n_big} documents)")  # fmt: skip
 

@@ -294,7 +294,7 @@ class Tokenizing:
     tokenizer is ready; each worker encodes on one core). Batches go out in a bounded window and come back
     in order, so the outputs are the same bytes for any number of workers."""
 
-    def __init__(self, tok: Any, template: Template, eod: int, workers: int) -> None:
+    def __init__(self, tok: Any, template: Template | None, eod: int, workers: int) -> None:
         import os
 
         from ...corpus.indexed import token_dtype
@@ -344,7 +344,7 @@ class Tokenizing:
             yield from batch
 
 
-_tokenizing: tuple[Any, Template, int, Any] | None = None  # what forked tokenising workers use
+_tokenizing: tuple[Any, Template | None, int, Any] | None = None  # what forked tokenising workers use
 
 
 def _in_worker(job: tuple[Any, list[Any]]) -> Any:
@@ -353,13 +353,14 @@ def _in_worker(job: tuple[Any, list[Any]]) -> Any:
     return fn(batch, _tokenizing)
 
 
-def _encode_batch(rows: list[dict[str, Any]], state: tuple[Any, Template, int, Any]) -> tuple[Any, Any]:
+def _encode_batch(rows: list[dict[str, Any]], state: tuple[Any, Template | None, int, Any]) -> tuple[Any, Any]:
     tok, _, eod, dtype = state
     return encode_texts(tok, eod, [r["text"] for r in rows], dtype)
 
 
-def _tokenize_batch(rows: list[dict[str, Any]], state: tuple[Any, Template, int, Any]) -> list[dict[str, Any] | None]:
+def _tokenize_batch(rows: list[dict[str, Any]], state: tuple[Any, Template | None, int, Any]) -> list[dict[str, Any] | None]:
     template = state[1]
+    assert template is not None
     out: list[dict[str, Any] | None] = []
     for row in rows:
         try:
