@@ -55,7 +55,8 @@ def plan_table(p: Plan) -> Table:
         table.add_column(col, justify="right" if col in ("mem/gpu", "tokens/s", "steps", "wall") else "left")
     for j in p.jobs:
         if j.layout is None or j.estimate is None or j.precision is None:
-            table.add_row(j.name, j.kind, "1×cpu", "-", "-", "-", "-", "-", "-")
+            # A job without a layout (the data stage) runs on one node, in `workers` processes.
+            table.add_row(j.name, j.kind, f"1×{j.config.get('workers', 1)} cpu", "-", "-", "-", "-", "-", "-")
             continue
         lay, est = j.layout, j.estimate
         device = (
