@@ -105,6 +105,11 @@ class DataSource:
     # What the source reads beyond its params (files' sizes and times, a version): a rerun with the
     # same params and the same fingerprint reuses the previous outputs. None: the params say it all.
     fingerprint: Callable[[Any], str] | None = None
+    # A source of files: the files it reads, in order, and a reader of any run of them. With both, a sharded
+    # data stage (`shards: N`) gives each shard its own contiguous run of the files; without them, the first
+    # shard reads the whole source.
+    files: Callable[[Any], list[str]] | None = None
+    read_files: Callable[[Any, RecordKind, list[str]], Iterator[Record | Skip]] | None = None
 
 
 def match_files(pattern: str, *, source: str) -> list[str]:

@@ -63,7 +63,14 @@ def _record(row: dict[str, Any], params: JsonlParams, kind: RecordKind) -> Recor
 
 
 def read(params: JsonlParams, kind: RecordKind) -> Iterator[Record | Skip]:
-    paths = match_files(params.glob, source="jsonl")
+    return read_files(params, kind, files(params))
+
+
+def files(params: JsonlParams) -> list[str]:
+    return match_files(params.glob, source="jsonl")
+
+
+def read_files(params: JsonlParams, kind: RecordKind, paths: list[str]) -> Iterator[Record | Skip]:
     for path in paths:
         with Path(path).open(encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
@@ -80,5 +87,7 @@ SOURCE = DataSource(
     kinds=frozenset({"text", "conversation", "preference", "prompt"}),
     read=read,
     fingerprint=lambda params: files_fingerprint(params.glob),
+    files=files,
+    read_files=read_files,
     description="JSON Lines files with a field mapping",
 )

@@ -17,10 +17,17 @@ class ParquetParams(JsonlParams):
 
 
 def read(params: ParquetParams, kind: RecordKind) -> Iterator[Record | Skip]:
+    return read_files(params, kind, files(params))
+
+
+def files(params: ParquetParams) -> list[str]:
+    return match_files(params.glob, source="parquet")
+
+
+def read_files(params: ParquetParams, kind: RecordKind, paths: list[str]) -> Iterator[Record | Skip]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    paths = match_files(params.glob, source="parquet")
     for path in paths:
         try:
             file = pq.ParquetFile(path)
@@ -43,4 +50,6 @@ SOURCE = DataSource(
     read=read,
     description="Parquet files with a field mapping (pyarrow)",
     fingerprint=lambda params: files_fingerprint(params.glob),
+    files=files,
+    read_files=read_files,
 )

@@ -20,7 +20,14 @@ class TextFilesParams(BaseModel):
 
 
 def read(params: TextFilesParams, kind: RecordKind) -> Iterator[Record | Skip]:
-    paths = match_files(params.glob, source="text_files")
+    return read_files(params, kind, files(params))
+
+
+def files(params: TextFilesParams) -> list[str]:
+    return match_files(params.glob, source="text_files")
+
+
+def read_files(params: TextFilesParams, kind: RecordKind, paths: list[str]) -> Iterator[Record | Skip]:
     for path in paths:
         try:
             content = Path(path).read_bytes().decode(params.encoding)
@@ -41,5 +48,7 @@ SOURCE = DataSource(
     kinds=frozenset({"text"}),
     read=read,
     fingerprint=lambda params: files_fingerprint(params.glob),
+    files=files,
+    read_files=read_files,
     description="local text files (glob); one document per file or per line",
 )

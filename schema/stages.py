@@ -28,7 +28,12 @@ class DataStage(Spec):
     splits: SplitSpec = Field(default_factory=SplitSpec, description="train/valid/test fractions")
     shard_samples: int = Field(default=10000, gt=0, le=10**9, description="samples per webdataset shard")
     workers: int = Field(
-        default=1, gt=0, le=4096, description="processes that clean documents (tokenization uses every core regardless)"
+        default=1, gt=0, le=4096, description="processes that clean, sign and tokenise documents on a node"
+    )
+    shards: int = Field(
+        default=1, gt=0, le=4096,
+        description="tasks the input files are split over (each reads, cleans, signs and tokenises its share; "
+        "dedup is then partitioned by hash over as many tasks); the outputs are the unsharded stage's",
     )
     strict: bool = Field(default=False, description="stop at the first unreadable record instead of counting it")
     time_limit: str | None = Field(

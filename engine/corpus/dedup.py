@@ -2,8 +2,11 @@
 
 * Exact: SHA-256 of the normalised text (case-folded, whitespace collapsed); a repeat is dropped.
 * Near: MinHash signatures of word-shingle sets (Broder 1997) indexed by LSH bands (datasketch); a
-  document whose estimated Jaccard similarity with a kept one exceeds the threshold is dropped.
-  Memory grows with the number of kept documents' signatures (num_perm integers each), not with text.
+  document that shares an LSH band with any earlier document (one whose estimated Jaccard similarity
+  exceeds the threshold, kept or itself dropped as a near-duplicate) is dropped. Comparing with every
+  earlier document rather than the kept ones only makes the decision one per band bucket (all but the
+  bucket's earliest member go), which is what lets a sharded stage decide it partition by partition
+  with the same result. Memory grows with the documents' signatures (num_perm integers each), not text.
 
 A document's `Signature` (its digest and MinHash values) depends on its text alone, so worker processes
 compute them; only the look-up in the index of kept documents (`keep_signature`), which depends on every
@@ -76,7 +79,7 @@ class Deduplicator:
         return self.keep_signature(signature(text, self.spec))
 
     def keep_signature(self, sig: Signature) -> bool:
-        """`keep` for a document whose signature is computed: the look-up and the record of a kept one."""
+        """`keep` for a document whose signature is computed: the look-ups, and the document recorded."""
         self.report["seen"] += 1
         if self.spec.exact:
             if sig.digest in self._hashes:
@@ -88,11 +91,12 @@ class Deduplicator:
 
             t = self._template
             mh = MinHash(seed=1, hashvalues=sig.minhash, permutations=t.permutations, scheme=t.scheme)
-            if self._lsh.query(mh):
+            similar = bool(self._lsh.query(mh))
+            self._lsh.insert(str(self._count), mh)  # every document: later ones are compared with all earlier ones
+            self._count += 1
+            if similar:
                 self.report["near_duplicates"] += 1
                 return False
-            self._lsh.insert(str(self._count), mh)
-        self._count += 1
         self.report["kept"] += 1
         return True
 

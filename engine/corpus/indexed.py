@@ -62,3 +62,13 @@ class IndexWriter:
             f.write(lengths.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(documents.tobytes(order="C"))
+
+
+def read_lengths(idx_path: str | Path) -> np.ndarray:
+    """The document lengths (int32) an .idx file written by IndexWriter records (one sequence per document)."""
+    with open(idx_path, "rb") as f:
+        head = f.read(len(MAGIC) + 8 + 1 + 16)
+        if not head.startswith(MAGIC):
+            raise ValueError(f"{idx_path} is not an indexed dataset index")
+        count = struct.unpack("<Q", head[len(MAGIC) + 9 : len(MAGIC) + 17])[0]
+        return np.frombuffer(f.read(4 * count), dtype=np.int32).copy()

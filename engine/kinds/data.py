@@ -56,6 +56,13 @@ def rules(where: str, stage: DataStage, ctx: RuleContext) -> Iterator[Problem]:
             f"={stage.cleaning.max_chars} < min_chars={stage.cleaning.min_chars}",
             "raise it",
         )
+    if stage.shards > 1 and ctx.recipe.tokenizer.kind == "train":
+        yield Problem(
+            f"{where}.shards",
+            f"={stage.shards} with tokenizer.kind=train: each shard tokenises its own documents, so the tokenizer "
+            "must exist before the stage starts",
+            "train it in an unsharded run and give tokenizer: {kind: file, path: .../tokenizer.json}, or set shards: 1",
+        )
 
 
 KIND = StageKind(

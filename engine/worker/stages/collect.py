@@ -26,7 +26,7 @@ import multiprocessing
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -81,12 +81,19 @@ def _fields(record: Any) -> list[str]:
     return [record.prompt]
 
 
-def _records(src: SourceSpec, strict: bool, errors: Counter[str]) -> Iterator[Any]:
-    """The source's records; unreadable ones are counted with file and line, or fatal when strict."""
+def _records(
+    src: SourceSpec, strict: bool, errors: Counter[str], share: Callable[[list[str]], list[str]] | None = None
+) -> Iterator[Any]:
+    """The source's records; unreadable ones are counted with file and line, or fatal when strict. With
+    `share`, only those of the files it picks from the plugin's list (a shard's run of them)."""
     found = plugin.data_sources()[src.plugin]
     params = found.params.model_validate(src.params)
     try:
-        for record in found.read(params, src.records):
+        if share is None or found.files is None or found.read_files is None:
+            records = found.read(params, src.records)
+        else:
+            records = found.read_files(params, src.records, share(found.files(params)))
+        for record in records:
             if isinstance(record, plugin.Skip):
                 if strict:
                     raise EngineError(f"source {src.name!r}: {record.where}: {record.reason}")
@@ -441,14 +448,17 @@ def run(ctx: Context, spec: DataStage) -> None:
     (build / "data").mkdir(parents=True)
     (build / "spool").mkdir()
     (build / "tokenizer").mkdir()
-    print(f"[{job.name}] reading, cleaning and deduplicating {len(spec.sources)} sources", flush=True)
-    report = collect(spec, stage=job.name, spool=build / "spool")
-    tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
-    tokenizing = Tokenizing(tok, template_for(info, tok), info["eod"], spec.workers)
-    try:
-        sources = _tokenize(job.name, spec, build, tokenizing)
-    finally:
-        tokenizing.close()
+    if spec.shards > 1:
+        sources, report, info = _sharded(ctx, spec, build, {"cache_key": job.cache_key, "inputs": inputs})
+    else:
+        print(f"[{job.name}] reading, cleaning and deduplicating {len(spec.sources)} sources", flush=True)
+        report = collect(spec, stage=job.name, spool=build / "spool")
+        tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
+        tokenizing = Tokenizing(tok, template_for(info, tok), info["eod"], spec.workers)
+        try:
+            sources = _tokenize(job.name, spec, build, tokenizing)
+        finally:
+            tokenizing.close()
     mixture = effective_mixture(sources)
     for records, shares in mixture.items():
         print(f"[{job.name}] mixture of {records} records: "
@@ -461,6 +471,31 @@ def run(ctx: Context, spec: DataStage) -> None:
          "mixture": mixture},
     )  # fmt: skip
     _install(build, data_out, tok_out)
+    shutil.rmtree(ctx.stage_dir / ".shards", ignore_errors=True)  # a sharded stage's passes, now complete
+
+
+def _sharded(ctx: Context, spec: DataStage, build: Path, key: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The stage over `shards` tasks (engine.worker.stages.sharded), one after another in this job: each
+    pass's tasks, then the merge. Finished tasks' outputs are kept in the stage's .shards folder until the
+    stage completes, so a rerun after a failure redoes only the rest (a changed recipe or input starts over)."""
+    from . import sharded
+
+    name, n = ctx.job.name, spec.shards
+    root = ctx.stage_dir / sharded.SHARDS
+    if root.is_dir() and (not (root / "key.json").is_file() or read_json(root / "key.json") != key):
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / "key.json", key)
+    print(f"[{name}] {len(spec.sources)} sources over {n} shards", flush=True)
+    for i in range(n):
+        sharded.shard_pass(spec, root, i, stage=name)
+    for p in range(n):
+        sharded.dedup_pass(spec, root, p, stage=name)
+    tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
+    for i in range(n):
+        sharded.write_pass(spec, root, i, tok, info, stage=name)
+    merged = sharded.merge_pass(spec, root, build / "data", info, tok, stage=name)
+    return merged["sources"], merged["report"], info
 
 
 def _tokenize(stage: str, spec: DataStage, build: Path, tokenizing: Tokenizing) -> dict[str, Any]:
