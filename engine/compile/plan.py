@@ -16,7 +16,7 @@ from typing import Any, Literal
 from .. import __version__
 from ..errors import EngineError, Problem, RecipeError
 from ..kinds import KINDS
-from ..schema import ClusterProfile, Recipe, Stage, TrainingStage, TrainTokenizer
+from ..schema import ClusterProfile, DataStage, Recipe, Stage, TrainingStage, TrainTokenizer
 from ..schema.stages import is_checkpoint_path
 from .estimate import GIB, Estimate, estimate_job, fits, human_bytes
 from .resolve import (
@@ -48,6 +48,7 @@ class JobResources(Frozen):
     gpus_per_node: int
     processes_per_node: int
     time_limit: str
+    cpus_per_process: int = 1  # the data stage's worker pool runs in its process
 
 
 class Job(Frozen):
@@ -173,12 +174,15 @@ def _job(
         if trains_tokenizer and name == tokenizer_stage:
             outputs.append(Artifact(stage=name, kind="tokenizer", path=f"{run_dir}/{name}/tokenizer"))
             key_material["tokenizer"] = recipe.tokenizer.model_dump(mode="json")
+        # Sharded on a Slurm cluster: one task per shard, one per node, the shards' passes split among them.
+        nodes = stage.shards if cluster.launcher == "slurm" and isinstance(stage, DataStage) else 1
         resources = JobResources(
             device="cpu",
-            nodes=1,
+            nodes=nodes,
             gpus_per_node=0,
             processes_per_node=1,
             time_limit=stage.time_limit or cluster.default_time_limit,
+            cpus_per_process=stage.workers if isinstance(stage, DataStage) else 1,
         )
         return Job(
             **common, resources=resources, layout=None, precision=None, outputs=tuple(outputs),

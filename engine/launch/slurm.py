@@ -134,6 +134,8 @@ def sbatch_parameters(plan: Plan, job: Job, *, folder_root: str, dependency: str
     }
     if r.device == "cuda":
         params["gpus_per_node"] = r.gpus_per_node
+    if r.cpus_per_process > 1:  # the data stage's worker pool
+        params["cpus_per_task"] = r.cpus_per_process
     for field in ("partition", "account", "qos", "constraint"):
         if getattr(c, field):
             params[field] = getattr(c, field)

@@ -98,10 +98,25 @@ def init_distributed(ctx: Context, *, seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def init_group(ctx: Context) -> None:
+    """A gloo process group for a job without a layout whose tasks meet between passes (a sharded data
+    stage on several nodes): barriers only, so it waits as long as the slowest task may take."""
+    import torch.distributed as dist
+
+    info = ctx.info
+    os.environ.setdefault("MASTER_ADDR", info.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(info.master_port))
+    dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size, timeout=timedelta(days=7))
+
+
 def shutdown() -> None:
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     if dist.is_initialized():
-        ps.destroy_model_parallel()
+        import sys
+
+        if "megatron.core" in sys.modules:  # a job with a layout; a data job's group has no parallel state
+            from megatron.core import parallel_state as ps
+
+            ps.destroy_model_parallel()
         dist.destroy_process_group()

@@ -24,7 +24,7 @@ from ..kinds import kind_of
 from ..lineage import write_lineage
 from ..schema import TrainingStage
 from . import preempt
-from .context import Context, init_distributed, job_spec, load_plan, shutdown
+from .context import Context, init_distributed, init_group, job_spec, load_plan, shutdown
 from .env import cpu_threads, rank_info
 
 
@@ -53,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{job.name}] {info.world_size} process{'es' if info.world_size > 1 else ''} × {threads} CPU "
                   f"thread{'s' if threads > 1 else ''}", flush=True)  # fmt: skip
         preempt.install()
-        if isinstance(spec, TrainingStage):  # a data job is one process without a process group
+        if isinstance(spec, TrainingStage):
             init_distributed(ctx, seed=spec.training.seed)
+        elif info.world_size > 1:  # a sharded data stage's tasks on several nodes; otherwise one process
+            init_group(ctx)
         stage.run(ctx, spec)
         if info.rank == 0:
             write_lineage(plan, job)

@@ -50,6 +50,7 @@ from ...schema import (
     TokenizerSpec,
     TrainTokenizer,
 )
+from .. import comm
 from ..context import Context
 
 KIND_ORDER = {"prompt": 0, "text": 1, "conversation": 2, "preference": 3}
@@ -443,6 +444,9 @@ def run(ctx: Context, spec: DataStage) -> None:
         if old.get("cache_key") == job.cache_key and old.get("inputs") == inputs:
             print(f"[{job.name}] up to date: {data_out}", flush=True)
             return
+    if ctx.info.rank > 0:  # a task of a sharded stage on several nodes, not its first: passes only
+        _sharded(ctx, spec, None, {"cache_key": job.cache_key, "inputs": inputs})
+        return
     build = ctx.stage_dir / ".build"
     shutil.rmtree(build, ignore_errors=True)
     (build / "data").mkdir(parents=True)
@@ -474,26 +478,38 @@ def run(ctx: Context, spec: DataStage) -> None:
     shutil.rmtree(ctx.stage_dir / ".shards", ignore_errors=True)  # a sharded stage's passes, now complete
 
 
-def _sharded(ctx: Context, spec: DataStage, build: Path, key: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The stage over `shards` tasks (engine.worker.stages.sharded), one after another in this job: each
-    pass's tasks, then the merge. Finished tasks' outputs are kept in the stage's .shards folder until the
-    stage completes, so a rerun after a failure redoes only the rest (a changed recipe or input starts over)."""
+def _sharded(
+    ctx: Context, spec: DataStage, build: Path | None, key: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The stage over `shards` tasks (engine.worker.stages.sharded). The job's processes (one, or one per
+    node on a cluster) take the tasks of each pass in turn — process r those numbered r, r + world, ... —
+    and wait for each other between passes; the first process merges (the others pass `build` None and
+    return after the last pass). Finished tasks' outputs stay in the stage's .shards folder until the stage
+    completes, so a rerun after a failure redoes only the rest (a changed recipe or input starts over)."""
     from . import sharded
 
-    name, n = ctx.job.name, spec.shards
+    name, n, rank, world = ctx.job.name, spec.shards, ctx.info.rank, ctx.info.world_size
     root = ctx.stage_dir / sharded.SHARDS
-    if root.is_dir() and (not (root / "key.json").is_file() or read_json(root / "key.json") != key):
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "key.json", key)
-    print(f"[{name}] {len(spec.sources)} sources over {n} shards", flush=True)
-    for i in range(n):
+    if rank == 0:
+        if root.is_dir() and (not (root / "key.json").is_file() or read_json(root / "key.json") != key):
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / "key.json", key)
+        print(f"[{name}] {len(spec.sources)} sources over {n} shards, {world} process{'es' if world > 1 else ''}",
+              flush=True)  # fmt: skip
+    comm.barrier()
+    for i in range(rank, n, world):
         sharded.shard_pass(spec, root, i, stage=name)
-    for p in range(n):
+    comm.barrier()
+    for p in range(rank, n, world):
         sharded.dedup_pass(spec, root, p, stage=name)
-    tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
-    for i in range(n):
+    comm.barrier()
+    tok, info = tokenizer(ctx, spec.sources, root, root)  # given, never trained (the compiler sees to that)
+    for i in range(rank, n, world):
         sharded.write_pass(spec, root, i, tok, info, stage=name)
+    comm.barrier()
+    if build is None:
+        return {}, {}, info
     merged = sharded.merge_pass(spec, root, build / "data", info, tok, stage=name)
     return merged["sources"], merged["report"], info
 

@@ -1,0 +1,38 @@
+"""A sharded data stage on the dev cluster: one task per shard on each of the two nodes, meeting between
+passes, and the same outputs as one local process on the same inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ..data.test_sharded import RECIPE, _corpus, _run
+from .conftest import REPO, SlurmDev
+
+
+def test_two_shards_on_two_nodes_write_the_single_process_outputs(slurm_dev: SlurmDev, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    _corpus(corpus)
+    one = _run(tmp_path / "one", corpus)
+    recipe = tmp_path / "sharded.yaml"
+    recipe.write_text(RECIPE.replace("TMP", str(corpus)).replace("name: sharded", "name: sharded\ncluster: dev"))
+    run = tmp_path / "two"
+    env = {**slurm_dev.env, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "engine", "run", str(recipe), f"run_dir={run}", "--wait",
+                           "stages.data.dedup.threshold=0.7", "stages.data.shards=2"],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    job = json.loads((run / "slurm.json").read_text())["jobs"][0]["job_id"]
+    nodes = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "NodeList,NNodes", "-j", job], env=env,
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert nodes[-1] == "n[1-2]|2", nodes
+    out = run / "data" / "data"
+    ours, theirs = (json.loads((d / "manifest.json").read_text()) for d in (out, one))
+    assert ours["sources"] == theirs["sources"] and ours["report"] == theirs["report"]
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and p.name != "manifest.json")
+    for f in files:
+        assert (out / f).read_bytes() == (one / f).read_bytes(), f
+    logs = "".join(p.read_text() for p in (run / "data" / "slurm").glob("*_log.out"))
+    assert "over 2 shards, 2 processes" in logs, logs[-3000:]
