@@ -13,8 +13,9 @@ Four passes, each over files in the stage's `.shards/` folder (a shared file sys
    whose hash falls in p; of each digest all but the earliest document are exact duplicates, and of each
    bucket all but the earliest are near-duplicates (the unsharded rule: a document sharing a band with any
    earlier one is dropped, engine.corpus.dedup). Each partition writes the documents it drops.
-3. `write` (task i of N): shard i's records minus every partition's drops, decontaminated against the
-   held-out prompts of all shards, tokenised into indexed-dataset parts and tokenised samples.
+3. `write` (task i of N): shard i's records minus every partition's drops of shard i, decontaminated
+   against the held-out prompts of all shards (each shard lists its own), tokenised into indexed-dataset
+   parts and tokenised samples. What a task holds grows with its shard, not with the corpus.
 4. `merge` (one task): the parts joined in shard order into the stage's outputs (indexed datasets byte for
    byte as the unsharded stage's, shards re-cut at `shard_samples`), the reports summed, the manifest.
 
@@ -92,10 +93,13 @@ def shard_pass(spec: DataStage, root: Path, index: int, *, stage: str) -> None:
             if spec.workers > 1 else None)  # fmt: skip
     errors: Counter[str] = Counter()
     reads: dict[str, int] = {}
-    digests, minhashes, sources = [], [], []
+    digests: list[np.ndarray] = []
+    minhashes: list[np.ndarray] = []
+    sources: list[int] = []  # each spooled record's source rank; its place in the shard is its index here
     order = sorted(range(len(spec.sources)), key=lambda i: collect.KIND_ORDER[spec.sources[i].records])
     try:
-        with (tmp / "records.jsonl").open("w", encoding="utf-8") as out:
+        with (tmp / "records.jsonl").open("w", encoding="utf-8") as out, \
+                (tmp / "heldout_prompts.jsonl").open("w", encoding="utf-8") as heldout:
             for rank, s in enumerate(order):
                 src = spec.sources[s]
                 reads[src.name] = 0
@@ -108,6 +112,8 @@ def shard_pass(spec: DataStage, root: Path, index: int, *, stage: str) -> None:
                     row = {"kind": src.records, **asdict(record)}
                     out.write(json.dumps({"source": src.name, "split": split, "key": collect.dedup_key(cleaned),
                                           "row": row}, default=list) + "\n")  # fmt: skip
+                    if src.records == "prompt" and split != "train":  # what decontamination checks against
+                        heldout.write(json.dumps([len(sources), record.prompt]) + "\n")
                     digests.append(np.frombuffer(sig.digest, dtype=np.uint8))
                     if sig.minhash is not None:
                         minhashes.append(sig.minhash)
@@ -192,7 +198,8 @@ def dedup_pass(spec: DataStage, root: Path, part: int, *, stage: str) -> None:
         rank[order] = np.arange(len(order))
         dropped = w[_earliest_dropped(k, rank)]
         out[name] = np.unique(dropped, axis=0) if len(dropped) else dropped.reshape(0, 3)
-    np.savez(tmp / "dropped.npz", exact=out["exact"], near=out["near"])
+    for shard in range(n):  # one file per shard, so that a shard's writer reads only its own drops
+        np.savez(tmp / f"dropped-{shard:05d}.npz", **{k: v[v[:, 1] == shard][:, 2] for k, v in out.items()})
     _finish(tmp, final)
     print(f"[{stage}] dedup partition {part + 1}/{n}: {len(out['exact'])} exact and {len(out['near'])} near "
           "duplicates among its keys", flush=True)  # fmt: skip
@@ -201,14 +208,14 @@ def dedup_pass(spec: DataStage, root: Path, part: int, *, stage: str) -> None:
 # ---- pass 3: write ------------------------------------------------------------------------------
 
 
-def _dropped(root: Path, n: int) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
-    """Every partition's drops, as (shard, place) pairs: exact, and near ones that are not also exact."""
-    exact: set[tuple[int, int]] = set()
-    near: set[tuple[int, int]] = set()
+def _dropped(root: Path, n: int, shard: int) -> tuple[set[int], set[int]]:
+    """Every partition's drops of one shard, as places in it: exact, and near ones that are not also exact."""
+    exact: set[int] = set()
+    near: set[int] = set()
     for part in range(n):
-        with np.load(root / f"dedup-{part:05d}" / "dropped.npz") as found:
-            exact.update((int(s), int(i)) for _, s, i in found["exact"])
-            near.update((int(s), int(i)) for _, s, i in found["near"])
+        with np.load(root / f"dedup-{part:05d}" / f"dropped-{shard:05d}.npz") as found:
+            exact.update(int(i) for i in found["exact"])
+            near.update(int(i) for i in found["near"])
     return exact, near - exact
 
 
@@ -224,24 +231,26 @@ def write_pass(spec: DataStage, root: Path, index: int, tok: Any, info: dict[str
         return
     tmp = _fresh(final)
     n = spec.shards
-    exact, near = _dropped(root, n)
+    exact, near = _dropped(root, n, index)
     deco = Decontaminator(spec.dedup.decontamination_ngram) if spec.dedup.decontaminate else None
     if deco is not None:  # every shard's held-out prompts that survive dedup, in the global order
-        gone = exact | near
         for shard in range(n):
-            for place, item in enumerate(_rows(root, shard)):
-                if item["row"]["kind"] == "prompt" and item["split"] != "train" and (shard, place) not in gone:
-                    deco.add_eval([item["row"]["prompt"]])
+            gone = set().union(*_dropped(root, n, shard))
+            with (root / f"shard-{shard:05d}" / "heldout_prompts.jsonl").open(encoding="utf-8") as f:
+                for line in f:
+                    place, prompt = json.loads(line)
+                    if place not in gone:
+                        deco.add_eval([prompt])
     tokenizing = collect.Tokenizing(tok, template_for(info, tok), info["eod"], 1)
     counts: dict[str, Counter[str]] = {src.name: Counter() for src in spec.sources}
     dedup_report: Counter[str] = Counter()
     kept: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for place, item in enumerate(_rows(root, index)):
         dedup_report["seen"] += 1
-        if (index, place) in exact:
+        if place in exact:
             dedup_report["exact_duplicates"] += 1
             continue
-        if (index, place) in near:
+        if place in near:
             dedup_report["near_duplicates"] += 1
             continue
         dedup_report["kept"] += 1
