@@ -55,8 +55,8 @@ def plan_table(p: Plan) -> Table:
         table.add_column(col, justify="right" if col in ("mem/gpu", "tokens/s", "steps", "wall") else "left")
     for j in p.jobs:
         if j.layout is None or j.estimate is None or j.precision is None:
-            # A job without a layout (the data stage) runs on one node, in `workers` processes.
-            table.add_row(j.name, j.kind, f"1×{j.config.get('workers', 1)} cpu", "-", "-", "-", "-", "-", "-")
+            # A job without a layout (the data stage): its nodes (one per shard on Slurm) × worker processes.
+            table.add_row(j.name, j.kind, f"{j.resources.nodes}×{j.config.get('workers', 1)} cpu", "-", "-", "-", "-", "-", "-")
             continue
         lay, est = j.layout, j.estimate
         device = (

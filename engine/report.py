@@ -179,7 +179,7 @@ def _plan_section(stages: Sequence[Stage]) -> str:
     rows = []
     for st in stages:
         j, last = st.job, (num(st.rows[-1]["step"]) if st.rows else "-")
-        cells = [j.name, j.kind, f"1×{j.config.get('workers', 1)} cpu", "-", "-", "-", "-", last]
+        cells = [j.name, j.kind, f"{j.resources.nodes}×{j.config.get('workers', 1)} cpu", "-", "-", "-", "-", last]
         if j.layout is not None and j.precision is not None and j.estimate is not None:
             r, lay = j.resources, j.layout
             cells[2] = f"{r.nodes}×{r.gpus_per_node}" if r.device == "cuda" else f"{r.nodes}×{r.processes_per_node} cpu"

@@ -44,6 +44,17 @@ def test_h100_scripts_ask_for_gpus_container_and_environment() -> None:
     assert "#SBATCH --signal=USR2@120" in text and "#SBATCH --requeue" in text
 
 
+def test_a_sharded_data_stage_asks_for_a_node_per_shard_and_its_workers_cores() -> None:
+    plan = compile_with("stages.data.shards=16", recipe=REPO / "recipes" / "h100" / "llama3_70b.yaml")
+    job = plan.job("data")
+    assert (job.resources.nodes, job.resources.processes_per_node, job.resources.cpus_per_process) == (16, 1, 64)
+    params = sbatch_parameters(plan, job, folder_root="/shared", dependency=None)
+    assert params["nodes"] == 16 and params["ntasks_per_node"] == 1 and params["cpus_per_task"] == 64
+    # Locally one process runs every shard's tasks in turn.
+    local = compile_with("stages.data.shards=4", "tokenizer={kind: file, path: /t.json, vocab_size: 384}").job("data")
+    assert local.resources.nodes == 1
+
+
 def test_cli_prints_scripts_and_refuses_a_local_cluster() -> None:
     shown = subprocess.run([sys.executable, "-m", "engine", "plan", str(H100_8B), "--show-scripts"],
                            capture_output=True, text=True, cwd=REPO, check=False)  # fmt: skip
