@@ -241,7 +241,6 @@ def write_pass(spec: DataStage, root: Path, index: int, tok: Any, info: dict[str
                     place, prompt = json.loads(line)
                     if place not in gone:
                         deco.add_eval([prompt])
-    tokenizing = collect.Tokenizing(tok, template_for(info, tok), info["eod"], 1)
     counts: dict[str, Counter[str]] = {src.name: Counter() for src in spec.sources}
     dedup_report: Counter[str] = Counter()
     kept: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -259,15 +258,19 @@ def write_pass(spec: DataStage, root: Path, index: int, tok: Any, info: dict[str
             continue
         kept.setdefault((item["source"], split), []).append(row)
         counts[item["source"]][split] += 1
-    for src in spec.sources:
-        for split in SPLITS:
-            rows = kept.get((src.name, split), [])
-            if src.records == "text":
-                tokenizing.write_text(iter(rows), str(tmp / f"{src.name}.{split}"))
-            else:
-                with (tmp / f"{src.name}.{split}.jsonl").open("w", encoding="utf-8") as f:
-                    for sample in tokenizing.samples(iter(rows)):
-                        f.write(json.dumps(sample) + "\n")
+    tokenizing = collect.Tokenizing(tok, template_for(info, tok), info["eod"], spec.workers)
+    try:
+        for src in spec.sources:
+            for split in SPLITS:
+                rows = kept.get((src.name, split), [])
+                if src.records == "text":
+                    tokenizing.write_text(iter(rows), str(tmp / f"{src.name}.{split}"))
+                else:
+                    with (tmp / f"{src.name}.{split}.jsonl").open("w", encoding="utf-8") as f:
+                        for sample in tokenizing.samples(iter(rows)):
+                            f.write(json.dumps(sample) + "\n")
+    finally:
+        tokenizing.close()
     deco_report = dict(deco.report) if deco is not None else {}
     (tmp / "report.json").write_text(json.dumps({"dedup": dict(dedup_report), "decontamination": deco_report,
                                                  "records": {k: dict(v) for k, v in counts.items()}}))  # fmt: skip
