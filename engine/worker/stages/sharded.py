@@ -41,7 +41,7 @@ from ...chat import template_for
 from ...corpus.clean import Cleaner
 from ...corpus.dedup import Decontaminator
 from ...schema import DataStage, SourceSpec
-from . import collect
+from . import corpus_io
 
 SHARDS = ".shards"
 
@@ -57,8 +57,8 @@ def _shard_records(src: SourceSpec, index: int, count: int, strict: bool, errors
     others) when the plugin does not list its files."""
     found = plugin.data_sources()[src.plugin]
     if found.files is None or found.read_files is None:
-        return collect._records(src, strict, errors) if index == 0 else iter(())
-    return collect._records(src, strict, errors, share=lambda files: _share(files, index, count))
+        return corpus_io._records(src, strict, errors) if index == 0 else iter(())
+    return corpus_io._records(src, strict, errors, share=lambda files: _share(files, index, count))
 
 
 def _done(folder: Path) -> bool:
@@ -89,14 +89,14 @@ def shard_pass(spec: DataStage, root: Path, index: int, *, stage: str) -> None:
     cleaner = Cleaner(spec.cleaning)
     import multiprocessing
 
-    pool = (multiprocessing.get_context("fork").Pool(spec.workers, collect._init_worker, (spec.cleaning, spec.dedup))
+    pool = (multiprocessing.get_context("fork").Pool(spec.workers, corpus_io._init_worker, (spec.cleaning, spec.dedup))
             if spec.workers > 1 else None)  # fmt: skip
     errors: Counter[str] = Counter()
     reads: dict[str, int] = {}
     digests: list[np.ndarray] = []
     minhashes: list[np.ndarray] = []
     sources: list[int] = []  # each spooled record's source rank; its place in the shard is its index here
-    order = sorted(range(len(spec.sources)), key=lambda i: collect.KIND_ORDER[spec.sources[i].records])
+    order = sorted(range(len(spec.sources)), key=lambda i: corpus_io.KIND_ORDER[spec.sources[i].records])
     try:
         with (tmp / "records.jsonl").open("w", encoding="utf-8") as out, \
                 (tmp / "heldout_prompts.jsonl").open("w", encoding="utf-8") as heldout:
@@ -104,13 +104,13 @@ def shard_pass(spec: DataStage, root: Path, index: int, *, stage: str) -> None:
                 src = spec.sources[s]
                 reads[src.name] = 0
                 records = _shard_records(src, index, spec.shards, spec.strict, errors)
-                for record, (cleaned, sig) in collect._cleaned(records, cleaner, spec.dedup, pool, 2 * spec.workers):
+                for record, (cleaned, sig) in corpus_io._cleaned(records, cleaner, spec.dedup, pool, 2 * spec.workers):
                     reads[src.name] += 1
                     if sig is None:
                         continue
-                    split = collect.split_of_digest(sig.digest, spec.splits)
+                    split = corpus_io.split_of_digest(sig.digest, spec.splits)
                     row = {"kind": src.records, **asdict(record)}
-                    out.write(json.dumps({"source": src.name, "split": split, "key": collect.dedup_key(cleaned),
+                    out.write(json.dumps({"source": src.name, "split": split, "key": corpus_io.dedup_key(cleaned),
                                           "row": row}, default=list) + "\n")  # fmt: skip
                     if src.records == "prompt" and split != "train":  # what decontamination checks against
                         heldout.write(json.dumps([len(sources), record.prompt]) + "\n")
@@ -258,7 +258,7 @@ def write_pass(spec: DataStage, root: Path, index: int, tok: Any, info: dict[str
             continue
         kept.setdefault((item["source"], split), []).append(row)
         counts[item["source"]][split] += 1
-    tokenizing = collect.Tokenizing(tok, template_for(info, tok), info["eod"], spec.workers)
+    tokenizing = corpus_io.Tokenizing(tok, template_for(info, tok), info["eod"], spec.workers)
     try:
         for src in spec.sources:
             for split in SPLITS:
@@ -319,7 +319,7 @@ def merge_pass(spec: DataStage, root: Path, data: Path, info: dict[str, Any], to
                 entry["splits"][split] = _joined_text(parts, data / src.name / split, dtype)
             else:
                 samples = _samples([root / f"write-{i:05d}" / f"{src.name}.{split}.jsonl" for i in range(n)])
-                shards, forged = collect.write_shards(samples, data / src.name / split, spec.shard_samples)
+                shards, forged = corpus_io.write_shards(samples, data / src.name / split, spec.shard_samples)
                 entry["splits"][split] = {
                     "samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
                     "shards": shards, **({"dropped_special_token_text": forged} if forged else {}),
