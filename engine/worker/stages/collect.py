@@ -4,14 +4,17 @@ Pass 1 streams every source once, in recipe order with prompt sources first (the
 are what training text is decontaminated against). Each record is normalised and cleaned, deduplicated
 across all sources (exact and MinHash-LSH near-duplicates), assigned to train/valid/test by a hash of
 its content (stable across reruns and independent of order), and spooled to JSON lines on disk, so
-memory does not grow with the corpus. With `workers` > 1, normalising and filtering run in that many
-worker processes; deduplication, which needs every earlier document, stays in the main process. A
-record a source cannot read is counted with its reason and skipped (`strict: true` stops instead).
+memory does not grow with the corpus. With `workers` > 1, normalising, filtering and each record's
+dedup signature run in that many worker processes; the look-up of the signatures, which needs every
+earlier document, stays in the main process. A record a source cannot read is counted with its reason
+and skipped (`strict: true` stops instead).
 
 Then the tokenizer is trained on the spooled training text (or loaded), and pass 2 tokenises the spools:
 text into Megatron-Core indexed datasets (`<source>/<split>.bin/.idx`, each document ending with
 <|eos|>), conversations, preference pairs and prompts into webdataset tar shards with the chat
-template's tokens and loss masks. manifest.json records the tokenizer, counts, tokens, shard hashes
+template's tokens and loss masks, in a worker pool with `workers` > 1 (engine.worker.stages.corpus_io),
+in order. With `shards` > 1 the same outputs come from tasks over shards of the input files
+(engine.worker.stages.sharded). manifest.json records the tokenizer, counts, tokens, shard hashes
 and every filter's report. Everything is written into a temporary folder and renamed into place
 when complete; a rerun whose cache key and input fingerprints (files' sizes and times) match the
 manifest does no work.
