@@ -23,7 +23,6 @@ manifest does no work.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import time
 from collections import Counter
@@ -47,9 +46,9 @@ from .corpus_io import (
     Tokenizing,
     _cleaned,
     _fields,
-    _init_worker,
     _records,
     _spooled,
+    cleaning_pool,
     dedup_key,
     split_of_digest,
     tokenizer,
@@ -79,9 +78,7 @@ class Progress:
 def collect(spec: DataStage, *, stage: str, spool: Path) -> dict[str, Any]:
     """Pass 1: read, clean, dedup, decontaminate and split every source into spool files."""
     cleaner = Cleaner(spec.cleaning)
-    workers = spec.workers
-    pool = (multiprocessing.get_context("fork").Pool(workers, _init_worker, (spec.cleaning, spec.dedup))
-            if workers > 1 else None)  # fmt: skip
+    pool = cleaning_pool(spec)
     try:
         return _collect(spec, stage, spool, cleaner, pool)
     finally:

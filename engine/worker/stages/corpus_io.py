@@ -24,6 +24,7 @@ from ...corpus.tokenizer import describe, describe_hf, load, train_bpe
 from ...errors import EngineError, ForgedTurn
 from ...schema import (
     CleaningSpec,
+    DataStage,
     DedupSpec,
     HfTokenizer,
     SourceSpec,
@@ -93,6 +94,13 @@ Cleaned = tuple[list[str | None], Signature | None]  # a record's cleaned texts;
 def _init_worker(cleaning: CleaningSpec, dedup: DedupSpec) -> None:
     global _worker
     _worker = (Cleaner(cleaning), dedup)
+
+
+def cleaning_pool(spec: DataStage) -> Any:
+    """The pool that cleans and signs records (`_cleaned`), or None with one worker."""
+    if spec.workers <= 1:
+        return None
+    return multiprocessing.get_context("fork").Pool(spec.workers, _init_worker, (spec.cleaning, spec.dedup))
 
 
 def _clean_one(texts: list[str], cleaner: Cleaner, dedup: DedupSpec) -> Cleaned:

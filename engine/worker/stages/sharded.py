@@ -87,10 +87,7 @@ def shard_pass(spec: DataStage, root: Path, index: int, *, stage: str) -> None:
         return
     tmp = _fresh(final)
     cleaner = Cleaner(spec.cleaning)
-    import multiprocessing
-
-    pool = (multiprocessing.get_context("fork").Pool(spec.workers, corpus_io._init_worker, (spec.cleaning, spec.dedup))
-            if spec.workers > 1 else None)  # fmt: skip
+    pool = corpus_io.cleaning_pool(spec)
     errors: Counter[str] = Counter()
     reads: dict[str, int] = {}
     digests: list[np.ndarray] = []
