@@ -18,11 +18,15 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from ..schema import CleaningSpec
 
-_SPACES = re.compile(r"[ \t\u00a0]+")
+# Runs of spaces, tabs and no-break spaces become one space: only runs of two or more and lone tabs or
+# no-break spaces change, so those are all the pattern matches (a line without any is left as it is).
+_SPACES = re.compile(r"[ \t\u00a0]{2,}|[\t\u00a0]")
 _BLANKS = re.compile(r"\n{3,}")
 
 
@@ -30,9 +34,15 @@ def normalize(text: str, *, form: str, whitespace: bool) -> str:
     if form != "none":
         text = unicodedata.normalize(form, text)  # type: ignore[arg-type]
     if whitespace:
-        text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.splitlines())
+        text = "\n".join(_spaces(line).strip() for line in text.splitlines())
         text = _BLANKS.sub("\n\n", text).strip()
     return text
+
+
+def _spaces(line: str) -> str:
+    if "  " in line or "\t" in line or "\xa0" in line:
+        return _SPACES.sub(" ", line)
+    return line
 
 
 def duplicate_line_fraction(text: str) -> float:
@@ -42,18 +52,25 @@ def duplicate_line_fraction(text: str) -> float:
     return 1.0 - len(set(lines)) / len(lines)
 
 
-def _ngrams(text: str, n: int) -> tuple[list[str], int, list[tuple[str, ...]]]:
-    """Words, their total characters, and word n-grams."""
+def _words(text: str) -> tuple[list[str], int]:
+    """The words of a text and their total characters."""
     words = text.split()
-    return words, sum(len(w) for w in words), [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return words, sum(map(len, words))
+
+
+def _grams(words: list[str], n: int) -> Iterator[tuple[str, ...]]:
+    return zip(*(words[i:] for i in range(n)), strict=False)  # the shifted copies end early: n-grams that fit
 
 
 def top_ngram_fraction(text: str, n: int = 2) -> float:
     """Characters covered by the most frequent word n-gram, over all word characters."""
-    _, total, grams = _ngrams(text, n)
-    if not grams or total == 0:
+    return _top_ngram_fraction(*_words(text), n)
+
+
+def _top_ngram_fraction(words: list[str], total: int, n: int) -> float:
+    if len(words) < n or total == 0:
         return 0.0
-    gram, count = Counter(grams).most_common(1)[0]
+    gram, count = Counter(_grams(words, n)).most_common(1)[0]  # among ties, the first to occur
     if count < 2:
         return 0.0
     return min(1.0, count * sum(len(w) for w in gram) / total)
@@ -61,16 +78,26 @@ def top_ngram_fraction(text: str, n: int = 2) -> float:
 
 def duplicate_ngram_fraction(text: str, n: int = 5) -> float:
     """Characters of words inside word n-grams that occur more than once, over all word characters."""
-    words, total, grams = _ngrams(text, n)
-    if not grams or total == 0:
+    return _duplicate_ngram_fraction(*_words(text), n)
+
+
+def _duplicate_ngram_fraction(words: list[str], total: int, n: int) -> float:
+    if len(words) < n or total == 0:
         return 0.0
+    grams = list(_grams(words, n))
     counts = Counter(grams)
-    covered = [False] * len(words)
+    if len(counts) == len(grams):
+        return 0.0
+    # The words covered form runs [start, end): each repeated n-gram at i extends or starts one.
+    chars = list(accumulate(map(len, words), initial=0))
+    covered, start, end = 0, 0, 0
     for i, gram in enumerate(grams):
         if counts[gram] > 1:
-            for j in range(i, i + n):
-                covered[j] = True
-    return sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total
+            if i > end:
+                covered += chars[end] - chars[start]
+                start = i
+            end = i + n
+    return (covered + chars[end] - chars[start]) / total
 
 
 @dataclass
@@ -88,13 +115,15 @@ class Cleaner:
             return "length"
         if s.max_duplicate_line_fraction is not None and duplicate_line_fraction(text) > s.max_duplicate_line_fraction:
             return "duplicate_lines"
-        if s.max_top_ngram_fraction is not None and top_ngram_fraction(text) > s.max_top_ngram_fraction:
-            return "top_ngram"
-        if (
-            s.max_duplicate_ngram_fraction is not None
-            and duplicate_ngram_fraction(text) > s.max_duplicate_ngram_fraction
-        ):
-            return "duplicate_ngrams"
+        if s.max_top_ngram_fraction is not None or s.max_duplicate_ngram_fraction is not None:
+            words, total = _words(text)  # split once for both n-gram rules
+            if s.max_top_ngram_fraction is not None and _top_ngram_fraction(words, total, 2) > s.max_top_ngram_fraction:
+                return "top_ngram"
+            if (
+                s.max_duplicate_ngram_fraction is not None
+                and _duplicate_ngram_fraction(words, total, 5) > s.max_duplicate_ngram_fraction
+            ):
+                return "duplicate_ngrams"
         if any(rx.search(text) for rx in self._blocklist):
             return "blocklist"
         return None

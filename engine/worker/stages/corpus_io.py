@@ -9,7 +9,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,21 +123,37 @@ def _clean_batch(batch: list[list[str]]) -> tuple[list[Cleaned], Counter[str]]:
     return [_clean_one(texts, cleaner, dedup) for texts in batch], Counter(cleaner.report)
 
 
+def ordered_map(
+    pool: Any, fn: Callable[[Any], Any], items: Iterator[tuple[Any, Any]], window: int
+) -> Iterator[tuple[Any, Any]]:
+    """For each (kept, argument) of `items`: (kept, fn(argument)), in order, fn computed in `pool` with at most
+    `window` arguments in flight (`kept` stays in this process). Pipelined: while this process consumes one
+    result (and reads the next item), the workers go on with the rest of the window, so the serial work here
+    overlaps the parallel work there instead of taking turns with it."""
+    pending: deque[tuple[Any, Any]] = deque()
+    for kept, argument in items:
+        pending.append((kept, pool.apply_async(fn, (argument,))))
+        if len(pending) >= window:
+            first, result = pending.popleft()
+            yield first, result.get()
+    while pending:
+        first, result = pending.popleft()
+        yield first, result.get()
+
+
 def _cleaned(
     records: Iterator[Any], cleaner: Cleaner, dedup: DedupSpec, pool: Any, window: int
 ) -> Iterator[tuple[Any, Cleaned]]:
-    """(record, (cleaned texts, signature)) in order. With a pool, a bounded window of batches is cleaned and
-    signed in the worker processes at a time, so reading never runs ahead by more than the window."""
+    """(record, (cleaned texts, signature)) in order. With a pool, batches are cleaned and signed in the
+    worker processes, a bounded window of them at a time, so reading never runs ahead by more than the window."""
     if pool is None:
         for record in records:
             yield record, _clean_one(_fields(record), cleaner, dedup)
         return
-    batches = _batches(records, 256)
-    while chunk := list(itertools.islice(batches, window)):
-        results = pool.map(_clean_batch, [[_fields(r) for r in batch] for batch in chunk])
-        for batch, (cleaned, report) in zip(chunk, results, strict=True):
-            cleaner.report.update(report)
-            yield from zip(batch, cleaned, strict=True)
+    batches = ((batch, [_fields(r) for r in batch]) for batch in _batches(records, 256))
+    for batch, (cleaned, report) in ordered_map(pool, _clean_batch, batches, window):
+        cleaner.report.update(report)
+        yield from zip(batch, cleaned, strict=True)
 
 
 def _spooled(spool: Path, name: str, split: str) -> Iterator[dict[str, Any]]:
@@ -247,8 +263,8 @@ class Tokenizing:
         if self.pool is None:
             yield from (fn(batch, self.state) for batch in batches)
             return
-        while chunk := list(itertools.islice(batches, self.window)):
-            yield from self.pool.map(_in_worker, [(fn, batch) for batch in chunk])
+        for _, out in ordered_map(self.pool, _in_worker, ((None, (fn, batch)) for batch in batches), self.window):
+            yield out
 
     def write_text(self, rows: Iterator[dict[str, Any]], prefix: str) -> dict[str, int]:
         """One indexed dataset (engine.corpus.indexed) of the rows' texts, each ending with <|eos|>."""
