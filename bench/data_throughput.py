@@ -6,11 +6,16 @@
       tokenizers on all cores) on the same corpus and tokenizer;
   (b0) the ceiling for (b): HF tokenizers' `encode_batch_fast` alone, no indexing — (b) cannot beat it;
   (c) the whole data stage, with cleaning and exact dedup, at `workers` 1 and 2;
-  (d) the whole data stage with near-duplicate dedup too, at `workers` 1 and 2.
-(c) and (d) run in fresh processes, `--repeats` times in rotating order (interleaved), medians; docs/s are
-printed as ratios to (a), and workers 2 against workers 1. Peak RSS of (c) is measured on two corpus
+  (d) the whole data stage with near-duplicate dedup too, at `workers` 1 and 2;
+  (e) (c) over 2 shards at workers 2 (one process runs both tasks in turn, then merges).
+(c), (d) and (e) run in fresh processes, `--repeats` times in rotating order (interleaved), medians; docs/s
+are printed as ratios to (a), and workers 2 against workers 1. Peak RSS of (c) is measured on two corpus
 sizes; it should not grow with the corpus (the spools are on disk; the dedup index holds one hash per
 kept document).
+
+Each stage run writes its passes' CPU seconds per MB of input (timing.json); from the workers-2 runs the
+bench derives a cluster profile's `data_rates` (medians), prints them in the profile's form, and checks the
+plan's wall-time model (engine/compile/data_estimate.py) with them against every measured variant.
 
     .venv/bin/python bench/data_throughput.py [--mb 10] [--scale 4] [--repeats 3]
 """
@@ -26,6 +31,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +46,7 @@ stages:
     kind: data
     workers: 2
     dedup: {near: NEAR}
+    shards: SHARDS
     sources: [{name: corpus, plugin: jsonl, records: text, params: {glob: CORPUS}}]
 """
 
@@ -90,15 +97,53 @@ print(json.dumps({"seconds": time.perf_counter() - began, "rss_mb": resource.get
 """
 
 
-def whole_stage(tmp: Path, corpus: Path, tokenizer: Path, *, near: bool, tag: str, workers: int = 2) -> dict[str, float]:
+def whole_stage(
+    tmp: Path, corpus: Path, tokenizer: Path, *, near: bool, tag: str, workers: int = 2, shards: int = 1
+) -> dict[str, Any]:
+    """The stage's seconds and peak RSS, and the timing.json it wrote."""
     recipe = tmp / f"{tag}.yaml"
     text = RECIPE.replace("TOKENIZER", str(tokenizer)).replace("CORPUS", str(corpus))
-    text = text.replace("workers: 2", f"workers: {workers}")
+    text = text.replace("workers: 2", f"workers: {workers}").replace("SHARDS", str(shards))
     recipe.write_text(text.replace("NEAR", "true" if near else "false"))
     done = subprocess.run([sys.executable, "-c", STAGE, str(recipe), str(tmp / tag)], capture_output=True,
                           text=True, check=True, cwd=REPO)  # fmt: skip
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["timing"] = json.loads((tmp / tag / "data" / "timing.json").read_text())
     return result
+
+
+def rates(timings: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """data_rates from workers-2 runs' timing.json (medians): exact, near and sharded."""
+
+    def med(runs: list[dict[str, Any]], name: str, part: str) -> float:
+        return statistics.median(t["per_mb"][name][part] for t in runs)
+
+    exact, near, sharded = timings["exact"], timings["near"], timings["sharded"]
+    return {
+        "clean_main": med(exact, "clean", "main_cpu_s"), "clean_pool": med(exact, "clean", "pool_cpu_s"),
+        "near_main": max(0.0, med(near, "clean", "main_cpu_s") - med(exact, "clean", "main_cpu_s")),
+        "near_pool": max(0.0, med(near, "clean", "pool_cpu_s") - med(exact, "clean", "pool_cpu_s")),
+        "tokenize_main": med(exact + near, "tokenize", "main_cpu_s"),
+        "tokenize_pool": med(exact + near, "tokenize", "pool_cpu_s"),
+        "merge": med(sharded, "merge", "main_cpu_s"),
+    }  # fmt: skip
+
+
+def predicted_walls(
+    corpus: Path, found: dict[str, float], variants: list[tuple[bool, int, int]]
+) -> dict[tuple[bool, int, int], float]:
+    """The plan's estimate of each variant's wall time with the measured rates."""
+    from engine.compile.data_estimate import estimate_data
+    from engine.schema import LOCAL, DataStage
+
+    profile = LOCAL.model_copy(update={"data_rates": LOCAL.data_rates.model_copy(update=found)})
+    out = {}
+    for near, w, sh in variants:
+        stage = DataStage.model_validate({"kind": "data", "workers": w, "shards": sh, "dedup": {"near": near},
+                                          "sources": [{"name": "corpus", "plugin": "jsonl", "records": "text",
+                                                       "params": {"glob": str(corpus)}}]})  # fmt: skip
+        out[(near, w, sh)] = estimate_data(stage, profile, processes=1).wall_time_s
+    return out
 
 
 def main() -> None:
@@ -127,16 +172,23 @@ def main() -> None:
         for i in range(0, len(docs), 1024):
             tok.encode_batch_fast(docs[i : i + 1024])
         t_b0 = time.perf_counter() - began
-        variants = [(near, w) for near in (False, True) for w in (1, 2)]
-        seconds: dict[tuple[bool, int], list[float]] = {v: [] for v in variants}
-        rss: dict[tuple[bool, int], float] = {}
+        variants = [(near, w, 1) for near in (False, True) for w in (1, 2)] + [(False, 2, 2)]
+        seconds: dict[tuple[bool, int, int], list[float]] = {v: [] for v in variants}
+        rss: dict[tuple[bool, int, int], float] = {}
+        timings: dict[str, list[dict[str, Any]]] = {"exact": [], "near": [], "sharded": []}
         for r in range(args.repeats):
-            for near, w in variants[r % len(variants) :] + variants[: r % len(variants)]:
-                got = whole_stage(tmp, corpus, tmp / "tokenizer.json", near=near, tag=f"{int(near)}{w}-{r}", workers=w)
-                seconds[(near, w)].append(got["seconds"])
-                rss[(near, w)] = got["rss_mb"]
+            for near, w, sh in variants[r % len(variants) :] + variants[: r % len(variants)]:
+                got = whole_stage(tmp, corpus, tmp / "tokenizer.json", near=near, tag=f"{int(near)}{w}{sh}-{r}",
+                                  workers=w, shards=sh)  # fmt: skip
+                seconds[(near, w, sh)].append(got["seconds"])
+                rss[(near, w, sh)] = got["rss_mb"]
+                if w == 2:
+                    timings["sharded" if sh > 1 else "near" if near else "exact"].append(got["timing"])
         med = {v: statistics.median(t) for v, t in seconds.items()}
-        c = {"seconds": med[(False, 2)], "rss_mb": rss[(False, 2)]}
+        c = {"seconds": med[(False, 2, 1)], "rss_mb": rss[(False, 2, 1)]}
+        size = corpus.stat().st_size
+        found = rates(timings)
+        predictions = predicted_walls(corpus, found, variants)
         big = tmp / "big.jsonl"
         n_big = make_corpus(big, args.mb * args.scale, seed=1)
         c_big = whole_stage(tmp, big, tmp / "tokenizer.json", near=False, tag="c_big")
@@ -148,10 +200,20 @@ def main() -> None:
         print(f"{label:31s} {n / took:9.0f} docs/s   {t_a / took:.2f}×")
     for near, name in ((False, "(c) stage, clean + exact dedup"), (True, "(d) stage, + near dedup")):
         for w in (1, 2):
-            took = med[(near, w)]
+            took = med[(near, w, 1)]
             print(f"{name + f', workers {w}':42s} {n / took:9.0f} docs/s   {t_a / took:.2f}×   "
-                  f"(runs: {', '.join(f'{t:.2f}' for t in seconds[(near, w)])} s)")  # fmt: skip
-        print(f"{name}: workers 2 / workers 1 = {med[(near, 1)] / med[(near, 2)]:.2f}×")
+                  f"(runs: {', '.join(f'{t:.2f}' for t in seconds[(near, w, 1)])} s)")  # fmt: skip
+        print(f"{name}: workers 2 / workers 1 = {med[(near, 1, 1)] / med[(near, 2, 1)]:.2f}×")
+    took = med[(False, 2, 2)]
+    print(f"{'(e) (c) over 2 shards, workers 2':42s} {n / took:9.0f} docs/s   {t_a / took:.2f}×   "
+          f"(runs: {', '.join(f'{t:.2f}' for t in seconds[(False, 2, 2)])} s)")  # fmt: skip
+    print("\nmeasured data_rates (CPU s per MB of input, medians of the workers-2 runs), as a cluster profile sets them:")
+    print("data_rates: {" + ", ".join(f"{k}: {v:.3g}" for k, v in found.items()) + "}")
+    print("\nthe plan's wall-time model with these rates (clean + tokenize passes, + merge with shards) against the runs:")
+    for (near, w, sh), predicted in predictions.items():
+        print(f"  near {near!s:5} workers {w} shards {sh}: estimated {predicted:5.2f} s, measured {med[(near, w, sh)]:5.2f} s "
+              f"({predicted / med[(near, w, sh)]:.2f}×)")  # fmt: skip
+    print(f"  (the corpus is {size / 1e6:.1f} MB; the model counts no fixed start-up and assumes `workers` cores)")
     print(f"peak RSS of (c): {c['rss_mb']:.0f} MB at {args.mb:g} MB, {c_big['rss_mb']:.0f} MB at "
           f"{args.mb * args.scale:g} MB ({n_big} documents)")  # fmt: skip
 

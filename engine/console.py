@@ -18,6 +18,7 @@ from .errors import EXIT_USER_ERROR, EngineError
 
 if TYPE_CHECKING:
     from .compile import Plan
+    from .compile.data_estimate import DataEstimate
 
 # Wide enough for the plan table when piped to a file or a CI log, where rich would assume 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -46,6 +47,21 @@ def finished_table(rows: list[dict[str, str]]) -> Table:
     return table
 
 
+def data_caption(name: str, d: DataEstimate) -> str:
+    """What a data stage's estimate rests on: its input, its passes, its tasks."""
+    from .compile.estimate import human_time
+
+    if not d.input_bytes:
+        return f"{name}: no wall-time estimate: the sizes of {', '.join(d.unknown_sources)} are not known before reading"
+    passes = ", ".join(f"{k} {human_time(v)}" for k, v in d.passes.items())
+    tasks = f"{d.tasks} tasks on {d.processes} node{'s' if d.processes > 1 else ''}, " if d.tasks > 1 else ""
+    line = (f"{name}: {d.input_bytes / 1e6:,.1f} MB of input · {passes} ({tasks}{d.workers} worker"
+            f"{'s' if d.workers > 1 else ''} each; the profile's data_rates)")  # fmt: skip
+    if d.unknown_sources:
+        line += f" · size unknown before reading: {', '.join(d.unknown_sources)} (not counted)"
+    return line
+
+
 def plan_table(p: Plan) -> Table:
     from .compile.estimate import human_bytes, human_count, human_time
 
@@ -56,7 +72,10 @@ def plan_table(p: Plan) -> Table:
     for j in p.jobs:
         if j.layout is None or j.estimate is None or j.precision is None:
             # A job without a layout (the data stage): its nodes (one per shard on Slurm) × worker processes.
-            table.add_row(j.name, j.kind, f"{j.resources.nodes}×{j.config.get('workers', 1)} cpu", "-", "-", "-", "-", "-", "-")
+            d = j.data_estimate
+            wall = "-" if d is None or not d.input_bytes else ("≥" if d.unknown_sources else "") + human_time(d.wall_time_s)
+            table.add_row(j.name, j.kind, f"{j.resources.nodes}×{j.config.get('workers', 1)} cpu", "-", "-", "-", "-", "-",
+                          wall)  # fmt: skip
             continue
         lay, est = j.layout, j.estimate
         device = (
@@ -78,6 +97,9 @@ def plan_table(p: Plan) -> Table:
         )
     n = next((j.estimate.params.total for j in p.jobs if j.estimate), 0)
     caption = [f"{human_count(n)} parameters · vocab {p.model.vocab_size} (padded {p.model.padded_vocab_size}) · run dir {p.run_dir}"]
+    for j in p.jobs:
+        if (d := j.data_estimate) is not None:
+            caption.append(data_caption(j.name, d))
     for j in p.jobs:  # RL roles take turns: mem/gpu is the largest phase's
         if j.estimate is not None and j.estimate.memory.phases:
             phases = " · ".join(f"{k} {human_bytes(v)}" for k, v in j.estimate.memory.phases.items())

@@ -110,6 +110,24 @@ class DataSource:
     # shard reads the whole source.
     files: Callable[[Any], list[str]] | None = None
     read_files: Callable[[Any, RecordKind, list[str]], Iterator[Record | Skip]] | None = None
+    # The bytes the source reads, for the data stage's time estimate (a generated source may estimate its
+    # own). None: the files' sizes where the plugin lists files, otherwise unknown.
+    size: Callable[[Any, RecordKind], int] | None = None
+
+
+def source_size(source: DataSource, params: Any, kind: RecordKind) -> int | None:
+    """The bytes `source` reads with `params` (its `size`, else its files' sizes), or None when that cannot be
+    known before reading (no size and no files, or files that are not there yet)."""
+    import os
+
+    try:
+        if source.size is not None:
+            return int(source.size(params, kind))
+        if source.files is not None:
+            return sum(os.path.getsize(f) for f in source.files(params))
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def match_files(pattern: str, *, source: str) -> list[str]:

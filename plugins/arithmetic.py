@@ -86,9 +86,21 @@ def read(params: ArithmeticParams, kind: RecordKind) -> Iterator[Record]:
             yield Prompt(prompt, reference=answer)
 
 
+def size(params: ArithmeticParams, kind: RecordKind) -> int:
+    """About the characters generated, from the first records (at most 64) scaled to `num_samples`."""
+    sample = min(params.num_samples, 64)
+    chars = 0
+    for record in read(params.model_copy(update={"num_samples": sample}), kind):
+        fields = [getattr(record, f, None) for f in ("text", "prompt", "chosen", "rejected", "reference")]
+        chars += sum(len(f) for f in fields if isinstance(f, str))
+        chars += sum(len(m.content) for m in getattr(record, "messages", ()))
+    return round(chars * params.num_samples / sample)
+
+
 SOURCE = DataSource(
     params=ArithmeticParams,
     kinds=frozenset({"text", "conversation", "preference", "prompt"}),
     read=read,
+    size=size,
     description="synthetic addition problems (the CPU demo's task)",
 )

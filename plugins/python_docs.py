@@ -47,10 +47,17 @@ def read(params: PythonDocsParams, kind: RecordKind) -> Iterator[Record | Skip]:
             yield from (Text(c) for c in _chunks(text, params.chunk_chars))
 
 
+def size(params: PythonDocsParams, kind: RecordKind) -> int:
+    from pydoc_data.topics import topics
+
+    return sum(len(text) for text in topics.values())
+
+
 SOURCE = DataSource(
     params=PythonDocsParams,
     kinds=frozenset({"text"}),
     read=read,
+    size=size,
     fingerprint=lambda params: sys.version,
     description="English prose of the Python Language Reference (shipped with CPython, PSF License)",
 )

@@ -46,6 +46,23 @@ class Throughput(Spec):
     network_gb_s: float = Field(gt=0, description="GB/s per GPU per direction between nodes")
 
 
+class DataRates(Spec):
+    """CPU seconds per megabyte of input that the data stage's passes take, in the stage's main process and
+    in its worker pools: what `engine plan` estimates the data stage's wall time from (engine/compile/
+    data_estimate.py). The defaults were measured with bench/data_throughput.py (workers 2, a 10 MB JSONL
+    corpus of 100-300-word documents, a 4,096-token byte-level BPE) on a 2-core x86 machine; the rates of
+    other CPUs and corpora differ: measure yours with it (each run also writes its own in the stage's
+    timing.json) and set them here."""
+
+    clean_main: float = Field(default=0.027, gt=0, description="reading, dedup look-ups and spooling (main process)")
+    clean_pool: float = Field(default=0.087, gt=0, description="normalising, filtering and exact signatures (pool)")
+    near_main: float = Field(default=0.11, ge=0, description="what near dedup adds to the main process (LSH look-ups)")
+    near_pool: float = Field(default=0.41, ge=0, description="what near dedup adds to the pool (MinHash signatures)")
+    tokenize_main: float = Field(default=0.011, gt=0, description="appending tokens to the outputs (main process)")
+    tokenize_pool: float = Field(default=0.30, gt=0, description="tokenising (pool)")
+    merge: float = Field(default=0.005, ge=0, description="joining the shards' parts (one process; shards > 1)")
+
+
 class ClusterProfile(Spec):
     """A place to run jobs: its launcher, its accelerators and their peak numbers."""
 
@@ -88,6 +105,9 @@ class ClusterProfile(Spec):
         default="04:00:00",
         pattern=TIME_LIMIT_PATTERN,
         description="time limit of a job whose stage sets none (Slurm format, e.g. 04:00:00 or 2-00:00:00)",
+    )
+    data_rates: DataRates = Field(
+        default_factory=DataRates, description="the data stage's CPU seconds per MB of input, for its time estimate"
     )
 
     def fp8_recipes(self) -> frozenset[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +233,58 @@ def test_the_layout_model_sees_what_differs_between_layouts() -> None:
     assert per_gpu("stages.pretrain.training.global_batch_size=64") < fp8  # fewer micro-batches: a larger bubble
     assert per_gpu("stages.pretrain.parallelism.vpp=1") < fp8  # no interleaving: a larger bubble
     assert per_gpu("stages.pretrain.parallelism.tp=8", "stages.pretrain.parallelism.pp=4") < fp8  # more TP traffic
+
+
+def test_the_data_stage_is_estimated_from_its_input_and_the_profiles_rates(tmp_path: Path) -> None:
+    """Pipelined passes: the serial main process or all `workers` cores bound each pass; shards split the
+    input over the tasks; a source whose size is unknown before reading is named and not counted."""
+    from engine.compile.data_estimate import estimate_data, pass_seconds
+    from engine.schema import LOCAL, DataStage
+
+    assert pass_seconds(10, 0.1, 0.3, 1) == pytest.approx(4.0)  # one process does it all
+    assert pass_seconds(10, 0.1, 0.3, 2) == pytest.approx(2.0)  # the cores bound it
+    assert pass_seconds(10, 0.1, 0.3, 8) == pytest.approx(1.0)  # the main process bounds it
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("x" * 2_000_000)
+
+    def stage(**extra: object) -> DataStage:
+        sources = [{"name": "c", "plugin": "jsonl", "records": "text", "params": {"glob": str(corpus)}}]
+        return DataStage.model_validate({"kind": "data", "sources": sources, "dedup": {"near": False}, **extra})
+
+    r = LOCAL.data_rates
+    one = estimate_data(stage(workers=4), LOCAL, processes=1)
+    assert one.input_bytes == 2_000_000 and not one.unknown_sources
+    assert one.passes["clean"] == pytest.approx(2 * max(r.clean_main, (r.clean_main + r.clean_pool) / 4), abs=1e-3)
+    assert one.wall_time_s == pytest.approx(sum(one.passes.values()), abs=1e-3)
+    near = estimate_data(stage(workers=4, dedup={"near": True}), LOCAL, processes=1)
+    assert near.passes["clean"] > one.passes["clean"] and near.passes["tokenize"] == one.passes["tokenize"]
+    # Four shards on four nodes: each works through a quarter, then one process merges all of it.
+    spread = estimate_data(stage(workers=4, shards=4), LOCAL, processes=4)
+    assert spread.passes["tokenize"] == pytest.approx(one.passes["tokenize"] / 4, abs=1e-3)
+    assert spread.passes["merge"] == pytest.approx(2 * r.merge, abs=1e-3)
+    # The same four shards in one process (locally) take their turns.
+    assert estimate_data(stage(workers=4, shards=4), LOCAL, processes=1).passes["tokenize"] == one.passes["tokenize"]
+    missing = stage().model_copy(update={"sources": [*stage().sources, stage().sources[0].model_copy(
+        update={"name": "later", "params": {"glob": str(tmp_path / "none" / "*.jsonl")}})]})  # fmt: skip
+    assert estimate_data(missing, LOCAL, processes=1).unknown_sources == ("later",)
+
+
+def test_the_plan_shows_the_data_stages_estimate() -> None:
+    from engine.console import plan_table
+
+    plan = compile_with()
+    d = plan.job("data").data_estimate
+    assert d is not None and d.input_bytes > 0 and d.wall_time_s > 0
+    # The generated sources estimate their size from their first records: within a tenth of what they read.
+    from engine import plugin
+
+    arithmetic = plugin.data_sources()["arithmetic"]
+    params = arithmetic.params(num_samples=3000, max_operand=30, seed=2)
+    for kind in ("text", "conversation", "preference", "prompt"):
+        real = 0
+        for rec in arithmetic.read(params, kind):
+            fields = [getattr(rec, f, None) for f in ("text", "prompt", "chosen", "rejected", "reference")]
+            real += sum(len(f) for f in fields if isinstance(f, str)) + sum(len(m.content) for m in getattr(rec, "messages", ()))
+        assert abs(plugin.source_size(arithmetic, params, kind) - real) < 0.1 * real, kind  # type: ignore[operator]
+    text = "\n".join(str(x) for x in [plan_table(plan).caption])
+    assert "data: 1.1 MB of input" in text and "clean" in text and "tokenize" in text

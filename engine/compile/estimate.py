@@ -368,6 +368,8 @@ def human_bytes(n: float) -> str:
 
 
 def human_time(seconds: float) -> str:
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"
     if seconds < 60:
         return f"{seconds:.0f}s"
     minutes = seconds / 60

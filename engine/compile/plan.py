@@ -18,6 +18,7 @@ from ..errors import EngineError, Problem, RecipeError
 from ..kinds import KINDS
 from ..schema import ClusterProfile, DataStage, Recipe, Stage, TrainingStage, TrainTokenizer
 from ..schema.stages import is_checkpoint_path
+from .data_estimate import DataEstimate, estimate_data
 from .estimate import GIB, Estimate, estimate_job, fits, human_bytes
 from .resolve import (
     Frozen,
@@ -65,6 +66,7 @@ class Job(Frozen):
     estimate: Estimate | None
     config: dict[str, Any]
     cache_key: str
+    data_estimate: DataEstimate | None = None  # a data stage's: its input and wall time
 
 
 class Plan(Frozen):
@@ -184,9 +186,10 @@ def _job(
             time_limit=stage.time_limit or cluster.default_time_limit,
             cpus_per_process=stage.workers if isinstance(stage, DataStage) else 1,
         )
+        data_estimate = estimate_data(stage, cluster, processes=nodes) if isinstance(stage, DataStage) else None
         return Job(
             **common, resources=resources, layout=None, precision=None, outputs=tuple(outputs),
-            env=_env(None, cluster), estimate=None, cache_key=_digest(key_material),
+            env=_env(None, cluster), estimate=None, cache_key=_digest(key_material), data_estimate=data_estimate,
         )  # fmt: skip
     layout = resolve_layout(stage, cluster)
     precision = resolve_precision(stage, cluster)

@@ -156,6 +156,16 @@ def test_worker_processes_give_the_same_outputs(tmp_path: Path) -> None:
     for out in outs[1:]:
         for f in files:
             assert (out / f).read_bytes() == (outs[0] / f).read_bytes(), f
+    # Each run also measures its passes (beside the dataset, not in it): with a pool, the pool's CPU time is
+    # counted apart from the main process's, per MB of the input the plan counts.
+    timings = [json.loads((tmp_path / f"w{n}" / "run" / "data" / "timing.json").read_text()) for n in (1, 2, 3)]
+    assert [t["workers"] for t in timings] == [1, 2, 3]
+    for t in timings:
+        assert set(t["passes"]) == {"clean", "tokenizer", "tokenize"}
+        assert t["input_bytes"] == runs[0].job.data_estimate.input_bytes > 0  # type: ignore[union-attr]
+        assert all(p["wall_s"] > 0 and p["main_cpu_s"] > 0 for p in t["passes"].values())
+    assert timings[0]["passes"]["clean"]["pool_cpu_s"] < 0.05  # one worker: no pool
+    assert all(t["per_mb"]["clean"]["pool_cpu_s"] > 0 and t["per_mb"]["tokenize"]["pool_cpu_s"] > 0 for t in timings[1:])
 
 
 def test_index_writer_writes_megatrons_bytes(tmp_path: Path) -> None:

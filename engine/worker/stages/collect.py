@@ -43,6 +43,7 @@ from .. import comm
 from ..context import Context
 from .corpus_io import (
     KIND_ORDER,
+    PassClock,
     Tokenizing,
     _cleaned,
     _fields,
@@ -50,6 +51,7 @@ from .corpus_io import (
     _spooled,
     cleaning_pool,
     dedup_key,
+    input_bytes,
     split_of_digest,
     tokenizer,
     write_shards,
@@ -149,8 +151,9 @@ def run(ctx: Context, spec: DataStage) -> None:
         if old.get("cache_key") == job.cache_key and old.get("inputs") == inputs:
             print(f"[{job.name}] up to date: {data_out}", flush=True)
             return
+    clock = PassClock()
     if ctx.info.rank > 0:  # a task of a sharded stage on several nodes, not its first: passes only
-        _sharded(ctx, spec, None, {"cache_key": job.cache_key, "inputs": inputs})
+        _sharded(ctx, spec, None, {"cache_key": job.cache_key, "inputs": inputs}, clock)
         return
     build = ctx.stage_dir / ".build"
     shutil.rmtree(build, ignore_errors=True)
@@ -158,16 +161,19 @@ def run(ctx: Context, spec: DataStage) -> None:
     (build / "spool").mkdir()
     (build / "tokenizer").mkdir()
     if spec.shards > 1:
-        sources, report, info = _sharded(ctx, spec, build, {"cache_key": job.cache_key, "inputs": inputs})
+        sources, report, info = _sharded(ctx, spec, build, {"cache_key": job.cache_key, "inputs": inputs}, clock)
     else:
         print(f"[{job.name}] reading, cleaning and deduplicating {len(spec.sources)} sources", flush=True)
-        report = collect(spec, stage=job.name, spool=build / "spool")
-        tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
-        tokenizing = Tokenizing(tok, template_for(info, tok), info["eod"], spec.workers)
-        try:
-            sources = _tokenize(job.name, spec, build, tokenizing)
-        finally:
-            tokenizing.close()
+        with clock("clean"):
+            report = collect(spec, stage=job.name, spool=build / "spool")
+        with clock("tokenizer"):
+            tok, info = tokenizer(ctx, spec.sources, build / "spool", build / "tokenizer")
+        with clock("tokenize"):
+            tokenizing = Tokenizing(tok, template_for(info, tok), info["eod"], spec.workers)
+            try:
+                sources = _tokenize(job.name, spec, build, tokenizing)
+            finally:
+                tokenizing.close()
     mixture = effective_mixture(sources)
     for records, shares in mixture.items():
         print(f"[{job.name}] mixture of {records} records: "
@@ -181,10 +187,14 @@ def run(ctx: Context, spec: DataStage) -> None:
     )  # fmt: skip
     _install(build, data_out, tok_out)
     shutil.rmtree(ctx.stage_dir / ".shards", ignore_errors=True)  # a sharded stage's passes, now complete
+    timing = clock.report(spec, input_bytes(spec.sources))
+    write_json_atomic(ctx.stage_dir / "timing.json", timing)
+    print(f"[{job.name}] passes: " + ", ".join(f"{k} {v['wall_s']:.1f}s" for k, v in timing["passes"].items())
+          + f" (CPU time per pass and per MB of input: {ctx.stage_dir / 'timing.json'})", flush=True)  # fmt: skip
 
 
 def _sharded(
-    ctx: Context, spec: DataStage, build: Path | None, key: dict[str, Any]
+    ctx: Context, spec: DataStage, build: Path | None, key: dict[str, Any], clock: PassClock
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The stage over `shards` tasks (engine.worker.stages.sharded). The job's processes (one, or one per
     node on a cluster) take the tasks of each pass in turn — process r those numbered r, r + world, ... —
@@ -203,19 +213,24 @@ def _sharded(
         print(f"[{name}] {len(spec.sources)} sources over {n} shards, {world} process{'es' if world > 1 else ''}",
               flush=True)  # fmt: skip
     comm.barrier()
-    for i in range(rank, n, world):
-        sharded.shard_pass(spec, root, i, stage=name)
-    comm.barrier()
-    for p in range(rank, n, world):
-        sharded.dedup_pass(spec, root, p, stage=name)
-    comm.barrier()
-    tok, info = tokenizer(ctx, spec.sources, root, root)  # given, never trained (the compiler sees to that)
-    for i in range(rank, n, world):
-        sharded.write_pass(spec, root, i, tok, info, stage=name)
-    comm.barrier()
+    with clock("shard"):  # each pass's wall time includes the wait for the other processes' tasks
+        for i in range(rank, n, world):
+            sharded.shard_pass(spec, root, i, stage=name)
+        comm.barrier()
+    with clock("dedup"):
+        for p in range(rank, n, world):
+            sharded.dedup_pass(spec, root, p, stage=name)
+        comm.barrier()
+    with clock("tokenizer"):
+        tok, info = tokenizer(ctx, spec.sources, root, root)  # given, never trained (the compiler sees to that)
+    with clock("write"):
+        for i in range(rank, n, world):
+            sharded.write_pass(spec, root, i, tok, info, stage=name)
+        comm.barrier()
     if build is None:
         return {}, {}, info
-    merged = sharded.merge_pass(spec, root, build / "data", info, tok, stage=name)
+    with clock("merge"):
+        merged = sharded.merge_pass(spec, root, build / "data", info, tok, stage=name)
     return merged["sources"], merged["report"], info
 
 

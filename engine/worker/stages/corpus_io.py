@@ -9,8 +9,11 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import resource
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,55 @@ from ...schema import (
 from ..context import Context
 
 KIND_ORDER = {"prompt": 0, "text": 1, "conversation": 2, "preference": 3}
+
+
+def input_bytes(sources: list[SourceSpec]) -> int | None:
+    """What the sources read, as the compiler's time estimate counts it (engine.plugin.source_size); None when
+    a source's size cannot be known before reading it."""
+    total = 0
+    for src in sources:
+        found = plugin.data_sources()[src.plugin]
+        size = plugin.source_size(found, found.params.model_validate(src.params), src.records)
+        if size is None:
+            return None
+        total += size
+    return total
+
+
+def _children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+class PassClock:
+    """Wall time and CPU time of each pass of the stage in this process: its own CPU time (threads included)
+    and its worker pools' (children are counted once reaped: each pass closes its pool before it ends)."""
+
+    def __init__(self) -> None:
+        self.passes: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        wall, cpu, pool = time.perf_counter(), time.process_time(), _children_cpu()
+        try:
+            yield
+        finally:
+            entry = self.passes.setdefault(name, {"wall_s": 0.0, "main_cpu_s": 0.0, "pool_cpu_s": 0.0})
+            entry["wall_s"] += time.perf_counter() - wall
+            entry["main_cpu_s"] += time.process_time() - cpu
+            entry["pool_cpu_s"] += _children_cpu() - pool
+
+    def report(self, spec: DataStage, size: int | None) -> dict[str, Any]:
+        """What timing.json holds: the passes and, per megabyte of input, each pass's CPU seconds in this
+        process and in its pools (what a cluster profile's `data_rates` are made of)."""
+        out: dict[str, Any] = {"workers": spec.workers, "shards": spec.shards, "near_dedup": spec.dedup.near,
+                               "input_bytes": size, "passes": {k: {n: round(v, 4) for n, v in p.items()}
+                                                               for k, p in self.passes.items()}}  # fmt: skip
+        if size:
+            mb = size / 1e6
+            out["per_mb"] = {k: {"main_cpu_s": round(p["main_cpu_s"] / mb, 5), "pool_cpu_s": round(p["pool_cpu_s"] / mb, 5)}
+                             for k, p in self.passes.items()}  # fmt: skip
+        return out
 
 
 def split_of(text: str, splits: SplitSpec) -> str:
