@@ -60,14 +60,20 @@ def requested() -> bool:
 
 def requeue(step: int) -> None:
     """After the checkpoint of `step` is saved: rank 0 requeues the job, then every rank raises Preempted."""
+    requeue_after(f"checkpoint of step {step} saved", resume="resume from it")
+
+
+def requeue_after(saved: str, *, resume: str) -> None:
+    """Once what a rerun resumes from is saved (`saved` says what): rank 0 requeues the job, then every rank
+    raises Preempted. `resume` says what resubmitting the run does, should the requeue fail."""
     from . import comm
 
     if comm.rank() == 0:
         job_id = os.environ["SLURM_JOB_ID"]
-        print(f"preempted: checkpoint of step {step} saved; requeueing Slurm job {job_id}", file=sys.stderr, flush=True)
+        print(f"preempted: {saved}; requeueing Slurm job {job_id}", file=sys.stderr, flush=True)
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise EngineError(f"scontrol requeue {job_id} failed: {done.stderr.strip()}; the checkpoint of step {step} "
-                              "is saved: resubmit the run to resume from it")  # fmt: skip
+            raise EngineError(f"scontrol requeue {job_id} failed: {done.stderr.strip()}; {saved}: resubmit the run "
+                              f"to {resume}")  # fmt: skip
     comm.barrier()
-    raise Preempted(step)
+    raise Preempted(saved)

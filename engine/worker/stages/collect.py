@@ -26,6 +26,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ from ...schema import (
     DataStage,
     SourceSpec,
 )
-from .. import comm
+from .. import comm, preempt
 from ..context import Context
+from ..faults import maybe_kill
 from .corpus_io import (
     KIND_ORDER,
     PassClock,
@@ -213,20 +215,30 @@ def _sharded(
         print(f"[{name}] {len(spec.sources)} sources over {n} shards, {world} process{'es' if world > 1 else ''}",
               flush=True)  # fmt: skip
     comm.barrier()
+
+    def in_rounds(what: str, task: Callable[[int], None]) -> None:
+        """Tasks rank, rank + world, ... of a pass, in rounds that every process takes part in, each ending with
+        the preemption check (a collective): on Slurm's signal the finished tasks stay and the job is requeued,
+        so that its next run starts with the first unfinished one. Then the processes wait for each other."""
+        for first in range(0, n, world):
+            if first + rank < n:
+                task(first + rank)
+                if what == "shard":
+                    maybe_kill("after_shard_task", first + rank)
+            if preempt.requested():
+                finished = min(first + world, n)
+                preempt.requeue_after(f"{finished} of {n} {what} tasks finished and kept",
+                                      resume="go on from the first unfinished one")  # fmt: skip
+        comm.barrier()
+
     with clock("shard"):  # each pass's wall time includes the wait for the other processes' tasks
-        for i in range(rank, n, world):
-            sharded.shard_pass(spec, root, i, stage=name)
-        comm.barrier()
+        in_rounds("shard", lambda i: sharded.shard_pass(spec, root, i, stage=name))
     with clock("dedup"):
-        for p in range(rank, n, world):
-            sharded.dedup_pass(spec, root, p, stage=name)
-        comm.barrier()
+        in_rounds("dedup", lambda p: sharded.dedup_pass(spec, root, p, stage=name))
     with clock("tokenizer"):
         tok, info = tokenizer(ctx, spec.sources, root, root)  # given, never trained (the compiler sees to that)
     with clock("write"):
-        for i in range(rank, n, world):
-            sharded.write_pass(spec, root, i, tok, info, stage=name)
-        comm.barrier()
+        in_rounds("write", lambda i: sharded.write_pass(spec, root, i, tok, info, stage=name))
     if build is None:
         return {}, {}, info
     with clock("merge"):

@@ -84,6 +84,7 @@ def _fresh(final: Path) -> Path:
 def shard_pass(spec: DataStage, root: Path, index: int, *, stage: str) -> None:
     final = root / f"shard-{index:05d}"
     if _done(final):
+        print(f"[{stage}] shard task {index}: finished in an earlier run, kept", flush=True)
         return
     tmp = _fresh(final)
     cleaner = Cleaner(spec.cleaning)
@@ -159,6 +160,7 @@ def _earliest_dropped(keys: np.ndarray, order: np.ndarray) -> np.ndarray:
 def dedup_pass(spec: DataStage, root: Path, part: int, *, stage: str) -> None:
     final = root / f"dedup-{part:05d}"
     if _done(final):
+        print(f"[{stage}] dedup task {part}: finished in an earlier run, kept", flush=True)
         return
     tmp = _fresh(final)
     n = spec.shards
@@ -225,6 +227,7 @@ def _rows(root: Path, shard: int) -> Iterator[dict[str, Any]]:
 def write_pass(spec: DataStage, root: Path, index: int, tok: Any, info: dict[str, Any], *, stage: str) -> None:
     final = root / f"write-{index:05d}"
     if _done(final):
+        print(f"[{stage}] write task {index}: finished in an earlier run, kept", flush=True)
         return
     tmp = _fresh(final)
     n = spec.shards
