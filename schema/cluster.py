@@ -54,13 +54,13 @@ class DataRates(Spec):
     other CPUs and corpora differ: measure yours with it (each run also writes its own in the stage's
     timing.json) and set them here."""
 
-    clean_main: float = Field(default=0.027, gt=0, description="reading, dedup look-ups and spooling (main process)")
-    clean_pool: float = Field(default=0.087, gt=0, description="normalising, filtering and exact signatures (pool)")
+    clean_main: float = Field(default=0.030, gt=0, description="reading, dedup look-ups and spooling (main process)")
+    clean_pool: float = Field(default=0.084, gt=0, description="normalising, filtering and exact signatures (pool)")
     near_main: float = Field(default=0.11, ge=0, description="what near dedup adds to the main process (LSH look-ups)")
-    near_pool: float = Field(default=0.41, ge=0, description="what near dedup adds to the pool (MinHash signatures)")
+    near_pool: float = Field(default=0.38, ge=0, description="what near dedup adds to the pool (MinHash signatures)")
     tokenize_main: float = Field(default=0.011, gt=0, description="appending tokens to the outputs (main process)")
     tokenize_pool: float = Field(default=0.30, gt=0, description="tokenising (pool)")
-    merge: float = Field(default=0.005, ge=0, description="joining the shards' parts (one process; shards > 1)")
+    merge: float = Field(default=0.003, ge=0, description="joining the shards' parts (one process; shards > 1)")
 
 
 class ClusterProfile(Spec):
