@@ -57,9 +57,10 @@ def non_finite(path: str, value: object) -> Iterator[Problem]:
 
 
 def packing_rules(where: str, stage: Any, ctx: Any) -> Iterator[Problem]:
-    """Packing (`batching: packed`: SFT, reward model, DPO, the RL stage's updates) runs where each row's block-diagonal attention mask
-    reaches the attention: the local layer spec (CPU, or GPUs with ENGINE_LAYER_SPEC=local), one pipeline
-    stage (packed micro-batches have rows of their own number and length, which pipeline sends do not), no
+    """Packing (`batching: packed`: SFT, reward model, DPO, the RL stage's updates) runs where the attention can
+    keep each row's sequences apart: a block-diagonal mask on the local layer spec (CPU, or GPUs with
+    ENGINE_LAYER_SPEC=local), THD inputs (PackedSeqParams) on Transformer Engine's layers; on one pipeline stage
+    (packed micro-batches have rows of their own number and length, which pipeline sends do not) and without
     context parallelism."""
     if stage.batching != "packed":
         return
@@ -69,10 +70,5 @@ def packing_rules(where: str, stage: Any, ctx: Any) -> Iterator[Problem]:
         yield Problem(at, f"=packed with parallelism.pp={par.pp}: packed micro-batches vary in shape, which "
                       "pipeline sends do not", f"use batching: {other}, or pp: 1")  # fmt: skip
     if par.cp > 1:
-        yield Problem(at, f"=packed with parallelism.cp={par.cp}: the block-diagonal mask is not split across "
+        yield Problem(at, f"=packed with parallelism.cp={par.cp}: packed sequences are not split across "
                       "context-parallel ranks", f"use batching: {other}, or cp: 1")  # fmt: skip
-    cluster = ctx.cluster
-    if cluster is not None and cluster.device == "cuda" and cluster.env.get("ENGINE_LAYER_SPEC") != "local":
-        yield Problem(at, f"=packed on cluster {cluster.name!r} (Transformer Engine layers): packed sequences "
-                      "there need THD inputs (PackedSeqParams), which this stage does not build",
-                      f"use batching: {other}, or set env ENGINE_LAYER_SPEC: local in the cluster profile")  # fmt: skip

@@ -53,6 +53,7 @@ from ..compile import Job, Plan
 from ..errors import EngineError
 from ..schema import RecordKind, Training
 from ..schema.stages import Batching
+from .mcore import uses_transformer_engine
 
 WINDOW = 16  # global batches per length-sorting window
 Batch = dict[str, torch.Tensor]
@@ -219,38 +220,54 @@ def packed_geometry(lengths: np.ndarray, *, cap: int, multiple: int) -> tuple[li
 @dataclass(frozen=True)
 class Packing:
     """Where packed items go: each item's row and first position, and per position its position id (restarting
-    at 0 for each item), its item (`items` for padding) and the block-diagonal causal attention mask
-    (True: masked; a padding position attends to itself alone)."""
+    at 0 for each item) and its item (`items` for padding). Then what the attention needs to keep each item to
+    itself: the local layer spec's block-diagonal causal mask (True: masked; a padding position attends to
+    itself alone), or for Transformer Engine's THD inputs (`thd`) the boundaries of the items in the rows laid
+    end to end, each row's padding one more item of its own."""
 
     row: np.ndarray
     start: np.ndarray
     positions: np.ndarray
     segment: np.ndarray
-    attention_mask: torch.Tensor  # [rows, 1, width, width]
+    attention_mask: torch.Tensor | None  # [rows, 1, width, width]; None with thd
+    cu_seqlens: np.ndarray | None  # [items + padded rows + 1], int32; None without thd
+
+    def attention(self) -> dict[str, torch.Tensor]:
+        """The batch fields that carry it: `attention_mask`, or `cu_seqlens` and `max_seqlen` (engine.worker.
+        objectives.run_model turns these into Megatron-Core's PackedSeqParams)."""
+        if self.cu_seqlens is None:
+            assert self.attention_mask is not None
+            return {"attention_mask": self.attention_mask}
+        cu = torch.from_numpy(self.cu_seqlens)
+        return {"cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max().to(torch.int32)}
 
 
-def pack(bins: list[list[int]], lengths: np.ndarray, width: int) -> Packing:
+def pack(bins: list[list[int]], lengths: np.ndarray, width: int, *, thd: bool = False) -> Packing:
     """The layout of items of `lengths` packed as `bins` says into rows of `width` positions (one empty row
-    when there are no bins)."""
+    when there are no bins); `thd`: THD boundaries instead of the mask."""
     items, rows = len(lengths), max(len(bins), 1)
     row, start = np.zeros(items, dtype=np.int64), np.zeros(items, dtype=np.int64)
     pos = np.zeros((rows, width), dtype=np.int64)
     segment = np.full((rows, width), items, dtype=np.int64)
-    allowed = np.zeros((rows, width, width), dtype=bool)
-    fills = [0] * rows
-    for r, members in enumerate(bins):
+    allowed = None if thd else np.zeros((rows, width, width), dtype=bool)
+    bounds = [0]
+    for r in range(rows):
         at = 0
-        for k in members:
+        for k in bins[r] if r < len(bins) else []:
             n = int(lengths[k])
             row[k], start[k] = r, at
             pos[r, at : at + n], segment[r, at : at + n] = np.arange(n), k
-            allowed[r, at : at + n, at : at + n] = np.tri(n, dtype=bool)
+            if allowed is not None:
+                allowed[r, at : at + n, at : at + n] = np.tri(n, dtype=bool)
             at += n
-        fills[r] = at
-    for r, at in enumerate(fills):
-        allowed[r, np.arange(at, width), np.arange(at, width)] = True
-    return Packing(row=row, start=start, positions=pos, segment=segment,
-                   attention_mask=torch.from_numpy(~allowed).unsqueeze(1))  # fmt: skip
+            bounds.append(r * width + at)
+        if allowed is not None:
+            allowed[r, np.arange(at, width), np.arange(at, width)] = True
+        if at < width:  # the row's padding, as an item of its own
+            bounds.append((r + 1) * width)
+    mask = None if allowed is None else torch.from_numpy(~allowed).unsqueeze(1)
+    cu = np.array(bounds, dtype=np.int32) if thd else None
+    return Packing(row=row, start=start, positions=pos, segment=segment, attention_mask=mask, cu_seqlens=cu)
 
 
 @dataclass
@@ -313,7 +330,7 @@ class RowShape(Protocol):
 
     def geometry(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> tuple[list[list[int]], int]: ...
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> Batch: ...
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False) -> Batch: ...
 
 
 @dataclass(frozen=True)
@@ -351,16 +368,16 @@ class SequenceRows:
         """(bins of positions in `idx`'s real samples, row length) of `packed`."""
         return packed_geometry(ds["lengths"][idx[idx >= 0]], cap=cap, multiple=multiple)
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> Batch:
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False) -> Batch:
         """The same conversations packed several to a row: the tokens, labels and loss mask of each placed
         one after another, position ids restarting at 0 for each, and a block-diagonal causal attention
-        mask (True: masked) so that no position attends across a conversation's boundary. Every position
-        of a conversation sees exactly what it sees in its own row, so the loss and its gradients are the
-        unpacked rows'. Filler indices (−1) are left out."""
+        mask (True: masked; with `thd`, THD boundaries: Packing) so that no position attends across a
+        conversation's boundary. Every position of a conversation sees exactly what it sees in its own
+        row, so the loss and its gradients are the unpacked rows'. Filler indices (−1) are left out."""
         real = idx[idx >= 0]
         bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
         lengths = np.array([min(len(ds["tokens"][int(i)]) - 1, cap) for i in real], dtype=np.int64)
-        layout = pack(bins, lengths, seq)
+        layout = pack(bins, lengths, seq, thd=thd)
         rows = layout.positions.shape[0]
         tokens = np.full((rows, seq), self.pad, dtype=np.int64)
         labels = np.full((rows, seq), self.pad, dtype=np.int64)
@@ -372,7 +389,7 @@ class SequenceRows:
         return {
             "tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(mask), "position_ids": torch.from_numpy(layout.positions),
-            "attention_mask": layout.attention_mask,
+            **layout.attention(),
         }  # fmt: skip
 
 
@@ -443,16 +460,16 @@ class PairRows:
         """(bins of sequence numbers — chosen 0..m−1, rejected m..2m−1 — and row length) of `packed`."""
         return packed_geometry(self._lengths(ds, idx), cap=cap, multiple=multiple)
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> Batch:
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False) -> Batch:
         """The pairs' 2m sequences packed several to a row, as SequenceRows.packed packs conversations
-        (position ids restarting, block-diagonal causal mask). Each sequence k keeps its place in the pair
+        (position ids restarting, block-diagonal causal mask or THD boundaries). Each sequence k keeps its place in the pair
         order through `row` (its packed row) and `last` (its last position there); `segment` gives the
         sequence of every position (2m for padding), so that per-sequence sums (DPO's log-probabilities)
         and reads (the reward model's score) are those of the unpacked rows."""
         sequences = self._sequences(ds, idx, cap)
         bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
         lengths = np.array([len(row) for row, _, _ in sequences], dtype=np.int64)
-        layout = pack(bins, lengths, seq)
+        layout = pack(bins, lengths, seq, thd=thd)
         rows = layout.positions.shape[0]
         tokens = np.full((rows, seq), self.pad, dtype=np.int64)
         labels = np.full((rows, seq), self.pad, dtype=np.int64)
@@ -464,7 +481,7 @@ class PairRows:
         return {
             "tokens": torch.from_numpy(tokens), "position_ids": torch.from_numpy(layout.positions),
             "labels": torch.from_numpy(labels), "loss_mask": torch.from_numpy(mask),
-            "attention_mask": layout.attention_mask, "segment": torch.from_numpy(layout.segment),
+            **layout.attention(), "segment": torch.from_numpy(layout.segment),
             "row": torch.from_numpy(layout.row), "last": torch.from_numpy(layout.start + lengths - 1),
             "weight": torch.from_numpy((idx >= 0).astype(np.float32)),
         }  # fmt: skip
@@ -481,6 +498,8 @@ class ChatBatches:
         self.gbs, self.mbs, self.dp = training.global_batch_size, training.micro_batch_size, job.layout.dp
         self.cap, self.multiple = plan.model.seq_length, pad_multiple(job)
         self.bucketed, self.packed = batching == "bucketed", batching == "packed"
+        # Packed rows keep their sequences apart with a mask on the local spec, with THD boundaries on TE's.
+        self.thd = uses_transformer_engine(job, device=job.resources.device)
         by_source = read_sources(plan, stage=job.name, data=data, records=shape.records, split="train")
         self.train_set = shape.load([s for samples in by_source.values() for s in samples])
         self.valid_set = shape.load(read_shards(plan, stage=job.name, data=data, records=shape.records, split="valid"))
@@ -524,7 +543,7 @@ class ChatBatches:
                 first = m * block + dp_rank * self.mbs
                 chunk = idx[first : first + self.mbs]
                 if self.packed:
-                    yield self.shape.packed(dataset, chunk, cap=self.cap, multiple=self.multiple)
+                    yield self.shape.packed(dataset, chunk, cap=self.cap, multiple=self.multiple, thd=self.thd)
                 else:
                     yield self.shape.rows(dataset, chunk, seq)
 

@@ -50,6 +50,30 @@ class FrozenModel:
     forward_step: ForwardStep
 
 
+def run_model(model: Any, batch: Batch, *, labels: bool = False) -> torch.Tensor:
+    """The model's output for a micro-batch: per-token losses with `labels`, else logits or scalars per position.
+
+    Packed rows carry either a block-diagonal mask (the local layer spec) or THD boundaries (`cu_seqlens`,
+    `max_seqlen`: engine.worker.batches.Packing), for Transformer Engine's layers: then the rows are laid end to
+    end as one sequence [1, rows·width] whose boundaries Megatron-Core's PackedSeqParams hand to the attention
+    (each sequence attends causally within itself, rotary positions restart), and the output comes back in rows.
+    """
+    extra = {"labels": batch["labels"]} if labels else {}
+    if "cu_seqlens" not in batch:
+        out: torch.Tensor = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), **extra)
+        return out
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    rows, width = batch["tokens"].shape
+    cu, longest = batch["cu_seqlens"].to(torch.int32), int(batch["max_seqlen"])
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                             max_seqlen_kv=longest)  # fmt: skip
+    flat = {k: v.reshape(1, rows * width) for k, v in extra.items()}
+    flat_out: torch.Tensor = model(batch["tokens"].reshape(1, rows * width), batch["position_ids"].reshape(1, rows * width),
+                                   None, packed_seq_params=params, **flat)  # fmt: skip
+    return flat_out.reshape(rows, width, *flat_out.shape[2:])
+
+
 class Objective(Protocol):
     @property
     def keys(self) -> tuple[str, ...]:
@@ -100,8 +124,8 @@ class LanguageModel:
         if ps.get_context_parallel_world_size() > 1:
             # Each context-parallel rank keeps two of 2·cp sequence chunks (load-balanced causal attention).
             batch = get_batch_on_this_cp_rank(batch)
-        # Packed rows carry their block-diagonal causal mask; others attend causally (Megatron's default).
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        # Packed rows keep their sequences apart (run_model); others attend causally (Megatron's default).
+        output = run_model(model, batch, labels=True)
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             mask = batch["loss_mask"].float()
@@ -159,7 +183,7 @@ class PairwisePreference:
 
     def forward_step(self, data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, LossFunc]:
         batch = to_device(next(data), self.device)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        output = run_model(model, batch)
 
         def loss_func(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             scores = pair_scores(values, batch["last"], batch.get("row"))
@@ -240,7 +264,7 @@ class ReferenceLogps:
 
     def forward_step(self, data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, LossFunc]:
         batch = to_device(next(data), self.device)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        output = run_model(model, batch, labels=True)
 
         def loss_func(per_token: torch.Tensor, non_loss_data: bool = False) -> Any:
             logp, _ = _sequence_logps(per_token, batch)
@@ -272,7 +296,7 @@ class DirectPreference:
 
     def forward_step(self, data: Iterator[Batch], model: Any) -> tuple[torch.Tensor, LossFunc]:
         batch = to_device(next(data), self.device)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        output = run_model(model, batch, labels=True)
 
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             logp, tokens = _sequence_logps(per_token, batch)

@@ -58,3 +58,27 @@ def test_packed_pairs_give_the_padded_pairs_reward_model_and_dpo_losses_and_grad
         got = result[objective]
         assert got["loss"] < 1e-5 and got["grad"] < 1e-5, (objective, got)
         assert got["crossing_loss"] > 1e-4 and got["crossing_grad"] > 1e-4, (objective, got)
+
+
+def test_pack_gives_thd_boundaries_with_each_rows_padding_as_a_sequence() -> None:
+    layout = pack([[1, 2], [0]], np.array([2, 3, 1]), width=5, thd=True)
+    assert layout.attention_mask is None
+    # Row 0: item 1 (3) then item 2 (1), then one padding position; row 1: item 0 (2), then three of padding.
+    assert layout.cu_seqlens is not None and layout.cu_seqlens.tolist() == [0, 3, 4, 5, 7, 10]
+    fields = layout.attention()
+    assert set(fields) == {"cu_seqlens", "max_seqlen"} and int(fields["max_seqlen"]) == 3
+    full = pack([[0, 1]], np.array([2, 3]), width=5, thd=True)
+    assert full.cu_seqlens is not None and full.cu_seqlens.tolist() == [0, 2, 5]  # a full row: no padding item
+
+
+def test_thd_packed_rows_give_the_padded_rows_losses_and_gradients(tmp_path: Path) -> None:
+    """What Transformer Engine's layers get for packed rows (the rows end to end as one sequence, its
+    boundaries in Megatron-Core's PackedSeqParams, rotary positions restarting per sequence) checked on the
+    CPU through a THD-capable core attention in plain PyTorch: SFT's and the reward model's losses and
+    gradients equal the padded rows' to 1e-5, and with one boundary around everything they would not."""
+    result = masking_check(tmp_path, "thd", port=29545)
+    assert result["rows"][1] < result["rows"][0] and result["sequences"] > result["rows"][1]
+    for objective in ("sft", "reward_model"):
+        got = result[objective]
+        assert got["loss"] < 1e-5 and got["grad"] < 1e-5, (objective, got)
+        assert got["crossing_loss"] > 1e-4 and got["crossing_grad"] > 1e-4, (objective, got)

@@ -60,15 +60,25 @@ from ...errors import EngineError
 from ...plugins import exact_match
 from ...schema import PpoStage
 from .. import checkpoint, comm, preempt
-from ..batches import Mixture, first_fit_decreasing, pack, positions, read_sources, source_weights
+from ..batches import (
+    Mixture,
+    first_fit_decreasing,
+    pack,
+    pad_multiple,
+    positions,
+    read_sources,
+    source_weights,
+    step_length,
+)
 from ..context import Context
 from ..faults import maybe_kill
 from ..generate import Sampling, generate
 from ..handoff import checked_parent, checked_policy, meta_for
 from ..logprobs import vocab_parallel_logp_entropy
 from ..loop import forward_outputs, train_step
-from ..mcore import SCALAR_HEAD, build_frozen, build_job
+from ..mcore import SCALAR_HEAD, build_frozen, build_job, uses_transformer_engine
 from ..metrics import Metrics
+from ..objectives import run_model
 from ..offload import Role
 from ..ppo_math import (
     adapt_kl_coef,
@@ -112,15 +122,16 @@ class Rollouts:
         out = {k: getattr(self, k)[rows] for k in self.PER_TOKEN}
         return {**out, "position_ids": positions(len(rows), seq)}
 
-    def packed(self, rows: torch.Tensor, cap: int, pad: int) -> dict[str, torch.Tensor]:
-        """The same rollouts packed several to a row of at most `cap` positions (first-fit decreasing), every
-        per-token tensor moved with its tokens, position ids restarting per rollout, a block-diagonal causal
-        mask (True: masked) and `segment`, each position's rollout (len(rows) for padding), for the losses
-        that aggregate per sequence."""
+    def packed(self, rows: torch.Tensor, cap: int, pad: int, *, multiple: int = 1, thd: bool = False) -> dict[str, torch.Tensor]:
+        """The same rollouts packed several to a row of at most `cap` positions (first-fit decreasing; rows a
+        multiple of `multiple` long), every per-token tensor moved with its tokens, position ids restarting
+        per rollout, a block-diagonal causal mask (True: masked; with `thd`, THD boundaries: engine.worker.
+        batches.Packing) and `segment`, each position's rollout (len(rows) for padding), for the losses that
+        aggregate per sequence."""
         lengths = self.lengths[rows].numpy()
         bins = first_fit_decreasing(lengths, cap)
-        width = max(int(lengths[b].sum()) for b in bins)
-        layout = pack(bins, lengths, width)
+        width = step_length(max(int(lengths[b].sum()) for b in bins), cap=cap, multiple=multiple)
+        layout = pack(bins, lengths, width, thd=thd)
         out = {k: torch.zeros((len(bins), width), dtype=getattr(self, k).dtype) for k in self.PER_TOKEN}
         out["tokens"].fill_(pad)
         out["labels"].fill_(pad)
@@ -129,7 +140,7 @@ class Rollouts:
             for k in self.PER_TOKEN:
                 out[k][r, at : at + n] = getattr(self, k)[i, :n]
         return {**out, "position_ids": torch.from_numpy(layout.positions), "segment": torch.from_numpy(layout.segment),
-                "attention_mask": layout.attention_mask}  # fmt: skip
+                **layout.attention()}  # fmt: skip
 
 
 class Ppo:
@@ -479,7 +490,7 @@ class Ppo:
 
     def _actor_step(self, data: Any, model: Any) -> tuple[torch.Tensor, Any]:
         b = comm.to_device(next(data), self.ctx.device)
-        logits = model(b["tokens"], b["position_ids"], b.get("attention_mask"))
+        logits = run_model(model, b)
         segment = b.get("segment")  # packed rows: each position's rollout (self.mbs for padding)
 
         def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -506,7 +517,7 @@ class Ppo:
 
     def _critic_step(self, data: Any, model: Any) -> tuple[torch.Tensor, Any]:
         b = comm.to_device(next(data), self.ctx.device)
-        values = model(b["tokens"], b["position_ids"], b.get("attention_mask"))
+        values = run_model(model, b)
 
         def loss_func(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             loss = value_loss(values.float(), b["old_values"], b["returns"], b["mask"], self.hp.value_clip)
@@ -519,6 +530,8 @@ class Ppo:
         local = self.gbs // self.dp
         nmb = local // self.mbs
         seq = rollouts.tokens.shape[1]
+        # Packed rows: lengths the layout takes (sequence parallelism, tensor cores), THD on TE's layers.
+        multiple, thd = pad_multiple(self.job), uses_transformer_engine(self.job, device=self.ctx.device)
         totals: dict[str, float] = {}
         count, epochs_run = 0, 0
         for epoch in range(self.hp.epochs):
@@ -531,7 +544,8 @@ class Ppo:
                 def make(rows: torch.Tensor = rows) -> Any:
                     micro = (rows[m * self.mbs : (m + 1) * self.mbs] for m in range(nmb))
                     if self.spec.batching == "packed":
-                        return (rollouts.packed(r, self.plan.model.seq_length, self.template.pad) for r in micro)
+                        return (rollouts.packed(r, self.plan.model.seq_length, self.template.pad, multiple=multiple,
+                                                thd=thd) for r in micro)  # fmt: skip
                     return (rollouts.minibatch(r) for r in micro)
 
                 common = dict(num_microbatches=nmb, seq_length=seq, mbs=self.mbs)
