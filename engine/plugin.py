@@ -125,7 +125,7 @@ def source_size(source: DataSource, params: Any, kind: RecordKind) -> int | None
             return int(source.size(params, kind))
         if source.files is not None:
             return sum(os.path.getsize(f) for f in source.files(params))
-    except (OSError, ValueError):
+    except Exception:  # an estimate: whatever keeps a source from saying its size leaves it unknown
         return None
     return None
 
