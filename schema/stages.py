@@ -171,6 +171,11 @@ class RolloutSpec(Spec):
     top_k: int = Field(default=0, ge=0, le=10**7, description="sample among the k most likely tokens; 0: off")
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass; 1: off")
     batch_size: int = Field(default=16, gt=0, le=10**6, description="sequences generated together per replica")
+    score_batch_size: int | None = Field(
+        default=None, gt=0, le=10**6,
+        description="rollouts per forward pass when the rollouts are scored (old and reference log-probabilities, "
+        "values, the reward model), per replica: fewer lower the scoring phase's memory; none: batch_size",
+    )
 
 
 class PpoSpec(Spec):

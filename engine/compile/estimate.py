@@ -268,10 +268,10 @@ def estimate_job(
     phases: dict[str, int] = {}
     if w.kv_cache_rows:
         # RL: rollouts (the KV cache), scoring (forward-only passes: one layer's working set and the logits of
-        # a rollout batch at a time), training (activations). Offloaded roles come to the device one at a time
+        # a scoring batch at a time), training (activations). Offloaded roles come to the device one at a time
         # for scoring; the offloaded critic stays from its scoring pass through the update.
         base = state * (trained - w.offloaded_trained_models) + frozen_one * (w.frozen_models - w.offloaded_frozen_models)
-        forward = scoring_bytes(model, layout, seq=seq, rows=w.kv_cache_rows, act_bytes=act_bytes,
+        forward = scoring_bytes(model, layout, seq=seq, rows=w.scoring_rows or w.kv_cache_rows, act_bytes=act_bytes,
                                 flash_attention=cluster.device == "cuda")  # fmt: skip
         visiting = max(frozen_one if w.offloaded_frozen_models else 0.0, state if w.offloaded_trained_models else 0.0)
         phases = {

@@ -91,8 +91,8 @@ class Workload:
     and runs `forward_passes` forward-only passes over them (a third of a training pass each);
     `trained_models` models hold gradients and optimizer states, `frozen_models` hold weights only,
     and `kv_cache_rows` rows are generated together (rollouts) with a KV cache of `seq_length`; with them the
-    job runs in phases (rollout, scoring, training), and `offloaded_*` of the models sit in host memory
-    outside the phases that use them.
+    job runs in phases (rollout, scoring: forward passes of `scoring_rows` rows, or `kv_cache_rows`; training),
+    and `offloaded_*` of the models sit in host memory outside the phases that use them.
     """
 
     seq_length: int
@@ -102,6 +102,7 @@ class Workload:
     trained_models: int = 1
     frozen_models: int = 0
     kv_cache_rows: int = 0
+    scoring_rows: int = 0
     offloaded_trained_models: int = 0
     offloaded_frozen_models: int = 0
 

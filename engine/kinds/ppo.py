@@ -117,7 +117,8 @@ def workload(stage: PpoStage, seq_length: int) -> Workload:
     sampling, the reference, the reward model and the old log-probabilities (and values) are forward
     passes. Up to four models: actor and critic with optimizer states, the reference (none when kl_coef is 0)
     and the reward model as weights only, those in `offload` on the device only in the phases that use them;
-    rollouts generate `rollout.batch_size` rows with a KV cache."""
+    rollouts generate `rollout.batch_size` rows with a KV cache and are scored `rollout.score_batch_size` at a
+    time."""
     ro = stage.rollout
     critic = not stage.ppo.group_advantage
     trained = 2 if critic else 1
@@ -129,6 +130,7 @@ def workload(stage: PpoStage, seq_length: int) -> Workload:
         trained_models=trained,
         frozen_models=int(stage.ppo.uses_reference) + (1 if stage.reward_model else 0),
         kv_cache_rows=ro.batch_size,
+        scoring_rows=ro.score_batch_size or ro.batch_size,
         offloaded_trained_models=int("critic" in stage.offload),
         offloaded_frozen_models=sum(role in stage.offload for role in ("reference", "reward_model")),
     )

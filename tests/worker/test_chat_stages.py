@@ -475,7 +475,8 @@ OFFLOAD = "offload=[reference,reward_model,critic]"
 @pytest.mark.parametrize(
     ("base", "layouts"),
     [(["ppo.advantage=gae"], {"pp2": ["parallelism.pp=2"], "tp2pp2": ["parallelism.tp=2", "parallelism.pp=2"],
-                              "pp2_offload": ["parallelism.pp=2", OFFLOAD], "packed": ["batching=packed"]}),
+                              "pp2_offload": ["parallelism.pp=2", OFFLOAD], "packed": ["batching=packed"],
+                              "scored_by_5": ["rollout.score_batch_size=5"]}),
      (["ppo.advantage=grpo"], {"pp2": ["parallelism.pp=2"], "pp2vpp3": ["parallelism.pp=2", "parallelism.vpp=3"]}),
      (["ppo.advantage=dr_grpo"], {"packed": ["batching=packed"]}),
      (["ppo.advantage=rloo", "ppo.loss_aggregation=sequence_mean"], {"packed": ["batching=packed"]})],
@@ -489,7 +490,8 @@ def test_rl_iterations_through_the_pipeline_equal_one_process(
     advantages, returns, losses, gradient norms and the KL (non-zero in the second iteration) equal to 1e-4.
     With the reference, the reward model and the critic offloaded to host memory between their phases,
     PPO at PP2 is the same run as without; with packed updates (several rollouts per row) every loss
-    aggregation gives the padded rows' numbers."""
+    aggregation gives the padded rows' numbers; scoring 5 rollouts per forward pass instead of the rollout
+    batch (32; the last pass partial) changes nothing either."""
     algo = [f"stages.ppo.{v}" for v in base]
     one, one_rollouts = _rl_iterations(run_dir, tmp_path / "one", *algo, "stages.ppo.resources.gpus_per_node=1")
     assert one[-1]["kl"] > 1e-4  # the second iteration's policy has moved from the reference

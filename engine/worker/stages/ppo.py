@@ -338,10 +338,10 @@ class Ppo:
 
     def _forward_rows(self, chunks: list[Any], step: Any, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """One output row per token row, from a forward-only pass through the pipeline schedule in micro-batches
-        of `rollout.batch_size` rows; the last stage's outputs are delivered to every rank. Under pipeline
+        of `rollout.score_batch_size` rows (or batch_size); the last stage's outputs are delivered to every rank. Under pipeline
         parallelism every micro-batch has the same shape (the last is filled with copies of the first row,
         whose outputs are dropped) and, interleaved, their number is a multiple of pp."""
-        size, n, width = self.ro.batch_size, len(tokens), tokens.shape[1]
+        size, n, width = self.ro.score_batch_size or self.ro.batch_size, len(tokens), tokens.shape[1]
         assert self.job.layout is not None
         pp, vpp = self.job.layout.pp, self.job.layout.vpp
         count = -(-n // size)
