@@ -17,6 +17,9 @@ outputs are delivered to every rank of the pipeline (engine.worker.comm).
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,12 +92,68 @@ def forward_outputs(
     return comm.deliver_from_last_stage(list(outputs) if last else None)
 
 
+STEP_TIMES_ENV = "ENGINE_STEP_TIMES"
+
+
+class _StepTimes:
+    """`ENGINE_STEP_TIMES=<path>`: every rank appends one JSON line per training step to `<path>.<rank>`: the
+    seconds of the forward and backward passes, of the gradient reduction (the schedule's finalize_model_grads,
+    waits for slower ranks included), of the reported values' reduction and of the optimizer step. A debugging
+    aid (bench/chat_dp_speed.py --breakdown reads it); unset, it costs one environment look-up per step."""
+
+    def __init__(self, built: Any, path: str) -> None:
+        self.path, self.grads = f"{path}.{comm.rank()}", 0.0
+        inner = built.config.finalize_model_grads_func
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.grads += time.perf_counter() - began
+
+        built.config.finalize_model_grads_func = timed
+
+    @staticmethod
+    def of(built: Any) -> _StepTimes | None:
+        """The timer of a model being trained (built once per model: a job lives as long as its models)."""
+        path = os.environ.get(STEP_TIMES_ENV)
+        if not path:
+            return None
+        if id(built) not in _TIMERS:
+            _TIMERS[id(built)] = _StepTimes(built, path)
+        return _TIMERS[id(built)]
+
+    def write(self, schedule: float, reduce: float, optimizer: float) -> None:
+        row = {"forward_backward_s": schedule - self.grads, "grad_sync_s": self.grads, "reduce_s": reduce,
+               "optimizer_s": optimizer}  # fmt: skip
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self.grads = 0.0
+
+
+_TIMERS: dict[int, _StepTimes] = {}
+
+
 def train_step(built: Any, make_iter: MakeIter, **schedule: Any) -> StepResult:
     for chunk in built.chunks:
         chunk.zero_grad_buffer()
     built.optimizer.zero_grad()
-    values = run_schedule(built, make_iter, forward_only=False, **schedule)
-    ok, grad_norm, _ = built.optimizer.step()
+    times = _StepTimes.of(built)
+    if times is None:
+        values = run_schedule(built, make_iter, forward_only=False, **schedule)
+        ok, grad_norm, _ = built.optimizer.step()
+    else:
+        began = time.perf_counter()
+        keys = schedule.pop("keys")
+        outputs = _schedule(built.chunks, make_iter, forward_step_func=schedule["forward_step"],
+                            num_microbatches=schedule["num_microbatches"], seq_length=schedule["seq_length"],
+                            micro_batch_size=schedule["mbs"], forward_only=False)  # fmt: skip
+        passed = time.perf_counter()
+        values = _reduce(outputs or [], keys)
+        reduced = time.perf_counter()
+        ok, grad_norm, _ = built.optimizer.step()
+        times.write(passed - began, reduced - passed, time.perf_counter() - reduced)
     built.scheduler.step(increment=1)
     lr = built.optimizer.param_groups[0]["lr"]
     return StepResult(loss=values["loss"], grad_norm=float(grad_norm or 0.0), lr=float(lr), skipped=not ok,
