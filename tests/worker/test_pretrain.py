@@ -67,6 +67,26 @@ def test_parallel_layouts_reproduce_tp1_losses(
         assert norms[step] == pytest.approx(norm, rel=1e-4), f"grad norm at step {step}"
 
 
+def test_step_times_are_written_per_rank_and_leave_the_run_as_it_was(
+    reference: dict[int, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENGINE_STEP_TIMES: at DP2 each rank writes one line per step with its parts; the timed step computes
+    what the untimed one does (the reference's losses, as the dp2 layout above)."""
+    import json
+
+    times = tmp_path / "steps"
+    monkeypatch.setenv("ENGINE_STEP_TIMES", str(times))
+    _run(tmp_path / "run", 2)
+    got = losses(tmp_path / "run")
+    for step, loss in reference.items():
+        assert got[step] == pytest.approx(loss, abs=1e-4), f"step {step}"
+    for rank in (0, 1):
+        rows = [json.loads(x) for x in Path(f"{times}.{rank}").read_text().splitlines()]
+        assert len(rows) == len(reference)
+        assert all(set(r) == {"forward_backward_s", "grad_sync_s", "reduce_s", "optimizer_s"} for r in rows)
+        assert all(r["forward_backward_s"] > 0 and r["grad_sync_s"] > 0 and r["optimizer_s"] > 0 for r in rows)
+
+
 def test_sigkill_then_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
     twenty = ["stages.pretrain.training.steps=20", "stages.pretrain.checkpointing.interval=10"]
     _run(tmp_path / "straight", 1, *twenty)
