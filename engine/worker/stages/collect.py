@@ -53,7 +53,6 @@ from .corpus_io import (
     _spooled,
     cleaning_pool,
     dedup_key,
-    input_bytes,
     split_of_digest,
     tokenizer,
     write_shards,
@@ -189,7 +188,9 @@ def run(ctx: Context, spec: DataStage) -> None:
     )  # fmt: skip
     _install(build, data_out, tok_out)
     shutil.rmtree(ctx.stage_dir / ".shards", ignore_errors=True)  # a sharded stage's passes, now complete
-    timing = clock.report(spec, input_bytes(spec.sources))
+    # Per MB of the input the plan's estimate counted (None when a source's size is unknown before reading).
+    size = job.data_estimate.input_bytes if job.data_estimate and not job.data_estimate.unknown_sources else None
+    timing = clock.report(spec, size)
     write_json_atomic(ctx.stage_dir / "timing.json", timing)
     print(f"[{job.name}] passes: " + ", ".join(f"{k} {v['wall_s']:.1f}s" for k, v in timing["passes"].items())
           + f" (CPU time per pass and per MB of input: {ctx.stage_dir / 'timing.json'})", flush=True)  # fmt: skip

@@ -40,19 +40,6 @@ from ..context import Context
 KIND_ORDER = {"prompt": 0, "text": 1, "conversation": 2, "preference": 3}
 
 
-def input_bytes(sources: list[SourceSpec]) -> int | None:
-    """What the sources read, as the compiler's time estimate counts it (engine.plugin.source_size); None when
-    a source's size cannot be known before reading it."""
-    total = 0
-    for src in sources:
-        found = plugin.data_sources()[src.plugin]
-        size = plugin.source_size(found, found.params.model_validate(src.params), src.records)
-        if size is None:
-            return None
-        total += size
-    return total
-
-
 def _children_cpu() -> float:
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     return used.ru_utime + used.ru_stime
