@@ -71,9 +71,18 @@ def run_schedule(
     forward_only: bool, keys: Sequence[str],
 ) -> dict[str, float]:  # fmt: skip
     """`mbs` is the number of rows the schedule sees per micro-batch (2 per pair for the reward model)."""
+    return _reduce(_pass(built, make_iter, forward_step=forward_step, num_microbatches=num_microbatches,
+                         seq_length=seq_length, mbs=mbs, forward_only=forward_only), keys)  # fmt: skip
+
+
+def _pass(
+    built: Any, make_iter: MakeIter, *, forward_step: ForwardStep, num_microbatches: int, seq_length: int, mbs: int,
+    forward_only: bool,
+) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """The schedule's pass: the values each micro-batch's loss function reported (on the last pipeline stage)."""
     outputs = _schedule(built.chunks, make_iter, forward_step_func=forward_step, num_microbatches=num_microbatches,
                         seq_length=seq_length, micro_batch_size=mbs, forward_only=forward_only)  # fmt: skip
-    return _reduce(outputs or [], keys)
+    return outputs or []
 
 
 @torch.no_grad()
@@ -140,19 +149,14 @@ def train_step(built: Any, make_iter: MakeIter, **schedule: Any) -> StepResult:
         chunk.zero_grad_buffer()
     built.optimizer.zero_grad()
     times = _StepTimes.of(built)
-    if times is None:
-        values = run_schedule(built, make_iter, forward_only=False, **schedule)
-        ok, grad_norm, _ = built.optimizer.step()
-    else:
-        began = time.perf_counter()
-        keys = schedule.pop("keys")
-        outputs = _schedule(built.chunks, make_iter, forward_step_func=schedule["forward_step"],
-                            num_microbatches=schedule["num_microbatches"], seq_length=schedule["seq_length"],
-                            micro_batch_size=schedule["mbs"], forward_only=False)  # fmt: skip
-        passed = time.perf_counter()
-        values = _reduce(outputs or [], keys)
-        reduced = time.perf_counter()
-        ok, grad_norm, _ = built.optimizer.step()
+    keys = schedule.pop("keys")
+    began = time.perf_counter()
+    outputs = _pass(built, make_iter, forward_only=False, **schedule)
+    passed = time.perf_counter()
+    values = _reduce(outputs, keys)
+    reduced = time.perf_counter()
+    ok, grad_norm, _ = built.optimizer.step()
+    if times is not None:
         times.write(passed - began, reduced - passed, time.perf_counter() - reduced)
     built.scheduler.step(increment=1)
     lr = built.optimizer.param_groups[0]["lr"]
