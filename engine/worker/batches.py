@@ -218,6 +218,44 @@ def packed_geometry(lengths: np.ndarray, *, cap: int, multiple: int) -> tuple[li
 
 
 @dataclass(frozen=True)
+class StepPacking:
+    """How one packed training step's samples go to micro-batches: per data-parallel rank the same number of
+    micro-batches, each a list of positions among the step's samples (an empty one is a filler that weighs
+    nothing), and per sample the factor its loss is multiplied by."""
+
+    ranks: list[list[np.ndarray]]
+    scale: np.ndarray
+
+    @property
+    def micro_batches(self) -> int:
+        return len(self.ranks[0])
+
+
+def pack_step(sizes: np.ndarray, norms: np.ndarray, *, mbs: int, dp: int, budget: int) -> StepPacking:
+    """The step's samples (`sizes`: the positions each fills packed, at most `budget`) put first-fit decreasing
+    into micro-batches of at most `budget` positions, dealt round-robin (largest first) to the `dp` ranks, each
+    rank getting as many as the busiest (fillers make up the rest).
+
+    The loss is unchanged: unpacked, the step's loss is the mean over its gbs/mbs micro-batches of
+    consecutive `mbs` samples of each one's loss, normalised by `norms` (that micro-batch's loss tokens, or
+    its pairs). A packed micro-batch's loss is instead the sum of its samples' unnormalised losses, each times
+    `scale` = K / (gbs/(mbs·dp) · norm of the unpacked micro-batch it comes from), K the micro-batches per
+    rank: the schedule divides by K and the gradient reduction averages over ranks, which gives back the
+    unpacked step's loss and gradients exactly (and the reported loss, a mean over micro-batches and ranks)."""
+    n = len(sizes)
+    assert n % (mbs * dp) == 0 and len(norms) == n // mbs, (n, mbs, dp, len(norms))
+    bins = first_fit_decreasing(np.asarray(sizes), budget)
+    bins.sort(key=lambda b: -int(np.asarray(sizes)[b].sum()))  # stable: ties keep first-fit order
+    k = max(math.ceil(len(bins) / dp), 1)
+    ranks = [[np.array(sorted(b), dtype=np.int64) for b in bins[r::dp]] for r in range(dp)]
+    for mine in ranks:
+        mine += [np.zeros(0, dtype=np.int64)] * (k - len(mine))
+    nmb = n // (mbs * dp)
+    scale = k / (nmb * np.maximum(np.asarray(norms, dtype=np.float64), 1.0))[np.arange(n) // mbs]
+    return StepPacking(ranks=ranks, scale=scale)
+
+
+@dataclass(frozen=True)
 class Packing:
     """Where packed items go: each item's row and first position, and per position its position id (restarting
     at 0 for each item) and its item (`items` for padding). Then what the attention needs to keep each item to
@@ -330,7 +368,14 @@ class RowShape(Protocol):
 
     def geometry(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int) -> tuple[list[list[int]], int]: ...
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False) -> Batch: ...
+    def sizes(self, ds: Samples, idx: np.ndarray, cap: int) -> np.ndarray:
+        """The positions each sample fills in packed rows."""
+
+    def norm(self, ds: Samples, idx: np.ndarray, cap: int) -> float:
+        """What an unpacked micro-batch of these samples divides its loss by."""
+
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False,
+               scale: np.ndarray | None = None) -> Batch: ...  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -368,12 +413,24 @@ class SequenceRows:
         """(bins of positions in `idx`'s real samples, row length) of `packed`."""
         return packed_geometry(ds["lengths"][idx[idx >= 0]], cap=cap, multiple=multiple)
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False) -> Batch:
+    def sizes(self, ds: Samples, idx: np.ndarray, cap: int) -> np.ndarray:
+        sizes: np.ndarray = np.minimum(ds["lengths"][idx], cap)
+        return sizes
+
+    def norm(self, ds: Samples, idx: np.ndarray, cap: int) -> float:
+        """The loss tokens (assistant tokens in label space) of the conversations, as `rows` cuts them."""
+        return float(sum(int(ds["mask"][int(i)][1 : min(len(ds["tokens"][int(i)]) - 1, cap) + 1].sum())
+                         for i in idx if i >= 0))  # fmt: skip
+
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False,
+               scale: np.ndarray | None = None) -> Batch:  # fmt: skip
         """The same conversations packed several to a row: the tokens, labels and loss mask of each placed
         one after another, position ids restarting at 0 for each, and a block-diagonal causal attention
         mask (True: masked; with `thd`, THD boundaries: Packing) so that no position attends across a
         conversation's boundary. Every position of a conversation sees exactly what it sees in its own
-        row, so the loss and its gradients are the unpacked rows'. Filler indices (−1) are left out."""
+        row, so the loss and its gradients are the unpacked rows'. Filler indices (−1) are left out.
+        `scale` (one per entry of `idx`): the loss becomes the sum of per-token losses times `loss_scale`,
+        the loss mask times its conversation's scale (a step packed across micro-batches: pack_step)."""
         real = idx[idx >= 0]
         bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
         lengths = np.array([min(len(ds["tokens"][int(i)]) - 1, cap) for i in real], dtype=np.int64)
@@ -382,14 +439,19 @@ class SequenceRows:
         tokens = np.full((rows, seq), self.pad, dtype=np.int64)
         labels = np.full((rows, seq), self.pad, dtype=np.int64)
         mask = np.zeros((rows, seq), dtype=np.float32)
+        weights = None if scale is None else np.zeros((rows, seq), dtype=np.float32)
+        factor = None if scale is None else np.asarray(scale)[idx >= 0]
         for j, i in enumerate(real):
             t, m = ds["tokens"][int(i)], ds["mask"][int(i)]
             r, at, n = layout.row[j], layout.start[j], lengths[j]
             tokens[r, at : at + n], labels[r, at : at + n], mask[r, at : at + n] = t[:n], t[1 : n + 1], m[1 : n + 1]
+            if weights is not None and factor is not None:
+                weights[r, at : at + n] = m[1 : n + 1] * factor[j]
+        extra = {} if weights is None else {"loss_scale": torch.from_numpy(weights)}
         return {
             "tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(mask), "position_ids": torch.from_numpy(layout.positions),
-            **layout.attention(),
+            **layout.attention(), **extra,
         }  # fmt: skip
 
 
@@ -460,12 +522,25 @@ class PairRows:
         """(bins of sequence numbers — chosen 0..m−1, rejected m..2m−1 — and row length) of `packed`."""
         return packed_geometry(self._lengths(ds, idx), cap=cap, multiple=multiple)
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False) -> Batch:
+    def sizes(self, ds: Samples, idx: np.ndarray, cap: int) -> np.ndarray:
+        p = ds["prompt"].lengths[idx]
+        sizes: np.ndarray = np.minimum(p + ds["chosen"].lengths[idx], cap) + np.minimum(
+            p + ds["rejected"].lengths[idx], cap
+        )
+        return sizes
+
+    def norm(self, ds: Samples, idx: np.ndarray, cap: int) -> float:
+        """The real pairs (an unpacked micro-batch's loss is their mean)."""
+        return float((idx >= 0).sum())
+
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False,
+               scale: np.ndarray | None = None) -> Batch:  # fmt: skip
         """The pairs' 2m sequences packed several to a row, as SequenceRows.packed packs conversations
         (position ids restarting, block-diagonal causal mask or THD boundaries). Each sequence k keeps its place in the pair
         order through `row` (its packed row) and `last` (its last position there); `segment` gives the
         sequence of every position (2m for padding), so that per-sequence sums (DPO's log-probabilities)
-        and reads (the reward model's score) are those of the unpacked rows."""
+        and reads (the reward model's score) are those of the unpacked rows. `scale` (one per pair): the
+        loss becomes the sum of the pairs' losses times it (pack_step; 0 for fillers)."""
         sequences = self._sequences(ds, idx, cap)
         bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
         lengths = np.array([len(row) for row, _, _ in sequences], dtype=np.int64)
@@ -484,6 +559,7 @@ class PairRows:
             **layout.attention(), "segment": torch.from_numpy(layout.segment),
             "row": torch.from_numpy(layout.row), "last": torch.from_numpy(layout.start + lengths - 1),
             "weight": torch.from_numpy((idx >= 0).astype(np.float32)),
+            **({} if scale is None else {"scale": torch.from_numpy(np.where(idx >= 0, scale, 0.0).astype(np.float32))}),
         }  # fmt: skip
 
 
@@ -524,8 +600,11 @@ class ChatBatches:
 
     def _batching_words(self) -> str:
         if self.packed:
-            return (f"packed (first-fit decreasing into rows of at most {self.cap}, micro-batch by micro-batch"
-                    + (", each pair's two sequences packed as any others)" if self.shape.rows_per_sample == 2 else ")"))
+            per = self.mbs * self.shape.rows_per_sample
+            return (
+                f"packed (first-fit decreasing across each step into micro-batches of at most {per} rows of "
+                f"{self.cap}" + (", a pair's two sequences in one micro-batch)" if per > self.mbs else ")")
+            )
         return "length-bucketed" if self.bucketed else "padded to seq_length"
 
     def _length_of(self, dataset: Samples, idx: np.ndarray) -> int:
@@ -558,21 +637,42 @@ class ChatBatches:
             idx = self.order.samples(consumed, self.gbs)
             seq = self._length_of(self.train_set, idx)
             real = self.shape.real_tokens(self.train_set, idx, seq)
-            computed = self._computed(idx) if self.packed else seq * self.gbs * self.shape.rows_per_sample
+            if self.packed:
+                return self._packed_step(idx, dp_rank, real)
+            computed = seq * self.gbs * self.shape.rows_per_sample
             return self._make(self.train_set, idx, seq, dp_rank), seq, {
                 "pad_fraction": 1.0 - real / computed, "seq_length": float(seq), "real_tokens": float(real),
                 "computed_tokens": float(computed)}  # fmt: skip
 
         return batches
 
-    def _computed(self, idx: np.ndarray) -> int:
-        """Positions the model runs over in one packed global batch, every rank's micro-batches together."""
-        total = 0
-        for first in range(0, len(idx) - len(idx) % self.mbs, self.mbs):
-            chunk = idx[first : first + self.mbs]
-            bins, seq = self.shape.geometry(self.train_set, chunk, cap=self.cap, multiple=self.multiple)
-            total += max(len(bins), 1) * seq
-        return total
+    def _packed_step(self, idx: np.ndarray, dp_rank: int, real: int) -> tuple[MakeIter, int, dict[str, float]]:
+        """A packed training step: the global batch's samples packed across its micro-batches into micro-batches
+        of at most micro_batch_size rows of seq_length (pack_step), as many per rank as the busiest needs."""
+        ds, shape = self.train_set, self.shape
+        norms = np.array([shape.norm(ds, idx[i : i + self.mbs], self.cap) for i in range(0, len(idx), self.mbs)])
+        budget = self.mbs * shape.rows_per_sample * self.cap
+        step = pack_step(shape.sizes(ds, idx, self.cap), norms, mbs=self.mbs, dp=self.dp, budget=budget)
+
+        def chosen(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if len(positions) == 0:  # a filler: one sample left out (−1), weighing nothing
+                return np.array([-1], dtype=np.int64), np.zeros(1)
+            return idx[positions], step.scale[positions]
+
+        computed = 0
+        for mine in step.ranks:
+            for positions in mine:
+                bins, width = shape.geometry(ds, chosen(positions)[0], cap=self.cap, multiple=self.multiple)
+                computed += max(len(bins), 1) * width
+
+        def make() -> Iterator[Batch]:
+            for positions in step.ranks[dp_rank]:
+                samples, scale = chosen(positions)
+                yield shape.packed(ds, samples, cap=self.cap, multiple=self.multiple, thd=self.thd, scale=scale)
+
+        return make, self.cap, {
+            "pad_fraction": 1.0 - real / computed, "seq_length": float(self.cap), "real_tokens": float(real),
+            "computed_tokens": float(computed), "micro_batches": float(step.micro_batches)}  # fmt: skip
 
     def valid_batches(self, dp_rank: int) -> list[tuple[MakeIter, int, int]]:
         """The held-out samples (at most eval_iters global batches), in global batches sorted by length;

@@ -130,7 +130,9 @@ class LanguageModel:
         def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             mask = batch["loss_mask"].float()
             nll = (per_token.float() * mask).sum()
-            loss = nll / mask.sum().clamp(min=1.0)
+            # A step packed across its micro-batches weighs each token as its unpacked micro-batch did.
+            scale = batch.get("loss_scale")
+            loss = nll / mask.sum().clamp(min=1.0) if scale is None else (per_token.float() * scale).sum()
             return loss, {"loss": loss.detach().clone(), "nll_sum": nll.detach().clone(), "tokens": mask.sum()}
 
         return output, loss_func
@@ -149,13 +151,15 @@ def pair_scores(values: torch.Tensor, last: torch.Tensor, row: torch.Tensor | No
 
 
 def weighted_pairs(
-    per_pair: torch.Tensor, margin: torch.Tensor, weight: torch.Tensor, **sums: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of a preference objective, the weighted mean of `per_pair` (`weight` zeroes padding pairs),
-    and what it reports: the weighted sums of the loss, of the correct pairs (margin > 0), of the margin and
-    of each of `sums`, and the pairs counted."""
+    per_pair: torch.Tensor, margin: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+    **sums: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """The loss of a preference objective, the weighted mean of `per_pair` (`weight` zeroes padding pairs;
+    with `scale`, a step packed across its micro-batches, the sum of `per_pair` times it), and what it
+    reports: the weighted sums of the loss, of the correct pairs (margin > 0), of the margin and of each of
+    `sums`, and the pairs counted."""
     w = weight.float()
-    loss = (per_pair * w).sum() / w.sum().clamp(min=1.0)
+    loss = (per_pair * w).sum() / w.sum().clamp(min=1.0) if scale is None else (per_pair * scale.float()).sum()
     report = {
         "loss": loss.detach().clone(),
         "loss_sum": (per_pair.detach() * w).sum(),
@@ -190,7 +194,8 @@ class PairwisePreference:
             chosen, rejected = scores.chunk(2)
             diff = chosen - rejected
             per_pair = -F.logsigmoid(diff - self.margin)
-            return weighted_pairs(per_pair, diff, batch["weight"], chosen_sum=chosen, rejected_sum=rejected)
+            return weighted_pairs(per_pair, diff, batch["weight"], batch.get("scale"), chosen_sum=chosen,
+                                  rejected_sum=rejected)  # fmt: skip
 
         return output, loss_func
 
@@ -312,7 +317,7 @@ class DirectPreference:
             nll = -chosen / n_chosen.clamp(min=1.0)  # the chosen response's mean NLL per token
             if self.rpo_alpha is not None:
                 per_pair = per_pair + self.rpo_alpha * nll
-            return weighted_pairs(per_pair, margin, batch["weight"], chosen_logp_sum=chosen,
+            return weighted_pairs(per_pair, margin, batch["weight"], batch.get("scale"), chosen_logp_sum=chosen,
                                   rejected_logp_sum=rejected, chosen_nll_sum=nll)  # fmt: skip
 
         return output, loss_func

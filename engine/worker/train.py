@@ -42,7 +42,8 @@ class Task:
 
     objective: Objective
     # consumed samples → (micro-batch factory for this rank, sequence length, extra values to log); an extra
-    # "real_tokens" (the step's tokens without padding) is logged as real_tokens_per_s, not as itself
+    # "real_tokens" (the step's tokens without padding) is logged as real_tokens_per_s, not as itself, and
+    # "micro_batches" (a packed step's) replaces global_batch_size / (micro_batch_size · dp)
     train_batches: Callable[[int], tuple[MakeIter, int, dict[str, float]]]
     # the validation set in schedule calls: (micro-batch factory, sequence length, micro-batches) each
     valid_batches: Callable[[], list[tuple[MakeIter, int, int]]]
@@ -149,8 +150,10 @@ def train(ctx: Context, built: Any, task: Task, *, training: Training, checkpoin
         while step < steps:
             began = time.perf_counter()
             make, seq, extra = task.train_batches(consumed)
-            make = with_frozen_outputs(frozen, make, num_microbatches=nmb, seq_length=seq, mbs=rows)
-            result = train_step(built, make, num_microbatches=nmb, seq_length=seq, **schedule)
+            # A step packed across its micro-batches runs as many as its packing needs (at most nmb).
+            num = int(extra.get("micro_batches", nmb))
+            make = with_frozen_outputs(frozen, make, num_microbatches=num, seq_length=seq, mbs=rows)
+            result = train_step(built, make, num_microbatches=num, seq_length=seq, **schedule)
             step, consumed = step + 1, consumed + gbs
             seconds = time.perf_counter() - began
             # Positions the model runs over, padding included (packed rows: fewer and of their own length).

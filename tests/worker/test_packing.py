@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from engine.worker.batches import first_fit_decreasing, pack, packed_geometry
+from engine.worker.batches import first_fit_decreasing, pack, pack_step, packed_geometry
 
 from .helpers import masking_check
 
@@ -34,6 +35,31 @@ def test_pack_places_items_with_restarting_positions_and_a_block_diagonal_mask()
     # Item 1 (three positions) attends causally within itself; item 2 sees only itself; padding itself alone.
     assert allowed[0].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
     assert allowed[1, 1].tolist() == [1, 1, 0, 0, 0] and allowed[1, 4].tolist() == [0, 0, 0, 0, 1]
+
+
+def test_a_step_packed_across_micro_batches_weighs_every_sample_as_unpacked() -> None:
+    """pack_step: each of a step's 48 samples in exactly one micro-batch within the budget, every rank the
+    same number of micro-batches (fillers empty), fewer than unpacked, larger ones first; and with any
+    per-sample losses, the ranks' means over their micro-batches of the scaled sums, averaged over ranks (what
+    the schedule and the gradient reduction compute), equal the unpacked step's mean of micro-batch means."""
+    rng = np.random.default_rng(3)
+    mbs, dp, budget = 4, 3, 4 * 16
+    sizes = np.minimum(rng.integers(1, 6, 48) ** 2, 16)
+    tokens = rng.integers(0, 5, 48).astype(float)  # per sample: its loss tokens (0: none, as for a filler)
+    norms = tokens.reshape(-1, mbs).sum(1)
+    step = pack_step(sizes, norms, mbs=mbs, dp=dp, budget=budget)
+    placed = np.concatenate([m for mine in step.ranks for m in mine])
+    assert sorted(placed.tolist()) == list(range(48))
+    assert all(sizes[m].sum() <= budget for mine in step.ranks for m in mine)
+    k = step.micro_batches
+    assert all(len(mine) == k for mine in step.ranks) and k < 48 // (mbs * dp)
+    totals = [sizes[m].sum() for m in step.ranks[0]]
+    assert totals == sorted(totals, reverse=True)
+    for _ in range(3):
+        loss = rng.random(48) * tokens  # a sample's summed per-token loss
+        unpacked = np.mean((loss.reshape(-1, mbs).sum(1)) / np.maximum(norms, 1))
+        packed = np.mean([np.mean([(loss[m] * step.scale[m]).sum() for m in mine]) for mine in step.ranks])
+        assert packed == pytest.approx(unpacked, rel=1e-12)
 
 
 def test_packed_rows_give_the_padded_rows_loss_and_gradients(tmp_path: Path) -> None:
