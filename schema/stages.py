@@ -87,7 +87,8 @@ class SftStage(TrainingStage):
     batching: Batching = Field(
         default="bucketed",
         description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length; "
-        "packed: several conversations per row (first-fit decreasing), attention kept within each",
+        "packed: several conversations per row (first-fit decreasing), attention kept within each, a step's "
+        "conversations in micro-batches of at most micro_batch_size rows of seq_length",
     )
 
 
@@ -104,7 +105,8 @@ class RewardModelStage(TrainingStage):
     batching: Batching = Field(
         default="bucketed",
         description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length; "
-        "packed: several sequences per row (first-fit decreasing, a pair's two among them), attention kept within each",
+        "packed: several sequences per row (first-fit decreasing, a pair's two among them), attention kept within each, "
+        "a step's pairs in micro-batches of at most 2×micro_batch_size rows of seq_length",
     )
 
 
@@ -138,7 +140,8 @@ class DpoStage(TrainingStage):
     batching: Batching = Field(
         default="bucketed",
         description="bucketed: group similar lengths and pad each step to its longest; padded: pad to seq_length; "
-        "packed: several sequences per row (first-fit decreasing, a pair's two among them), attention kept within each",
+        "packed: several sequences per row (first-fit decreasing, a pair's two among them), attention kept within each, "
+        "a step's pairs in micro-batches of at most 2×micro_batch_size rows of seq_length",
     )
 
 

@@ -220,8 +220,9 @@ def packed_geometry(lengths: np.ndarray, *, cap: int, multiple: int) -> tuple[li
 @dataclass(frozen=True)
 class StepPacking:
     """How one packed training step's samples go to micro-batches: per data-parallel rank the same number of
-    micro-batches, each a list of positions among the step's samples (an empty one is a filler that weighs
-    nothing), and per sample the factor its loss is multiplied by."""
+    micro-batches, each a list of positions among the step's samples (an empty one, possible only with fewer
+    samples than micro-batches, is a filler that weighs nothing), and per sample the factor its loss is
+    multiplied by."""
 
     ranks: list[list[np.ndarray]]
     scale: np.ndarray
@@ -232,24 +233,34 @@ class StepPacking:
 
 
 def pack_step(sizes: np.ndarray, norms: np.ndarray, *, mbs: int, dp: int, budget: int) -> StepPacking:
-    """The step's samples (`sizes`: the positions each fills packed, at most `budget`) put first-fit decreasing
-    into micro-batches of at most `budget` positions, dealt round-robin (largest first) to the `dp` ranks, each
-    rank getting as many as the busiest (fillers make up the rest).
+    """The step's samples (`sizes`: the positions each fills packed, at most `budget`) spread over the fewest
+    micro-batches per rank, K, for which every one of the dp·K holds at most `budget` positions: longest first,
+    each into the least filled (so the ranks get equal work); micro-batch b goes to rank b mod dp.
 
     The loss is unchanged: unpacked, the step's loss is the mean over its gbs/mbs micro-batches of
     consecutive `mbs` samples of each one's loss, normalised by `norms` (that micro-batch's loss tokens, or
     its pairs). A packed micro-batch's loss is instead the sum of its samples' unnormalised losses, each times
-    `scale` = K / (gbs/(mbs·dp) · norm of the unpacked micro-batch it comes from), K the micro-batches per
-    rank: the schedule divides by K and the gradient reduction averages over ranks, which gives back the
-    unpacked step's loss and gradients exactly (and the reported loss, a mean over micro-batches and ranks)."""
+    `scale` = K / (gbs/(mbs·dp) · norm of the unpacked micro-batch it comes from): the schedule divides by K
+    and the gradient reduction averages over ranks, which gives back the unpacked step's loss and gradients
+    (and the reported loss, a mean over micro-batches and ranks)."""
     n = len(sizes)
     assert n % (mbs * dp) == 0 and len(norms) == n // mbs, (n, mbs, dp, len(norms))
-    bins = first_fit_decreasing(np.asarray(sizes), budget)
-    bins.sort(key=lambda b: -int(np.asarray(sizes)[b].sum()))  # stable: ties keep first-fit order
-    k = max(math.ceil(len(bins) / dp), 1)
-    ranks = [[np.array(sorted(b), dtype=np.int64) for b in bins[r::dp]] for r in range(dp)]
-    for mine in ranks:
-        mine += [np.zeros(0, dtype=np.int64)] * (k - len(mine))
+    sizes = np.asarray(sizes, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable")
+    k = max(math.ceil(int(sizes.sum()) / (budget * dp)), 1)
+    while True:
+        load = np.zeros(dp * k, dtype=np.int64)
+        bins: list[list[int]] = [[] for _ in range(dp * k)]
+        for i in order:
+            b = int(np.argmin(load))  # the least filled, the first of equals
+            if load[b] + sizes[i] > budget:
+                break
+            bins[b].append(int(i))
+            load[b] += sizes[i]
+        else:
+            break
+        k += 1
+    ranks = [[np.array(sorted(bins[b]), dtype=np.int64) for b in range(r, dp * k, dp)] for r in range(dp)]
     nmb = n // (mbs * dp)
     scale = k / (nmb * np.maximum(np.asarray(norms, dtype=np.float64), 1.0))[np.arange(n) // mbs]
     return StepPacking(ranks=ranks, scale=scale)
