@@ -7,7 +7,7 @@ tiny preset's model (fresh weights, CPU, `--threads` threads) as:
   bucketed   the 512 sorted by length, cut into global batches of 32, micro-batches of 8 padded to their
              longest (what `batching: bucketed` does within a window);
   packed     global batches of 32 in drawn order, each packed as `batching: packed` packs a step on one
-             rank (engine.worker.batches.pack_step: micro-batches of at most 8 rows of 256), block-diagonal
+             rank (engine.worker.packing.pack_step: micro-batches of at most 8 rows of 256), block-diagonal
              causal mask.
 Each variant runs `--repeats` times, interleaved; printed: real tokens/s (medians) and each one's ratio to
 bucketed rows through the local attention, and the largest output difference between the two attentions.
@@ -92,10 +92,11 @@ def main() -> None:
     from engine.compile import compile_recipe
     from engine.load import parse_recipe
     from engine.worker import mcore
-    from engine.worker.batches import SequenceRows, pack_step
+    from engine.worker.batches import SequenceRows
     from engine.worker.context import Context, init_distributed, shutdown
     from engine.worker.env import rank_info
     from engine.worker.objectives import LanguageModel
+    from engine.worker.packing import pack_step
 
     with tempfile.TemporaryDirectory() as tmp:
         plan = compile_recipe(parse_recipe({**yaml.safe_load(RECIPE), "run_dir": tmp}))

@@ -54,7 +54,7 @@ def run_model(model: Any, batch: Batch, *, labels: bool = False) -> torch.Tensor
     """The model's output for a micro-batch: per-token losses with `labels`, else logits or scalars per position.
 
     Packed rows carry either a block-diagonal mask (the local layer spec) or THD boundaries (`cu_seqlens`,
-    `max_seqlen`: engine.worker.batches.Packing), for Transformer Engine's layers: then the rows are laid end to
+    `max_seqlen`: engine.worker.packing.Packing), for Transformer Engine's layers: then the rows are laid end to
     end as one sequence [1, rows·width] whose boundaries Megatron-Core's PackedSeqParams hand to the attention
     (each sequence attends causally within itself, rotary positions restart), and the output comes back in rows.
     """

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.worker.batches import first_fit_decreasing, pack, pack_step, packed_geometry
+from engine.worker.packing import first_fit_decreasing, pack, pack_step, packed_geometry
 
 from .helpers import masking_check
 

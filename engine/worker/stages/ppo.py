@@ -60,16 +60,7 @@ from ...errors import EngineError
 from ...plugins import exact_match
 from ...schema import PpoStage
 from .. import checkpoint, comm, preempt
-from ..batches import (
-    Mixture,
-    first_fit_decreasing,
-    pack,
-    pad_multiple,
-    positions,
-    read_sources,
-    source_weights,
-    step_length,
-)
+from ..batches import Mixture, pad_multiple, positions, read_sources, source_weights
 from ..context import Context
 from ..faults import maybe_kill
 from ..generate import Sampling, generate
@@ -80,6 +71,7 @@ from ..mcore import SCALAR_HEAD, build_frozen, build_job, uses_transformer_engin
 from ..metrics import Metrics
 from ..objectives import run_model
 from ..offload import Role
+from ..packing import first_fit_decreasing, pack, step_length
 from ..ppo_math import (
     adapt_kl_coef,
     aggregate,
@@ -126,7 +118,7 @@ class Rollouts:
         """The same rollouts packed several to a row of at most `cap` positions (first-fit decreasing; rows a
         multiple of `multiple` long), every per-token tensor moved with its tokens, position ids restarting
         per rollout, a block-diagonal causal mask (True: masked; with `thd`, THD boundaries: engine.worker.
-        batches.Packing) and `segment`, each position's rollout (len(rows) for padding), for the losses that
+        packing.Packing) and `segment`, each position's rollout (len(rows) for padding), for the losses that
         aggregate per sequence."""
         lengths = self.lengths[rows].numpy()
         bins = first_fit_decreasing(lengths, cap)
