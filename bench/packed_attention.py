@@ -7,8 +7,9 @@ tiny preset's model (fresh weights, CPU, `--threads` threads) as:
   bucketed   the 512 sorted by length, cut into global batches of 32, micro-batches of 8 padded to their
              longest (what `batching: bucketed` does within a window);
   packed     global batches of 32 in drawn order, each packed as `batching: packed` packs a step on one
-             rank (engine.worker.packing.pack_step: micro-batches of at most 8 rows of 256), block-diagonal
-             causal mask.
+             rank (engine.worker.packing.pack_step: micro-batches of at most 8 rows of 256): with THD
+             boundaries through the local spec's varlen attention (engine.worker.attention, what the stages
+             run), and with a block-diagonal causal mask through either attention above.
 Each variant runs `--repeats` times, interleaved; printed: real tokens/s (medians) and each one's ratio to
 bucketed rows through the local attention, and the largest output difference between the two attentions.
 
@@ -80,6 +81,18 @@ class FusedAttention(torch.nn.Module):
         return o.permute(2, 0, 1, 3).reshape(sq, b, h * d)
 
 
+def masked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Packed rows with a block-diagonal causal mask (True: masked) in place of their THD boundaries: what the
+    engine's local spec used for packed rows before its varlen attention, for comparison."""
+    rows, width = batch["tokens"].shape
+    flat = torch.arange(rows * width)
+    segment = (torch.searchsorted(batch["cu_seqlens"].long(), flat, right=True) - 1).reshape(rows, width)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    out = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
+    return {**out, "attention_mask": ~allowed.unsqueeze(1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -95,7 +108,7 @@ def main() -> None:
     from engine.worker.batches import SequenceRows
     from engine.worker.context import Context, init_distributed, shutdown
     from engine.worker.env import rank_info
-    from engine.worker.objectives import LanguageModel
+    from engine.worker.objectives import run_model
     from engine.worker.packing import pack_step
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +139,7 @@ def main() -> None:
         shape = SequenceRows(pad=0)
         ds = shape.load([{"tokens": rng.integers(10, 300, n).tolist(), "loss_mask": [1] * n} for n in lens])
         sizes = shape.sizes(ds, np.arange(512), 256)
-        bucketed, packed = [], []
+        bucketed, packed, thd = [], [], []
         by_length = np.argsort(lens, kind="stable")
         for g in range(16):
             chosen = by_length[32 * g : 32 * (g + 1)]
@@ -135,25 +148,37 @@ def main() -> None:
                 bucketed.append(shape.rows(ds, mb, -(-int(sizes[mb].max()) // 8) * 8))
             drawn = np.arange(32 * g, 32 * (g + 1))
             step = pack_step(sizes[drawn], np.ones(4), mbs=8, dp=1, budget=8 * 256)
-            packed += [shape.packed(ds, drawn[m], cap=256, multiple=8) for m in step.ranks[0]]
+            thd += [shape.packed(ds, drawn[m], cap=256, multiple=8) for m in step.ranks[0]]
+        packed = [masked(b) for b in thd]
         real = int(sizes.sum())
-        objective = LanguageModel("cpu")
+
+        def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            """(per-token losses, their mean over the loss mask): masked rows straight into the model (the
+            stages no longer give it masks), the others through the stages' run_model."""
+            if "attention_mask" in batch:
+                per = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+            else:
+                per = run_model(model, batch, labels=True)
+            return per, (per.float() * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
 
         def run(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
             began = time.perf_counter()
             for batch in batches:
-                out, loss_func = objective.forward_step(iter([batch]), model)
-                loss_func(out)[0].backward()
+                loss_of(model, batch)[1].backward()
             return time.perf_counter() - began
 
         with torch.no_grad():
-            diff = max(float((objective.forward_step(iter([b]), local)[0] - objective.forward_step(iter([b]), fused)[0]).abs().max())
-                       for b in (bucketed[-1], packed[-1]))  # fmt: skip
+            varlen_diff = max(float((loss_of(local, p)[0] - loss_of(local, q)[0])[p["loss_mask"] > 0].abs().max())
+                              for p, q in zip(packed[-2:], thd[-2:], strict=True))  # fmt: skip
+            diff = max(
+                float((loss_of(local, b)[0] - loss_of(fused, b)[0]).abs().max()) for b in (bucketed[-1], packed[-1])
+            )
         variants = {"bucketed, local attention": (local, bucketed), "bucketed, fused attention": (fused, bucketed),
-                    "packed, local attention": (local, packed), "packed, fused attention": (fused, packed)}  # fmt: skip
+                    "packed, masked local": (local, packed), "packed, masked fused": (fused, packed),
+                    "packed, varlen (THD)": (local, thd)}  # fmt: skip
         times: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(args.repeats):
-            names = list(variants)[r % 4 :] + list(variants)[: r % 4]
+            names = list(variants)[r % 5 :] + list(variants)[: r % 5]
             for name in names:
                 times[name].append(run(*variants[name]))
         for name, (_, batches) in variants.items():
@@ -163,10 +188,13 @@ def main() -> None:
         base = statistics.median(times["bucketed, local attention"])
         for name in variants:
             print(f"{name:26s} ×{base / statistics.median(times[name]):.2f} of bucketed, local attention")
-        fb, pb = (statistics.median(times[k]) for k in ("bucketed, fused attention", "packed, fused attention"))
+        fb, pb = (statistics.median(times[k]) for k in ("bucketed, fused attention", "packed, masked fused"))
         print(
             f"packed / bucketed with fused attention: {fb / pb:.2f}x; largest output difference of the two attentions: {diff:.1e}"
         )
+        vb, vp = (statistics.median(times[k]) for k in ("bucketed, local attention", "packed, varlen (THD)"))
+        print(f"packed (varlen) / bucketed (local): {vb / vp:.2f}x; largest loss difference of packed rows, varlen "
+              f"against masked: {varlen_diff:.1e}")  # fmt: skip
         print(f"({args.threads} threads, {args.repeats} interleaved repeats, 512 conversations, {real} real tokens)")
     finally:
         shutdown()

@@ -58,8 +58,8 @@ def non_finite(path: str, value: object) -> Iterator[Problem]:
 
 def packing_rules(where: str, stage: Any, ctx: Any) -> Iterator[Problem]:
     """Packing (`batching: packed`: SFT, reward model, DPO, the RL stage's updates) runs where the attention can
-    keep each row's sequences apart: a block-diagonal mask on the local layer spec (CPU, or GPUs with
-    ENGINE_LAYER_SPEC=local), THD inputs (PackedSeqParams) on Transformer Engine's layers; on one pipeline stage
+    keep each row's sequences apart: THD inputs (PackedSeqParams), which Transformer Engine's attention and the
+    local layer spec's varlen attention (engine.worker.attention) read; on one pipeline stage
     (packed micro-batches have rows of their own number and length, which pipeline sends do not) and without
     context parallelism."""
     if stage.batching != "packed":

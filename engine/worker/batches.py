@@ -53,7 +53,6 @@ from ..compile import Job, Plan
 from ..errors import EngineError
 from ..schema import RecordKind, Training
 from ..schema.stages import Batching
-from .mcore import uses_transformer_engine
 from .packing import pack, pack_step, packed_geometry, step_length
 
 WINDOW = 16  # global batches per length-sorting window
@@ -254,8 +253,7 @@ class RowShape(Protocol):
     def norm(self, ds: Samples, idx: np.ndarray, cap: int) -> float:
         """What an unpacked micro-batch of these samples divides its loss by."""
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False,
-               scale: np.ndarray | None = None) -> Batch: ...  # fmt: skip
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None) -> Batch: ...
 
 
 @dataclass(frozen=True)
@@ -302,19 +300,17 @@ class SequenceRows:
         return float(sum(int(ds["mask"][int(i)][1 : min(len(ds["tokens"][int(i)]) - 1, cap) + 1].sum())
                          for i in idx if i >= 0))  # fmt: skip
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False,
-               scale: np.ndarray | None = None) -> Batch:  # fmt: skip
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None) -> Batch:
         """The same conversations packed several to a row: the tokens, labels and loss mask of each placed
-        one after another, position ids restarting at 0 for each, and a block-diagonal causal attention
-        mask (True: masked; with `thd`, THD boundaries: Packing) so that no position attends across a
-        conversation's boundary. Every position of a conversation sees exactly what it sees in its own
+        one after another, position ids restarting at 0 for each, and THD boundaries (Packing) so that no
+        position attends across a conversation's boundary. Every position of a conversation sees exactly what it sees in its own
         row, so the loss and its gradients are the unpacked rows'. Filler indices (−1) are left out.
         `scale` (one per entry of `idx`): the loss becomes the sum of per-token losses times `loss_scale`,
         the loss mask times its conversation's scale (a step packed across micro-batches: pack_step)."""
         real = idx[idx >= 0]
         bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
         lengths = np.array([min(len(ds["tokens"][int(i)]) - 1, cap) for i in real], dtype=np.int64)
-        layout = pack(bins, lengths, seq, thd=thd)
+        layout = pack(bins, lengths, seq)
         rows = layout.positions.shape[0]
         tokens = np.full((rows, seq), self.pad, dtype=np.int64)
         labels = np.full((rows, seq), self.pad, dtype=np.int64)
@@ -413,10 +409,9 @@ class PairRows:
         """The real pairs (an unpacked micro-batch's loss is their mean)."""
         return float((idx >= 0).sum())
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, thd: bool = False,
-               scale: np.ndarray | None = None) -> Batch:  # fmt: skip
+    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None) -> Batch:
         """The pairs' 2m sequences packed several to a row, as SequenceRows.packed packs conversations
-        (position ids restarting, block-diagonal causal mask or THD boundaries). Each sequence k keeps its place in the pair
+        (position ids restarting, THD boundaries). Each sequence k keeps its place in the pair
         order through `row` (its packed row) and `last` (its last position there); `segment` gives the
         sequence of every position (2m for padding), so that per-sequence sums (DPO's log-probabilities)
         and reads (the reward model's score) are those of the unpacked rows. `scale` (one per pair): the
@@ -424,7 +419,7 @@ class PairRows:
         sequences = self._sequences(ds, idx, cap)
         bins, seq = self.geometry(ds, idx, cap=cap, multiple=multiple)
         lengths = np.array([len(row) for row, _, _ in sequences], dtype=np.int64)
-        layout = pack(bins, lengths, seq, thd=thd)
+        layout = pack(bins, lengths, seq)
         rows = layout.positions.shape[0]
         tokens = np.full((rows, seq), self.pad, dtype=np.int64)
         labels = np.full((rows, seq), self.pad, dtype=np.int64)
@@ -454,8 +449,6 @@ class ChatBatches:
         self.gbs, self.mbs, self.dp = training.global_batch_size, training.micro_batch_size, job.layout.dp
         self.cap, self.multiple = plan.model.seq_length, pad_multiple(job)
         self.bucketed, self.packed = batching == "bucketed", batching == "packed"
-        # Packed rows keep their sequences apart with a mask on the local spec, with THD boundaries on TE's.
-        self.thd = uses_transformer_engine(job, device=job.resources.device)
         by_source = read_sources(plan, stage=job.name, data=data, records=shape.records, split="train")
         self.train_set = shape.load([s for samples in by_source.values() for s in samples])
         self.valid_set = shape.load(read_shards(plan, stage=job.name, data=data, records=shape.records, split="valid"))
@@ -502,7 +495,7 @@ class ChatBatches:
                 first = m * block + dp_rank * self.mbs
                 chunk = idx[first : first + self.mbs]
                 if self.packed:
-                    yield self.shape.packed(dataset, chunk, cap=self.cap, multiple=self.multiple, thd=self.thd)
+                    yield self.shape.packed(dataset, chunk, cap=self.cap, multiple=self.multiple)
                 else:
                     yield self.shape.rows(dataset, chunk, seq)
 
@@ -548,7 +541,7 @@ class ChatBatches:
         def make() -> Iterator[Batch]:
             for positions in step.ranks[dp_rank]:
                 samples, scale = chosen(positions)
-                yield shape.packed(ds, samples, cap=self.cap, multiple=self.multiple, thd=self.thd, scale=scale)
+                yield shape.packed(ds, samples, cap=self.cap, multiple=self.multiple, scale=scale)
 
         return make, self.cap, {
             "pad_fraction": 1.0 - real / computed, "seq_length": float(self.cap), "real_tokens": float(real),

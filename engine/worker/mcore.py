@@ -11,6 +11,9 @@ Both paths build Megatron-Core's GPTModel; there is no second transformer:
   kernels that only TE or Megatron-LM's compiled extensions provide (RoPE, masked softmax, persistent
   layer norm). Attention is unfused: it stores the a·s² scores, so it is for checks, not production.
 
+On the local spec packed rows (THD inputs) go through engine.worker.attention's varlen attention; padded
+rows through Megatron-Core's own DotProductAttention.
+
 On CPU the weights are initialised independently of the parallel layout: every tensor is drawn whole
 from a generator seeded by (seed, its global checkpoint key, its global layer) and each rank keeps its
 shard. The same seed therefore gives the same model at TP1/PP1 and at TP2×PP2 or PP2×VPP2, which
@@ -31,6 +34,7 @@ from ..compile import Job
 from ..compile.resolve import ResolvedModel
 from ..errors import EngineError
 from ..schema import Training
+from .attention import VarlenAttention
 
 FP8_FORMAT = "hybrid"  # e4m3 forward, e5m2 backward (Micikevicius et al. 2022)
 LAYER_SPEC_ENV = "ENGINE_LAYER_SPEC"  # "local" in a job's env: Megatron's PyTorch layers on GPUs too
@@ -133,7 +137,10 @@ def layer_spec(job: Job, model: ResolvedModel, *, device: str) -> Any:
     if uses_transformer_engine(job, device=device):
         require_transformer_engine()
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(normalization=norm, qk_layernorm=model.qk_layernorm)
+    spec = specs.get_gpt_layer_local_spec(normalization=norm, qk_layernorm=model.qk_layernorm)
+    # Megatron-Core's local attention for padded rows; packed rows (THD) attend within each sequence.
+    spec.submodules.self_attention.submodules.core_attention = VarlenAttention
+    return spec
 
 
 SCALAR_HEAD = "scalar_head"  # the parameters a scalar-head model adds to the GPT backbone

@@ -53,14 +53,14 @@ class FrozenModel:
 def run_model(model: Any, batch: Batch, *, labels: bool = False) -> torch.Tensor:
     """The model's output for a micro-batch: per-token losses with `labels`, else logits or scalars per position.
 
-    Packed rows carry either a block-diagonal mask (the local layer spec) or THD boundaries (`cu_seqlens`,
-    `max_seqlen`: engine.worker.packing.Packing), for Transformer Engine's layers: then the rows are laid end to
-    end as one sequence [1, rows·width] whose boundaries Megatron-Core's PackedSeqParams hand to the attention
-    (each sequence attends causally within itself, rotary positions restart), and the output comes back in rows.
+    Packed rows carry THD boundaries (`cu_seqlens`, `max_seqlen`: engine.worker.packing.Packing): the rows are
+    laid end to end as one sequence [1, rows·width] whose boundaries Megatron-Core's PackedSeqParams hand to
+    the attention (Transformer Engine's on GPUs, engine.worker.attention on the local spec: each sequence
+    attends causally within itself, rotary positions restart), and the output comes back in rows.
     """
     extra = {"labels": batch["labels"]} if labels else {}
     if "cu_seqlens" not in batch:
-        out: torch.Tensor = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), **extra)
+        out: torch.Tensor = model(batch["tokens"], batch["position_ids"], None, **extra)  # causal attention
         return out
     from megatron.core.packed_seq_params import PackedSeqParams
 

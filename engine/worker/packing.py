@@ -2,8 +2,8 @@
 
 Rows: first-fit decreasing (the longest first, each into the first row it fits) into rows of at most
 `seq_length` positions, each row only as long as its fill; `pack` lays the sequences out with position ids
-restarting per sequence and what attention needs to keep each to itself (a block-diagonal causal mask for
-the local layer spec, THD boundaries for Transformer Engine's). Steps: `pack_step` spreads a training step's
+restarting per sequence and what attention needs to keep each to itself: Megatron-Core's THD boundaries,
+which Transformer Engine's attention reads on GPUs and engine.worker.attention on the local layer spec. Steps: `pack_step` spreads a training step's
 samples over the fewest micro-batches per data-parallel rank that hold them within a token budget, and
 weighs each sample's loss so that the step's loss and gradients are the unpacked step's. The chat stages'
 batches (engine.worker.batches) and the RL updates (engine.worker.stages.ppo) use them.
@@ -101,35 +101,30 @@ def pack_step(sizes: np.ndarray, norms: np.ndarray, *, mbs: int, dp: int, budget
 class Packing:
     """Where packed items go: each item's row and first position, and per position its position id (restarting
     at 0 for each item) and its item (`items` for padding). Then what the attention needs to keep each item to
-    itself: the local layer spec's block-diagonal causal mask (True: masked; a padding position attends to
-    itself alone), or for Transformer Engine's THD inputs (`thd`) the boundaries of the items in the rows laid
-    end to end, each row's padding one more item of its own."""
+    itself, Megatron-Core's THD boundaries: the items in the rows laid end to end, each row's padding one more
+    item of its own (Transformer Engine's fused attention reads them on GPUs, engine.worker.attention on the
+    local layer spec)."""
 
     row: np.ndarray
     start: np.ndarray
     positions: np.ndarray
     segment: np.ndarray
-    attention_mask: torch.Tensor | None  # [rows, 1, width, width]; None with thd
-    cu_seqlens: np.ndarray | None  # [items + padded rows + 1], int32; None without thd
+    cu_seqlens: np.ndarray  # [items + padded rows + 1], int32
 
     def attention(self) -> dict[str, torch.Tensor]:
-        """The batch fields that carry it: `attention_mask`, or `cu_seqlens` and `max_seqlen` (engine.worker.
-        objectives.run_model turns these into Megatron-Core's PackedSeqParams)."""
-        if self.cu_seqlens is None:
-            assert self.attention_mask is not None
-            return {"attention_mask": self.attention_mask}
+        """The batch fields that carry it: `cu_seqlens` and `max_seqlen` (engine.worker.objectives.run_model
+        turns them into Megatron-Core's PackedSeqParams)."""
         cu = torch.from_numpy(self.cu_seqlens)
         return {"cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max().to(torch.int32)}
 
 
-def pack(bins: list[list[int]], lengths: np.ndarray, width: int, *, thd: bool = False) -> Packing:
+def pack(bins: list[list[int]], lengths: np.ndarray, width: int) -> Packing:
     """The layout of items of `lengths` packed as `bins` says into rows of `width` positions (one empty row
-    when there are no bins); `thd`: THD boundaries instead of the mask."""
+    when there are no bins)."""
     items, rows = len(lengths), max(len(bins), 1)
     row, start = np.zeros(items, dtype=np.int64), np.zeros(items, dtype=np.int64)
     pos = np.zeros((rows, width), dtype=np.int64)
     segment = np.full((rows, width), items, dtype=np.int64)
-    allowed = None if thd else np.zeros((rows, width, width), dtype=bool)
     bounds = [0]
     for r in range(rows):
         at = 0
@@ -137,14 +132,8 @@ def pack(bins: list[list[int]], lengths: np.ndarray, width: int, *, thd: bool = 
             n = int(lengths[k])
             row[k], start[k] = r, at
             pos[r, at : at + n], segment[r, at : at + n] = np.arange(n), k
-            if allowed is not None:
-                allowed[r, at : at + n, at : at + n] = np.tri(n, dtype=bool)
             at += n
             bounds.append(r * width + at)
-        if allowed is not None:
-            allowed[r, np.arange(at, width), np.arange(at, width)] = True
         if at < width:  # the row's padding, as an item of its own
             bounds.append((r + 1) * width)
-    mask = None if allowed is None else torch.from_numpy(~allowed).unsqueeze(1)
-    cu = np.array(bounds, dtype=np.int32) if thd else None
-    return Packing(row=row, start=start, positions=pos, segment=segment, attention_mask=mask, cu_seqlens=cu)
+    return Packing(row=row, start=start, positions=pos, segment=segment, cu_seqlens=np.array(bounds, dtype=np.int32))

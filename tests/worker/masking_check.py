@@ -4,12 +4,12 @@ Prints JSON.
     python tests/worker/masking_check.py plan.json labels    # loss and gradients under label perturbations
     python tests/worker/masking_check.py plan.json packing   # padded rows against packed rows
     python tests/worker/masking_check.py plan.json pairs     # the same for preference pairs (RM, DPO)
-    python tests/worker/masking_check.py plan.json thd       # packing and pairs with THD boundaries
 
 `labels`: for each perturbation (prompt labels, assistant labels), how much the loss and the gradients
 moved. `packing`: the same conversations as padded rows and as packed rows
 (engine.worker.batches.SequenceRows.packed): the rows each way, the largest loss and gradient
-differences, and the same with the packed rows' attention mask removed (attention then crosses the
+differences (packed rows go through Megatron-Core's THD inputs, the local spec's varlen attention:
+engine.worker.attention), and the same with one THD boundary around everything (attention then crosses the
 conversations' boundaries), which must differ. `pairs`: ranked pairs as padded and as packed rows
 (engine.worker.batches.PairRows.packed) through the reward model's loss (a scalar-head model) and DPO's
 (with RPO's NLL term, against reference log-probabilities of the same rows), and the reference's
@@ -18,7 +18,6 @@ per-sequence log-probabilities themselves: the same differences.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sys
@@ -49,7 +48,9 @@ def dataset_of(conversations: list[list[tuple[str, str]]]) -> dict[str, Any]:
     return SequenceRows(pad=IDS.pad).load([{"tokens": t, "loss_mask": m} for t, m in rendered])
 
 
-def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor], objective: Any = None) -> tuple[float, torch.Tensor]:
+def loss_and_grads(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], objective: Any = None
+) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     output, loss_func = (objective or LanguageModel("cpu")).forward_step(iter([batch]), model)
     loss, _ = loss_func(output)
@@ -88,7 +89,7 @@ def packing(model: torch.nn.Module, seq: int) -> dict[str, Any]:
     packed = shape.packed(ds, idx, cap=seq, multiple=1)
     base_loss, base_grads = loss_and_grads(model, padded)
     loss, grads = loss_and_grads(model, packed)
-    cross_loss, cross_grads = loss_and_grads(model, {k: v for k, v in packed.items() if k != "attention_mask"})
+    cross_loss, cross_grads = loss_and_grads(model, _one_boundary(packed))
     return {
         "rows": [int(padded["tokens"].shape[0]), int(packed["tokens"].shape[0])],
         "positions": [int(padded["tokens"].numel()), int(packed["tokens"].numel())],
@@ -98,11 +99,12 @@ def packing(model: torch.nn.Module, seq: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _differences(model: torch.nn.Module, padded: dict[str, Any], packed: dict[str, Any], objective: Any) -> dict[str, float]:
+def _differences(
+    model: torch.nn.Module, padded: dict[str, Any], packed: dict[str, Any], objective: Any
+) -> dict[str, float]:
     base_loss, base_grads = loss_and_grads(model, padded, objective)
     loss, grads = loss_and_grads(model, packed, objective)
-    unmasked = {k: v for k, v in packed.items() if k != "attention_mask"}
-    cross_loss, cross_grads = loss_and_grads(model, unmasked, objective)
+    cross_loss, cross_grads = loss_and_grads(model, _one_boundary(packed), objective)
     return {"loss": abs(loss - base_loss), "grad": float((grads - base_grads).abs().max()),
             "crossing_loss": abs(cross_loss - base_loss),
             "crossing_grad": float((cross_grads - base_grads).abs().max())}  # fmt: skip
@@ -139,81 +141,17 @@ def pairs(model: torch.nn.Module, seq: int, scalar: torch.nn.Module) -> dict[str
     }  # fmt: skip
 
 
-class SegmentAttention(torch.nn.Module):
-    """Core attention with Transformer Engine's THD contract in plain PyTorch, to check on the CPU what the
-    engine hands TE's attention: query [t, heads, dim] and key/value [t, groups, dim] of rows laid end to end,
-    each sequence between consecutive `cu_seqlens_q` attending causally within itself; out [t, heads·dim].
-    Without packed_seq_params it is Megatron-Core's local DotProductAttention (the padded rows' path)."""
-
-    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str, **kwargs: Any) -> None:
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-        super().__init__()
-        self.local = DotProductAttention(config, layer_number, attn_mask_type, attention_type, **kwargs)
-        self.groups = config.num_attention_heads // config.num_query_groups
-        self.scale = kwargs.get("softmax_scale") or config.kv_channels**-0.5
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-                attn_mask_type: Any = None, attention_bias: Any = None, packed_seq_params: Any = None) -> torch.Tensor:  # fmt: skip
-        if packed_seq_params is None:
-            return self.local(query, key, value, attention_mask, attn_mask_type=attn_mask_type)
-        assert packed_seq_params.qkv_format == "thd" and query.dim() == 3, (packed_seq_params, query.shape)
-        bounds = packed_seq_params.cu_seqlens_q.tolist()
-        assert bounds == packed_seq_params.cu_seqlens_kv.tolist() and bounds[-1] == query.shape[0]
-        assert packed_seq_params.max_seqlen_q == max(b - a for a, b in itertools.pairwise(bounds))
-        out = []
-        for a, b in itertools.pairwise(bounds):
-            q = query[a:b].transpose(0, 1)
-            k, v = (x[a:b].repeat_interleave(self.groups, dim=1).transpose(0, 1) for x in (key, value))
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            out.append(o.transpose(0, 1).reshape(b - a, -1))
-        return torch.cat(out)
-
-
 def _one_boundary(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The packed rows with one THD boundary around everything: attention crosses every sequence's end."""
     n = int(packed["tokens"].numel())
-    return {**packed, "cu_seqlens": torch.tensor([0, n], dtype=torch.int32), "max_seqlen": torch.tensor(n, dtype=torch.int32)}
+    return {
+        **packed,
+        "cu_seqlens": torch.tensor([0, n], dtype=torch.int32),
+        "max_seqlen": torch.tensor(n, dtype=torch.int32),
+    }
 
 
-def thd(model: torch.nn.Module, seq: int, scalar: torch.nn.Module) -> dict[str, Any]:
-    """`packing` and `pairs` (the reward model) with THD boundaries, what Transformer Engine's layers get, in
-    place of the mask, through SegmentAttention; `crossing`: one boundary around everything, which must differ."""
-    rng = np.random.default_rng(0)
-    conversations = []
-    for n in (3, 25, 2, 7, 14, 4, 1, 9):
-        words = "".join(chr(97 + int(c)) for c in rng.integers(0, 26, n))
-        conversations.append([("user", words[: n // 2 + 1]), ("assistant", words)])
-    ds, shape, idx = dataset_of(conversations), SequenceRows(pad=IDS.pad), np.arange(len(conversations))
-    padded, packed = shape.rows(ds, idx, seq), shape.packed(ds, idx, cap=seq, multiple=1, thd=True)
-    assert "attention_mask" not in packed
-
-    def text(n: int) -> list[int]:
-        return encode("".join(chr(97 + int(c)) for c in rng.integers(0, 26, n)))
-
-    end = [IDS.end, IDS.eos]
-    samples = [{"prompt": text(p), "chosen": text(c) + end, "rejected": text(r) + end}
-               for p, c, r in ((4, 3, 20), (9, 2, 2), (3, 14, 5), (6, 1, 8), (2, 25, 3))]  # fmt: skip
-    pair_shape = PairRows(pad=IDS.pad, stop=(IDS.end,))
-    pairs_ds, pair_idx = pair_shape.load(samples), np.array([0, 1, 2, 3, 4, -1])
-    pair_rows = pair_shape.rows(pairs_ds, pair_idx, seq)
-    pair_packed = pair_shape.packed(pairs_ds, pair_idx, cap=seq, multiple=1, thd=True)
-    out: dict[str, Any] = {"rows": [int(padded["tokens"].shape[0]), int(packed["tokens"].shape[0])],
-                           "sequences": len(packed["cu_seqlens"]) - 1}  # fmt: skip
-    for name, objective, net, a, b in (
-        ("sft", LanguageModel("cpu"), model, padded, packed),
-        ("reward_model", PairwisePreference("cpu", margin=0.0), scalar, pair_rows, pair_packed),
-    ):
-        base_loss, base_grads = loss_and_grads(net, a, objective)
-        loss, grads = loss_and_grads(net, b, objective)
-        cross_loss, cross_grads = loss_and_grads(net, _one_boundary(b), objective)
-        out[name] = {"loss": abs(loss - base_loss), "grad": float((grads - base_grads).abs().max()),
-                     "crossing_loss": abs(cross_loss - base_loss),
-                     "crossing_grad": float((cross_grads - base_grads).abs().max())}  # fmt: skip
-    return out
-
-
-CHECKS = {"labels": label_perturbations, "packing": packing, "pairs": pairs, "thd": thd}
+CHECKS = {"labels": label_perturbations, "packing": packing, "pairs": pairs}
 
 
 def main() -> None:
@@ -228,23 +166,11 @@ def main() -> None:
     try:
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        if check is thd:  # the local spec with a THD-capable core attention
-            from engine.worker import mcore
-
-            local = mcore.layer_spec
-
-            def with_segments(*args: Any, **kwargs: Any) -> Any:
-                spec = local(*args, **kwargs)
-                spec.submodules.self_attention.submodules.core_attention = SegmentAttention
-                return spec
-
-            mcore.layer_spec = with_segments  # type: ignore[assignment]
-
         config = TransformerConfig(**config_kwargs(job, plan.model, device="cpu", recompute=training.recompute))
         (model,) = build_chunks(job, plan.model, config, device="cpu")
         init_layout_independent([model], seed=1, std=plan.model.init_method_std, num_layers=plan.model.num_layers)
         extra: dict[str, Any] = {}
-        if check in (pairs, thd):
+        if check is pairs:
             (extra["scalar"],) = build_chunks(job, plan.model, config, device="cpu", head="scalar")
             init_layout_independent([extra["scalar"]], seed=2, std=plan.model.init_method_std,
                                     num_layers=plan.model.num_layers)  # fmt: skip

@@ -26,17 +26,6 @@ def test_first_fit_decreasing_fills_rows_in_order_of_length() -> None:
     assert rows == [[0, 1]] and seq == 8  # the row's fill, rounded up to the multiple
 
 
-def test_pack_places_items_with_restarting_positions_and_a_block_diagonal_mask() -> None:
-    layout = pack([[1, 2], [0]], np.array([2, 3, 1]), width=5)
-    assert layout.row.tolist() == [1, 0, 0] and layout.start.tolist() == [0, 0, 3]
-    assert layout.positions.tolist() == [[0, 1, 2, 0, 0], [0, 1, 0, 0, 0]]
-    assert layout.segment.tolist() == [[1, 1, 1, 2, 3], [0, 0, 3, 3, 3]]  # 3: padding
-    allowed = ~layout.attention_mask[:, 0].numpy()
-    # Item 1 (three positions) attends causally within itself; item 2 sees only itself; padding itself alone.
-    assert allowed[0].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
-    assert allowed[1, 1].tolist() == [1, 1, 0, 0, 0] and allowed[1, 4].tolist() == [0, 0, 0, 0, 1]
-
-
 def test_a_step_packed_across_micro_batches_weighs_every_sample_as_unpacked() -> None:
     """pack_step: each of a step's 48 samples in exactly one micro-batch within the budget, every rank the
     same number of micro-batches, fewer than unpacked, with equal work; and with any
@@ -66,8 +55,10 @@ def test_a_step_packed_across_micro_batches_weighs_every_sample_as_unpacked() ->
 
 
 def test_packed_rows_give_the_padded_rows_loss_and_gradients(tmp_path: Path) -> None:
-    """Eight conversations of skewed lengths in 5 packed rows instead of 8: loss and gradients equal the
-    padded rows' to 1e-5 (float32 rounding), and without the block-diagonal mask they would not."""
+    """Eight conversations of skewed lengths in 5 packed rows instead of 8, through Megatron-Core's THD inputs
+    (PackedSeqParams, rotary positions restarting per sequence) and the local spec's varlen attention: loss
+    and gradients equal the padded rows' to 1e-5 (float32 rounding), and with one boundary around
+    everything (attention across the conversations) they would not."""
     result = masking_check(tmp_path, "packing", port=29541)
     assert result["rows"][1] < result["rows"][0] and result["positions"][1] < result["positions"][0]
     assert result["tokens"][0] == result["tokens"][1] > 0
@@ -79,7 +70,7 @@ def test_packed_pairs_give_the_padded_pairs_reward_model_and_dpo_losses_and_grad
     """Five ranked pairs and a filler pair (ten sequences of skewed lengths, each pair's two among them) in
     fewer packed rows: the reward model's and DPO's losses and gradients, and the reference's per-sequence
     log-probabilities (sums of ~30 tokens' log-probabilities: relatively, to 1e-6), equal the padded rows' to
-    1e-5; without the block-diagonal mask they would not."""
+    1e-5; with one boundary around everything they would not."""
     result = masking_check(tmp_path, "pairs", port=29543)
     assert result["rows"][1] < result["rows"][0] and result["positions"][1] < result["positions"][0]
     assert result["reference_relative"] < 1e-6
@@ -89,25 +80,50 @@ def test_packed_pairs_give_the_padded_pairs_reward_model_and_dpo_losses_and_grad
         assert got["crossing_loss"] > 1e-4 and got["crossing_grad"] > 1e-4, (objective, got)
 
 
-def test_pack_gives_thd_boundaries_with_each_rows_padding_as_a_sequence() -> None:
-    layout = pack([[1, 2], [0]], np.array([2, 3, 1]), width=5, thd=True)
-    assert layout.attention_mask is None
+def test_pack_gives_restarting_positions_and_thd_boundaries_with_each_rows_padding_as_a_sequence() -> None:
+    layout = pack([[1, 2], [0]], np.array([2, 3, 1]), width=5)
+    assert layout.row.tolist() == [1, 0, 0] and layout.start.tolist() == [0, 0, 3]
+    assert layout.positions.tolist() == [[0, 1, 2, 0, 0], [0, 1, 0, 0, 0]]
+    assert layout.segment.tolist() == [[1, 1, 1, 2, 3], [0, 0, 3, 3, 3]]  # 3: padding
     # Row 0: item 1 (3) then item 2 (1), then one padding position; row 1: item 0 (2), then three of padding.
-    assert layout.cu_seqlens is not None and layout.cu_seqlens.tolist() == [0, 3, 4, 5, 7, 10]
+    assert layout.cu_seqlens.tolist() == [0, 3, 4, 5, 7, 10]
     fields = layout.attention()
     assert set(fields) == {"cu_seqlens", "max_seqlen"} and int(fields["max_seqlen"]) == 3
-    full = pack([[0, 1]], np.array([2, 3]), width=5, thd=True)
-    assert full.cu_seqlens is not None and full.cu_seqlens.tolist() == [0, 2, 5]  # a full row: no padding item
+    full = pack([[0, 1]], np.array([2, 3]), width=5)
+    assert full.cu_seqlens.tolist() == [0, 2, 5]  # a full row: no padding item
 
 
-def test_thd_packed_rows_give_the_padded_rows_losses_and_gradients(tmp_path: Path) -> None:
-    """What Transformer Engine's layers get for packed rows (the rows end to end as one sequence, its
-    boundaries in Megatron-Core's PackedSeqParams, rotary positions restarting per sequence) checked on the
-    CPU through a THD-capable core attention in plain PyTorch: SFT's and the reward model's losses and
-    gradients equal the padded rows' to 1e-5, and with one boundary around everything they would not."""
-    result = masking_check(tmp_path, "thd", port=29545)
-    assert result["rows"][1] < result["rows"][0] and result["sequences"] > result["rows"][1]
-    for objective in ("sft", "reward_model"):
-        got = result[objective]
-        assert got["loss"] < 1e-5 and got["grad"] < 1e-5, (objective, got)
-        assert got["crossing_loss"] > 1e-4 and got["crossing_grad"] > 1e-4, (objective, got)
+def test_varlen_attention_equals_each_sequence_attending_alone() -> None:
+    """engine.worker.attention: THD inputs of sequences of many lengths (groups of several lengths each, one
+    position long, a group of one), with grouped-query heads, give each sequence's own causal attention to
+    float rounding, forward and backward, and nothing of one sequence reaches another."""
+    import torch
+
+    from engine.worker.attention import GROUP, varlen_attention
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 37, 16, 17, 3, 64, 2, 33]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    t, heads, groups, dim = int(cu[-1]), 4, 2, 8
+    q, k, v = (torch.randn(t, h, dim, generator=gen, requires_grad=True) for h in (heads, groups, groups))
+    out = varlen_attention(q, k, v, cu, scale=dim**-0.5)
+    expected = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+        ks, vs = ks.repeat_interleave(heads // groups, 0), vs.repeat_interleave(heads // groups, 0)
+        scores = (qs @ ks.transpose(1, 2)) * dim**-0.5
+        scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        expected.append((scores.softmax(-1) @ vs).transpose(0, 1).reshape(b - a, heads * dim))
+    reference = torch.cat(expected)
+    assert out.shape == (t, heads * dim) and float((out - reference).abs().max()) < 1e-5
+    weights = torch.randn(out.shape, generator=gen)
+    mine = torch.autograd.grad((out * weights).sum(), (q, k, v), retain_graph=True)
+    theirs = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+    assert max(float((a - b).abs().max()) for a, b in zip(mine, theirs, strict=True)) < 1e-5
+    # The third sequence's outputs depend on its own positions only.
+    a, b = int(cu[2]), int(cu[3])
+    grad = torch.autograd.grad(out[a:b].sum(), q)[0]
+    assert (
+        float(grad[:a].abs().max()) == 0.0 and float(grad[b:].abs().max()) == 0.0 and float(grad[a:b].abs().max()) > 0
+    )
+    assert len({-(-n // GROUP) for n in lengths}) < len(lengths)  # some groups hold several lengths

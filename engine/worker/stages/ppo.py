@@ -67,7 +67,7 @@ from ..generate import Sampling, generate
 from ..handoff import checked_parent, checked_policy, meta_for
 from ..logprobs import vocab_parallel_logp_entropy
 from ..loop import forward_outputs, train_step
-from ..mcore import SCALAR_HEAD, build_frozen, build_job, uses_transformer_engine
+from ..mcore import SCALAR_HEAD, build_frozen, build_job
 from ..metrics import Metrics
 from ..objectives import run_model
 from ..offload import Role
@@ -114,16 +114,15 @@ class Rollouts:
         out = {k: getattr(self, k)[rows] for k in self.PER_TOKEN}
         return {**out, "position_ids": positions(len(rows), seq)}
 
-    def packed(self, rows: torch.Tensor, cap: int, pad: int, *, multiple: int = 1, thd: bool = False) -> dict[str, torch.Tensor]:
+    def packed(self, rows: torch.Tensor, cap: int, pad: int, *, multiple: int = 1) -> dict[str, torch.Tensor]:
         """The same rollouts packed several to a row of at most `cap` positions (first-fit decreasing; rows a
         multiple of `multiple` long), every per-token tensor moved with its tokens, position ids restarting
-        per rollout, a block-diagonal causal mask (True: masked; with `thd`, THD boundaries: engine.worker.
-        packing.Packing) and `segment`, each position's rollout (len(rows) for padding), for the losses that
-        aggregate per sequence."""
+        per rollout, THD boundaries (engine.worker.packing.Packing) and `segment`, each position's rollout
+        (len(rows) for padding), for the losses that aggregate per sequence."""
         lengths = self.lengths[rows].numpy()
         bins = first_fit_decreasing(lengths, cap)
         width = step_length(max(int(lengths[b].sum()) for b in bins), cap=cap, multiple=multiple)
-        layout = pack(bins, lengths, width, thd=thd)
+        layout = pack(bins, lengths, width)
         out = {k: torch.zeros((len(bins), width), dtype=getattr(self, k).dtype) for k in self.PER_TOKEN}
         out["tokens"].fill_(pad)
         out["labels"].fill_(pad)
@@ -522,8 +521,7 @@ class Ppo:
         local = self.gbs // self.dp
         nmb = local // self.mbs
         seq = rollouts.tokens.shape[1]
-        # Packed rows: lengths the layout takes (sequence parallelism, tensor cores), THD on TE's layers.
-        multiple, thd = pad_multiple(self.job), uses_transformer_engine(self.job, device=self.ctx.device)
+        multiple = pad_multiple(self.job)  # packed rows: lengths the layout takes (sequence parallelism, tensor cores)
         totals: dict[str, float] = {}
         count, epochs_run = 0, 0
         for epoch in range(self.hp.epochs):
@@ -536,8 +534,8 @@ class Ppo:
                 def make(rows: torch.Tensor = rows) -> Any:
                     micro = (rows[m * self.mbs : (m + 1) * self.mbs] for m in range(nmb))
                     if self.spec.batching == "packed":
-                        return (rollouts.packed(r, self.plan.model.seq_length, self.template.pad, multiple=multiple,
-                                                thd=thd) for r in micro)  # fmt: skip
+                        return (rollouts.packed(r, self.plan.model.seq_length, self.template.pad, multiple=multiple)
+                                for r in micro)  # fmt: skip
                     return (rollouts.minibatch(r) for r in micro)
 
                 common = dict(num_microbatches=nmb, seq_length=seq, mbs=self.mbs)
