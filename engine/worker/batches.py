@@ -18,7 +18,10 @@ Length-bucketed padding (`batching: bucketed`): each epoch is a seeded permutati
 step is padded only to its longest sample (rounded up to a multiple of 8 on GPUs, 16 with FP8, and
 of what context and sequence parallelism need), never across conversations, so no attention mask
 beyond the causal one is needed. `batching: padded` pads every step to the model's sequence length.
-The fraction of padded positions is logged every step as `pad_fraction`.
+`batching: packed` (engine.worker.packing) spreads a step's samples over as few micro-batches of at most
+micro_batch_size rows of the sequence length as hold them, several sequences to a row, each sample's loss
+weighted as its unpacked micro-batch weighs it. The fraction of padded positions is logged every step as
+`pad_fraction`.
 
 `ChatBatches` does all of that for any row shape; a shape says which records it reads, how many rows a
 sample becomes, and how a micro-batch's rows are laid out:
@@ -253,7 +256,9 @@ class RowShape(Protocol):
     def norm(self, ds: Samples, idx: np.ndarray, cap: int) -> float:
         """What an unpacked micro-batch of these samples divides its loss by."""
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None) -> Batch: ...
+    def packed(
+        self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None
+    ) -> Batch: ...
 
 
 @dataclass(frozen=True)
@@ -300,11 +305,14 @@ class SequenceRows:
         return float(sum(int(ds["mask"][int(i)][1 : min(len(ds["tokens"][int(i)]) - 1, cap) + 1].sum())
                          for i in idx if i >= 0))  # fmt: skip
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None) -> Batch:
+    def packed(
+        self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None
+    ) -> Batch:
         """The same conversations packed several to a row: the tokens, labels and loss mask of each placed
         one after another, position ids restarting at 0 for each, and THD boundaries (Packing) so that no
-        position attends across a conversation's boundary. Every position of a conversation sees exactly what it sees in its own
-        row, so the loss and its gradients are the unpacked rows'. Filler indices (−1) are left out.
+        position attends across a conversation's boundary. Every position of a conversation sees exactly what
+        it sees in its own row, so the loss and its gradients are the unpacked rows'. Filler indices (−1) are
+        left out.
         `scale` (one per entry of `idx`): the loss becomes the sum of per-token losses times `loss_scale`,
         the loss mask times its conversation's scale (a step packed across micro-batches: pack_step)."""
         real = idx[idx >= 0]
@@ -409,7 +417,9 @@ class PairRows:
         """The real pairs (an unpacked micro-batch's loss is their mean)."""
         return float((idx >= 0).sum())
 
-    def packed(self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None) -> Batch:
+    def packed(
+        self, ds: Samples, idx: np.ndarray, *, cap: int, multiple: int, scale: np.ndarray | None = None
+    ) -> Batch:
         """The pairs' 2m sequences packed several to a row, as SequenceRows.packed packs conversations
         (position ids restarting, THD boundaries). Each sequence k keeps its place in the pair
         order through `row` (its packed row) and `last` (its last position there); `segment` gives the
