@@ -72,12 +72,16 @@ def test_steps_packed_across_their_micro_batches_train_as_padded_rows(
     assert len(packed) == len(padded) == 4
     assert all(m["micro_batches"] < 2 for m in packed)  # 32 samples, 8 per micro-batch, 2 ranks: 2 unpacked
     assert all(p["pad_fraction"] < q["pad_fraction"] for p, q in zip(packed, padded, strict=True))
-    # The first step starts from the same weights: its loss and gradient norm agree to float rounding (measured
-    # for SFT: 2e-8 and 4e-7 relatively). Adam then amplifies that rounding (SFT's fourth gradient norm: 3e-4).
+    # The first step starts from the same weights: its loss and gradient norm agree to float32 rounding over
+    # sums in another order (measured relatively: SFT 2e-8 and 4e-7, the reward model's gradient norm 1.1e-6);
+    # a wrong weighting is off by percents. Adam then amplifies the rounding (SFT's fourth gradient norm: 3e-4).
     first, same = packed[0], padded[0]
-    assert first["loss"] == pytest.approx(same["loss"], rel=1e-6)
-    assert first["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-6)
-    keys = [k for k in padded[-1] if k == "loss" or k.startswith("val_")]
+    assert first["loss"] == pytest.approx(same["loss"], rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-5)
+    # Bradley–Terry sees only score differences: the reward head's bias gets a gradient of rounding noise, which
+    # Adam scales to full steps, so the mean scores drift apart (measured 1.9e-4) while the margins agree.
+    shifted = ("val_chosen_reward", "val_rejected_reward")
+    keys = [k for k in padded[-1] if (k == "loss" or k.startswith("val_")) and k not in shifted]
     assert "val_loss" in keys
     for p, q in zip(packed, padded, strict=True):
         assert p["grad_norm"] == pytest.approx(q["grad_norm"], rel=1e-3), p["step"]
