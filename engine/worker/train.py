@@ -150,7 +150,7 @@ def train(ctx: Context, built: Any, task: Task, *, training: Training, checkpoin
         while step < steps:
             began = time.perf_counter()
             make, seq, extra = task.train_batches(consumed)
-            # A step packed across its micro-batches runs as many as its packing needs (at most nmb).
+            # A step packed across its micro-batches runs as many as its packing needs (usually fewer than nmb).
             num = int(extra.get("micro_batches", nmb))
             make = with_frozen_outputs(frozen, make, num_microbatches=num, seq_length=seq, mbs=rows)
             result = train_step(built, make, num_microbatches=num, seq_length=seq, **schedule)
