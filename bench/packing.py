@@ -1,19 +1,26 @@
 """SFT on length-skewed conversations: packed vs bucketed vs padded rows, in one run.
 
 Conversation lengths are drawn the way chat data has them: most short (log-normal, median ~40 tokens),
-a tenth of them long, near `seq_length` (256); the SFT start-up line printed says what they came to. The same data stage and the same initial checkpoint feed
-three SFT runs of `--steps` steps each, `batching` packed, bucketed and padded, repeated `--repeats`
-times in rotating order (interleaved, so that a slow moment of this machine falls on every variant).
-Printed per variant: the median over runs of the median `real_tokens_per_s` of a run's steps (the first
-three left out: start-up), the mean `pad_fraction`, and the final training loss; then the ratios of
-packed to bucketed and to padded real tokens/s. The goal: packed ≥ 1.5× bucketed.
+a tenth of them long, near `seq_length` (256); the SFT start-up line printed says what they came to. The
+same data stage and the same initial checkpoint feed three SFT runs of `--steps` steps each, `batching`
+packed, bucketed and padded, repeated `--repeats` times in rotating order (interleaved, so that a slow
+moment of this machine falls on every variant).
 
-    .venv/bin/python bench/packing.py [--steps 30] [--repeats 3] [--out results.json]
+Throughput is real tokens over wall time across whole bucketing windows: bucketed batching sorts each
+window of 16 global batches by length and shuffles its batches, so a window holds a few slow steps of long
+conversations among many fast short ones. The median of per-step rates would leave those slow steps out and
+flatter bucketing; the time-weighted mean over the steps of whole windows (the first window left out:
+start-up; and the final step, which validates) counts every token once. Printed per variant: the median
+over runs of that throughput, the median per-step rate for comparison, the mean `pad_fraction`, and the
+final training loss; then the ratios of packed to bucketed and to padded. The goal: packed ≥ 1.5× bucketed.
+
+    .venv/bin/python bench/packing.py [--steps 49] [--repeats 3] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -28,6 +35,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from engine.worker.batches import WINDOW  # noqa: E402  (global batches per length-sorting window)
+
 VARIANTS = ("packed", "bucketed", "padded")
 SEQ = 256
 
@@ -99,19 +109,32 @@ def measure(base: Path, recipe: Path, variant: str, work: Path) -> dict[str, flo
     if variant == "padded":
         print(next((x for x in out.splitlines() if "training conversations" in x), ""), flush=True)
     lines = [json.loads(x) for x in (work / "sft" / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in lines if m["step"] > 3 and "real_tokens_per_s" in m]
-    return {"real_tokens_per_s": statistics.median(m["real_tokens_per_s"] for m in steps),
-            "pad_fraction": statistics.fmean(m["pad_fraction"] for m in steps), "loss": lines[-1]["loss"],
+    trained = [m for m in lines if "real_tokens_per_s" in m]
+    last = (len(trained) - 1) // WINDOW * WINDOW  # the final step also validates: not timed
+    # Each step's seconds: the growth of elapsed_s (the loop's clock; logging is ~1 ms of a step).
+    timed = [(m, m["elapsed_s"] - p["elapsed_s"]) for p, m in itertools.pairwise(trained)]
+    span = [(m, dt) for m, dt in timed if WINDOW < m["step"] <= last]
+    seconds = sum(dt for _, dt in span)
+    return {"real_tokens_per_s": sum(m["real_tokens_per_s"] * dt for m, dt in span) / seconds,
+            "step_median": statistics.median(m["real_tokens_per_s"] for m, _ in span),
+            "pad_fraction": statistics.fmean(m["pad_fraction"] for m, _ in span), "loss": lines[-1]["loss"],
             "seconds": time.perf_counter() - began}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=3 * WINDOW + 1,
+        help=f"more than {2 * WINDOW}: whole windows after the first are timed, not the final step",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--conversations", type=int, default=3000)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.steps <= 2 * WINDOW:
+        ap.error(f"--steps must be more than {2 * WINDOW}: the first window of {WINDOW} steps is start-up")
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -130,11 +153,12 @@ def main() -> None:
     for variant, values in runs.items():
         summary[variant] = {k: statistics.median(v[k] for v in values) for k in values[0]}
     print(f"\nSFT, {args.conversations} conversations (10% near seq_length {SEQ}, the rest log-normal), "
-          f"{args.steps} steps × {args.repeats} repeats, medians:")  # fmt: skip
-    print(f"{'batching':9}  {'real tokens/s':>13}  {'pad fraction':>12}  {'final loss':>10}")
+          f"{args.steps} steps (timed: {WINDOW + 1}..{(args.steps - 1) // WINDOW * WINDOW}) × {args.repeats} repeats, medians:")  # fmt: skip
+    print(f"{'batching':9}  {'real tokens/s':>13}  {'step median':>11}  {'pad fraction':>12}  {'final loss':>10}")
     for variant in VARIANTS:
         s = summary[variant]
-        print(f"{variant:9}  {s['real_tokens_per_s']:13.0f}  {s['pad_fraction']:12.3f}  {s['loss']:10.3f}")
+        print(f"{variant:9}  {s['real_tokens_per_s']:13.0f}  {s['step_median']:11.0f}  {s['pad_fraction']:12.3f}  "
+              f"{s['loss']:10.3f}")  # fmt: skip
     vs_bucketed = summary["packed"]["real_tokens_per_s"] / summary["bucketed"]["real_tokens_per_s"]
     vs_padded = summary["packed"]["real_tokens_per_s"] / summary["padded"]["real_tokens_per_s"]
     print(f"packed / bucketed: {vs_bucketed:.2f}x   packed / padded: {vs_padded:.2f}x")

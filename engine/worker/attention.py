@@ -6,20 +6,28 @@ the same inputs Transformer Engine's fused attention reads on GPUs. Megatron-Cor
 DotProductAttention refuses them, so the local spec gets `VarlenAttention`: without packed_seq_params it is
 that DotProductAttention, unchanged; with them each sequence attends causally within itself only.
 
-How (a varlen attention in plain PyTorch): the sequences are grouped by length (rounded up to `GROUP`
-positions), each group gathered into a padded [sequences, heads, longest, dim] batch and run through
-torch's scaled_dot_product_attention with a causal mask, and the outputs scattered back to their places.
-Padding follows the real positions, so causality keeps it out of every real query's view; a group costs
-its sequences' lengths squared, never the rows' (a block-diagonal mask over 256-position rows pays 256²
-per row for conversations of 40). Grouped-query attention repeats the key and value heads.
+How (a varlen attention in plain PyTorch), two ways:
+* packed rows (engine.worker.packing.pack: rows of one width, every row ending on a boundary, its padding one
+  more sequence; `row_width` finds the width from the boundaries alone): the THD tensors are viewed as their
+  rows again and go through one call of torch's fused scaled_dot_product_attention per layer with each row's
+  block-diagonal causal mask. A row costs its width squared, but one fused call with no gathers beats a
+  call per length at the lengths packing makes (bench/packed_attention.py);
+* any other boundaries: the sequences are grouped by length (rounded up to `GROUP` positions), each group
+  gathered into a padded [sequences, heads, longest, dim] batch and run through the same kernel with a
+  causal mask, and the outputs scattered back to their places. Padding follows the real positions, so
+  causality keeps it out of every real query's view; a group costs its sequences' lengths squared.
+Grouped-query attention repeats the key and value heads. Index tensors are built on the inputs' device from
+`cu_seqlens` (only scalars go to the host).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 
+ROWS_UP_TO = 1024  # wider rows go by groups of lengths: a row's mask and scores grow with its width squared
 GROUP = 16  # sequences whose lengths round up to the same multiple of this share one attention call
 
 
@@ -38,10 +46,52 @@ def length_groups(cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def row_width(cu_seqlens: torch.Tensor) -> int | None:
+    """The width of the rows THD boundaries lay end to end, if they are rows of at most `ROWS_UP_TO`: the
+    least width, at least the longest sequence, that divides the positions and at every multiple of which a
+    sequence ends; else None."""
+    bounds = cu_seqlens.tolist()
+    total = bounds[-1]
+    longest = max((b - a for a, b in itertools.pairwise(bounds)), default=0)
+    ends = set(bounds[1:])
+    for width in range(max(longest, 1), min(total, ROWS_UP_TO) + 1):
+        if total % width == 0 and all(end in ends for end in range(width, total + 1, width)):
+            return width
+    return None
+
+
+def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                  width: int, scale: float) -> torch.Tensor:  # fmt: skip
+    """`varlen_attention` for sequences in rows of `width` (`row_width`): one fused call per layer, each
+    row's block-diagonal causal mask."""
+    t, heads, dim = query.shape
+    repeat = heads // key.shape[1]
+    if repeat > 1:
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    rows = t // width
+    bounds = cu_seqlens.long()
+    sequence = (torch.searchsorted(bounds, torch.arange(t, device=bounds.device), right=True) - 1).view(rows, width)
+    causal = torch.ones(width, width, dtype=torch.bool, device=bounds.device).tril()
+    allowed = ((sequence[:, :, None] == sequence[:, None, :]) & causal).unsqueeze(1)  # [rows, 1, width, width]
+    q, k, v = (x.view(rows, width, heads, dim).transpose(1, 2) for x in (query, key, value))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return out.transpose(1, 2).reshape(t, heads * dim)
+
+
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, *,
                      scale: float) -> torch.Tensor:  # fmt: skip
     """Causal attention within each sequence of THD inputs: query [t, heads, dim], key and value
-    [t, groups, dim], the sequences between consecutive `cu_seqlens` → [t, heads·dim]."""
+    [t, groups, dim], the sequences between consecutive `cu_seqlens` → [t, heads·dim]. Rows
+    (`row_width`) go through `row_attention`; any other boundaries by groups of lengths."""
+    width = row_width(cu_seqlens)
+    if width is not None:
+        return row_attention(query, key, value, cu_seqlens, width=width, scale=scale)
+    return grouped_attention(query, key, value, cu_seqlens, scale=scale)
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                      scale: float) -> torch.Tensor:  # fmt: skip
+    """`varlen_attention` for any boundaries: one call per group of lengths (`length_groups`)."""
     t, heads, dim = query.shape
     repeat = heads // key.shape[1]
     if repeat > 1:

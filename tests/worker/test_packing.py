@@ -93,17 +93,26 @@ def test_pack_gives_restarting_positions_and_thd_boundaries_with_each_rows_paddi
     assert full.cu_seqlens.tolist() == [0, 2, 5]  # a full row: no padding item
 
 
-def test_varlen_attention_equals_each_sequence_attending_alone() -> None:
+@pytest.mark.parametrize("layout", ["rows", "any"])
+def test_varlen_attention_equals_each_sequence_attending_alone(layout: str) -> None:
     """engine.worker.attention: THD inputs of sequences of many lengths (groups of several lengths each, one
     position long, a group of one), with grouped-query heads, give each sequence's own causal attention to
-    float rounding, forward and backward, and nothing of one sequence reaches another."""
+    float rounding, forward and backward, and nothing of one sequence reaches another: laid out in rows as
+    engine.worker.packing.pack lays them (the row path), and end to end with no rows (the grouped path)."""
     import torch
 
-    from engine.worker.attention import GROUP, varlen_attention
+    from engine.worker.attention import GROUP, row_width, varlen_attention
 
     gen = torch.Generator().manual_seed(0)
     lengths = [5, 1, 37, 16, 17, 3, 64, 2, 33]
-    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    if layout == "rows":  # rows of 64: each row's padding a sequence of its own
+        layout_ = pack([[0, 1, 2, 3], [4, 5], [6], [7, 8]], np.array(lengths), width=64)
+        cu = torch.from_numpy(layout_.cu_seqlens)
+        assert row_width(cu) == 64
+    else:
+        lengths += [1100]  # longer than any row the row path takes
+        cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+        assert row_width(cu) is None
     t, heads, groups, dim = int(cu[-1]), 4, 2, 8
     q, k, v = (torch.randn(t, h, dim, generator=gen, requires_grad=True) for h in (heads, groups, groups))
     out = varlen_attention(q, k, v, cu, scale=dim**-0.5)
@@ -127,3 +136,20 @@ def test_varlen_attention_equals_each_sequence_attending_alone() -> None:
         float(grad[:a].abs().max()) == 0.0 and float(grad[b:].abs().max()) == 0.0 and float(grad[a:b].abs().max()) > 0
     )
     assert len({-(-n // GROUP) for n in lengths}) < len(lengths)  # some groups hold several lengths
+
+
+def test_row_width_finds_the_rows_of_thd_boundaries_or_none() -> None:
+    import torch
+
+    from engine.worker.attention import row_width
+
+    def width(bounds: list[int]) -> int | None:
+        return row_width(torch.tensor(bounds, dtype=torch.int32))
+
+    assert width([0, 3, 4, 5, 7, 10]) == 5  # pack()'s example: two rows of 5
+    assert width([0, 2, 5]) == 5  # one full row
+    assert width([0, 3, 8]) == 8  # two sequences end to end: one row of all of them
+    assert width([0, 4, 8, 12, 16]) == 4  # rows as wide as their longest sequence
+    assert width([0, 4, 6, 12]) == 6  # 4 divides 12 but no sequence ends at 4·2 = 8
+    assert width([0, 700, 1500]) is None  # no width from the longest (800) to the limit divides 1500
+    assert width([0, 2000]) is None  # wider than the rows the row path takes
