@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.yaml"
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 # (label, processes per stage, CPU threads per process): the shipped demo first
 CONFIGS = [("2 proc × 1 thr", 2, 1), ("1 proc × 2 thr", 1, 2), ("1 proc × 1 thr", 1, 1)]
 # (label, stage, metric, which line): the numbers the demo's final table shows
@@ -40,6 +41,8 @@ NUMBERS = [
     ("SFT val loss, end", "sft", "val_loss", -1),
     ("reward model pair accuracy, start", "reward", "val_accuracy", 0),
     ("reward model pair accuracy, end", "reward", "val_accuracy", -1),
+    ("DPO val loss, end", "dpo", "val_loss", -1),
+    ("DPO implicit-reward accuracy, end", "dpo", "val_accuracy", -1),
     ("PPO greedy reward, start", "ppo", "val_reward", 0),
     ("PPO greedy reward, end", "ppo", "val_reward", -1),
     ("PPO greedy accuracy, start", "ppo", "val_accuracy", 0),
@@ -58,6 +61,15 @@ def held_out(run_dir: Path) -> dict[str, float]:
         with_key = [r for r in lines if key in r]
         out[label] = float(with_key[which][key])
     return out
+
+
+def machine() -> str:
+    """The CPU the numbers came from: its model name, the kernels torch picks and the cores."""
+    import torch
+
+    model = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                  if x.startswith("model name")), platform.processor() or "unknown CPU")  # fmt: skip
+    return f"{model}, torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -84,6 +96,7 @@ def main() -> None:
             runs[label] = held_out(run_dir)
             print(f"{label}: {walls[label]:.0f}s", flush=True)
     labels = [c[0] for c in CONFIGS]
+    print(f"machine: {machine()}")
     print(f"\n{'held-out number':36s}" + "".join(f"{x:>16s}" for x in labels) + "    range")
     spread = {}
     for label, *_ in NUMBERS:
@@ -91,7 +104,9 @@ def main() -> None:
         spread[label] = max(values) - min(values)
         print(f"{label:36s}" + "".join(f"{v:16.3f}" for v in values) + f"  {spread[label]:7.3f}")
     if args.out is not None:
-        args.out.write_text(json.dumps({"runs": runs, "range": spread, "wall_s": walls}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps({"machine": machine(), "runs": runs, "range": spread, "wall_s": walls}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":
