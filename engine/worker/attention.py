@@ -11,13 +11,14 @@ How (a varlen attention in plain PyTorch), two ways:
   more sequence; `row_width` finds the width from the boundaries alone): the THD tensors are viewed as their
   rows again and go through one call of torch's fused scaled_dot_product_attention per layer with each row's
   block-diagonal causal mask. A row costs its width squared, but one fused call with no gathers beats a
-  call per length at the lengths packing makes (bench/packed_attention.py);
+  call per length at the lengths packing makes (SFT on bench/packing.py's conversations: 1.13× the
+  grouped path);
 * any other boundaries: the sequences are grouped by length (rounded up to `GROUP` positions), each group
   gathered into a padded [sequences, heads, longest, dim] batch and run through the same kernel with a
   causal mask, and the outputs scattered back to their places. Padding follows the real positions, so
   causality keeps it out of every real query's view; a group costs its sequences' lengths squared.
-Grouped-query attention repeats the key and value heads. Index tensors are built on the inputs' device from
-`cu_seqlens` (only scalars go to the host).
+Grouped-query attention repeats the key and value heads. `row_width` reads the boundaries on the host (one
+small copy per layer); masks and index tensors are built on the inputs' device.
 """
 
 from __future__ import annotations
