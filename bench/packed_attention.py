@@ -84,13 +84,10 @@ class FusedAttention(torch.nn.Module):
 def masked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Packed rows with a block-diagonal causal mask (True: masked) in place of their THD boundaries: what the
     engine's local spec used for packed rows before its varlen attention, for comparison."""
-    rows, width = batch["tokens"].shape
-    flat = torch.arange(rows * width)
-    segment = (torch.searchsorted(batch["cu_seqlens"].long(), flat, right=True) - 1).reshape(rows, width)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    from engine.worker.attention import row_mask
+
     out = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
-    return {**out, "attention_mask": ~allowed.unsqueeze(1)}
+    return {**out, "attention_mask": ~row_mask(batch["cu_seqlens"], batch["tokens"].shape[1])}
 
 
 def main() -> None:

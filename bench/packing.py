@@ -99,6 +99,11 @@ def engine(recipe: Path, *args: str) -> str:
     return done.stdout
 
 
+def last_timed(steps: int) -> int:
+    """The last step timed: the end of the last whole window before the final step (which also validates)."""
+    return (steps - 1) // WINDOW * WINDOW
+
+
 def measure(base: Path, recipe: Path, variant: str, work: Path) -> dict[str, float]:
     if work.exists():
         shutil.rmtree(work)
@@ -110,7 +115,7 @@ def measure(base: Path, recipe: Path, variant: str, work: Path) -> dict[str, flo
         print(next((x for x in out.splitlines() if "training conversations" in x), ""), flush=True)
     lines = [json.loads(x) for x in (work / "sft" / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in lines if "real_tokens_per_s" in m]
-    last = (len(trained) - 1) // WINDOW * WINDOW  # the final step also validates: not timed
+    last = last_timed(len(trained))
     # Each step's seconds: the growth of elapsed_s (the loop's clock; logging is ~1 ms of a step).
     timed = [(m, m["elapsed_s"] - p["elapsed_s"]) for p, m in itertools.pairwise(trained)]
     span = [(m, dt) for m, dt in timed if WINDOW < m["step"] <= last]
@@ -153,7 +158,7 @@ def main() -> None:
     for variant, values in runs.items():
         summary[variant] = {k: statistics.median(v[k] for v in values) for k in values[0]}
     print(f"\nSFT, {args.conversations} conversations (10% near seq_length {SEQ}, the rest log-normal), "
-          f"{args.steps} steps (timed: {WINDOW + 1}..{(args.steps - 1) // WINDOW * WINDOW}) × {args.repeats} repeats, medians:")  # fmt: skip
+          f"{args.steps} steps (timed: {WINDOW + 1}..{last_timed(args.steps)}) × {args.repeats} repeats, medians:")  # fmt: skip
     print(f"{'batching':9}  {'real tokens/s':>13}  {'step median':>11}  {'pad fraction':>12}  {'final loss':>10}")
     for variant in VARIANTS:
         s = summary[variant]

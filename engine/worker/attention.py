@@ -61,21 +61,34 @@ def row_width(cu_seqlens: torch.Tensor) -> int | None:
     return None
 
 
+def row_mask(cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """Which positions each position of rows of `width` (`row_width`) may attend to: its own sequence's, up
+    to itself; [rows, 1, width, width], True where allowed, on the device of `cu_seqlens`."""
+    bounds = cu_seqlens.long()
+    total = int(bounds[-1])
+    sequence = torch.searchsorted(bounds, torch.arange(total, device=bounds.device), right=True) - 1
+    sequence = sequence.view(total // width, width)
+    causal = torch.ones(width, width, dtype=torch.bool, device=bounds.device).tril()
+    return ((sequence[:, :, None] == sequence[:, None, :]) & causal).unsqueeze(1)
+
+
+def repeated_groups(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention's key and value heads [t, groups, dim] repeated to the query's `heads`."""
+    repeat = heads // key.shape[1]
+    if repeat > 1:
+        return key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    return key, value
+
+
 def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, *,
                   width: int, scale: float) -> torch.Tensor:  # fmt: skip
     """`varlen_attention` for sequences in rows of `width` (`row_width`): one fused call per layer, each
     row's block-diagonal causal mask."""
     t, heads, dim = query.shape
-    repeat = heads // key.shape[1]
-    if repeat > 1:
-        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    key, value = repeated_groups(key, value, heads)
     rows = t // width
-    bounds = cu_seqlens.long()
-    sequence = (torch.searchsorted(bounds, torch.arange(t, device=bounds.device), right=True) - 1).view(rows, width)
-    causal = torch.ones(width, width, dtype=torch.bool, device=bounds.device).tril()
-    allowed = ((sequence[:, :, None] == sequence[:, None, :]) & causal).unsqueeze(1)  # [rows, 1, width, width]
     q, k, v = (x.view(rows, width, heads, dim).transpose(1, 2) for x in (query, key, value))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=row_mask(cu_seqlens, width), scale=scale)
     return out.transpose(1, 2).reshape(t, heads * dim)
 
 
@@ -94,9 +107,7 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       scale: float) -> torch.Tensor:  # fmt: skip
     """`varlen_attention` for any boundaries: one call per group of lengths (`length_groups`)."""
     t, heads, dim = query.shape
-    repeat = heads // key.shape[1]
-    if repeat > 1:
-        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    key, value = repeated_groups(key, value, heads)
     padded = [torch.cat([x, x.new_zeros(1, heads, dim)]) for x in (query, key, value)]  # row t: padding
     out = query.new_zeros(t, heads, dim)
     for positions in length_groups(cu_seqlens):

@@ -150,6 +150,7 @@ def test_row_width_finds_the_rows_of_thd_boundaries_or_none() -> None:
     assert width([0, 2, 5]) == 5  # one full row
     assert width([0, 3, 8]) == 8  # two sequences end to end: one row of all of them
     assert width([0, 4, 8, 12, 16]) == 4  # rows as wide as their longest sequence
-    assert width([0, 4, 6, 12]) == 6  # 4 divides 12 but no sequence ends at 4·2 = 8
+    assert width([0, 4, 6, 12]) == 6  # the longest sequence (6) bounds the width from below
+    assert width([0, 3, 5, 8, 12]) == 12  # 4 and 6 divide 12, but no sequence ends at 4 or at 6
     assert width([0, 700, 1500]) is None  # no width from the longest (800) to the limit divides 1500
     assert width([0, 2000]) is None  # wider than the rows the row path takes
